@@ -1,0 +1,228 @@
+"""Configuration: frozen dataclasses, each field documented; CLI flags are derived from these fields.
+
+Config flows one way: command line (and the few environment variables read here, nowhere else) → these
+dataclasses → components. Validation happens in `__post_init__` and raises `ConfigError` with a message that
+names the flag.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL_NAME = "vlmserve-demo"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag."""
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+           example: str | None = None, flag: str | None = None, positional: bool = False) -> Any:
+    """A dataclass field that carries its own CLI documentation."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "example": example, "flag": flag,
+            "positional": positional}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata=meta)
+
+
+def _env_api_keys() -> tuple[str, ...]:
+    raw = os.environ.get("VLMSERVE_API_KEY", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str | None = option(
+        None,
+        "Model to serve: a local directory, a Hugging Face id (honours HF_HUB_OFFLINE and the usual cache) or "
+        "'modelscope:ORG/NAME'. Omit it to serve the bundled demo model.",
+        metavar="MODEL", example="Qwen/Qwen2-VL-2B-Instruct", positional=True)
+    served_model_name: tuple[str, ...] = option(
+        (), "Names clients may put in the request's 'model' field; the first is reported. Default: the model's "
+        "directory or id name.", metavar="NAME", example="--served-model-name glm-4v gpt-4o")
+    device: str = option("auto", "Where the model runs; 'auto' picks cuda, then mps, then cpu.",
+                         choices=("auto", "cpu", "cuda", "mps"), example="--device cuda")
+    dtype: str = option("auto", "Weight and activation dtype; 'auto' is bfloat16 on CUDA and float32 elsewhere.",
+                        choices=("auto", "float32", "bfloat16", "float16"), example="--dtype bfloat16")
+    trust_remote_code: bool = option(
+        False, "Allow running Python code shipped inside the model repository. Only for repositories you trust: "
+        "that code runs with this server's permissions.", example="--trust-remote-code")
+    max_model_len: int | None = option(
+        None, "Context window in tokens (prompt, image tokens included, plus output). Default: the model's own.",
+        metavar="TOKENS", example="--max-model-len 8192")
+    chat_template: str | None = option(
+        None, "A Jinja chat template file that replaces the model's own.", metavar="FILE",
+        example="--chat-template ./template.jinja")
+    revision: str | None = option(None, "Model revision (branch, tag or commit) for hub downloads.",
+                                  metavar="REV", example="--revision main")
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ConfigError("--max-model-len must be at least 16 tokens")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ConfigError(f"--chat-template: no such file: {self.chat_template}")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None
+
+    def default_served_names(self) -> tuple[str, ...]:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return (DEMO_MODEL_NAME,)
+        return (self.model.rstrip("/").split(":", 1)[-1].rsplit("/", 1)[-1],)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How requests are scheduled and run."""
+
+    engine: str = option(
+        "auto", "Engine: 'paged' (continuous batching over a paged KV cache), 'generate' (batched "
+        "model.generate, the fallback) or 'auto' (paged where the architecture supports it).",
+        choices=("auto", "paged", "generate"), example="--engine generate")
+    max_num_seqs: int = option(64, "Most sequences running at once.", metavar="N", example="--max-num-seqs 128")
+    max_num_batched_tokens: int = option(
+        2048, "Token budget of one engine step (prefill chunks plus decode tokens).", metavar="TOKENS",
+        example="--max-num-batched-tokens 4096")
+    max_waiting_requests: int = option(
+        256, "Requests that may wait for a slot; beyond this the server answers 429 with Retry-After.",
+        metavar="N", example="--max-waiting-requests 1024")
+    block_size: int = option(16, "Tokens per KV-cache block.", metavar="TOKENS", example="--block-size 32")
+    num_kv_blocks: int | None = option(
+        None, "KV-cache blocks to allocate. Default: from --kv-cache-memory-fraction on GPU, 4096 on CPU.",
+        metavar="N", example="--num-kv-blocks 2048")
+    kv_cache_memory_fraction: float = option(
+        0.85, "On GPU, the fraction of total device memory the weights, activations and KV cache may use.",
+        metavar="FRACTION", example="--kv-cache-memory-fraction 0.9")
+    enable_prefix_caching: bool = option(
+        True, "Reuse KV blocks of identical prompt prefixes (image content hashes included).",
+        example="--no-enable-prefix-caching")
+    image_cache_bytes: int = option(
+        512 * 2**20, "Bytes of image embeddings kept, keyed by image content hash.", metavar="BYTES",
+        example="--image-cache-bytes 1073741824")
+    enable_cuda_graphs: bool = option(True, "Capture decode steps in CUDA graphs (GPU only).",
+                                      example="--no-enable-cuda-graphs")
+    max_generate_batch: int = option(8, "Largest batch the generate engine runs in one call.", metavar="N",
+                                     example="--max-generate-batch 16")
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_generate_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_waiting_requests < 0:
+            raise ConfigError("--max-waiting-requests must not be negative")
+        if not 0.05 <= self.kv_cache_memory_fraction <= 0.99:
+            raise ConfigError("--kv-cache-memory-fraction must be between 0.05 and 0.99")
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Where images may come from and how large they may be."""
+
+    allowed_media_hosts: tuple[str, ...] = option(
+        (), "Hosts image URLs may name even when they resolve to loopback, private or link-local addresses "
+        "(otherwise refused). Exact host names or IP addresses.", metavar="HOST",
+        example="--allowed-media-hosts images.internal 10.0.0.7")
+    allowed_local_media_path: str | None = option(
+        None, "A directory whose files requests may name as file:// URLs or paths. Off by default.",
+        metavar="DIR", example="--allowed-local-media-path /srv/images")
+    max_image_bytes: int = option(20 * 2**20, "Largest encoded image accepted, in bytes.", metavar="BYTES",
+                                  example="--max-image-bytes 10485760")
+    max_image_pixels: int = option(40_000_000, "Largest decoded image accepted, in pixels (width x height), "
+                                   "checked from the header before decoding.", metavar="PIXELS",
+                                   example="--max-image-pixels 20000000")
+    max_images_per_request: int = option(16, "Most images one request may carry.", metavar="N",
+                                         example="--max-images-per-request 4")
+    fetch_timeout_s: float = option(10.0, "Deadline for fetching one image URL, redirects included.",
+                                    metavar="SECONDS", example="--fetch-timeout-s 5")
+    max_redirects: int = option(3, "Redirects followed per image URL (each target re-checked).", metavar="N",
+                                example="--max-redirects 0")
+    low_detail_pixels: int = option(512 * 512, "Pixel budget of an image sent with detail='low'.",
+                                    metavar="PIXELS", example="--low-detail-pixels 262144")
+    high_detail_pixels: int = option(2048 * 2048, "Pixel budget of an image sent with detail='high' or 'auto'.",
+                                     metavar="PIXELS", example="--high-detail-pixels 4194304")
+    num_media_workers: int = option(4, "Threads that fetch, decode and preprocess images off the event loop.",
+                                    metavar="N", example="--num-media-workers 8")
+
+    def __post_init__(self) -> None:
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
+        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.fetch_timeout_s <= 0:
+            raise ConfigError("--fetch-timeout-s must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side: address, keys and request limits."""
+
+    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 for every interface.", metavar="ADDR",
+                       example="--host 0.0.0.0")
+    port: int = option(8000, "TCP port to listen on.", metavar="PORT", example="--port 8888")
+    api_key: tuple[str, ...] = option(
+        (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health). Several may be "
+        "given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY", example="--api-key sk-local")
+    api_key_file: str | None = option(None, "A file with one accepted API key per line.", metavar="FILE",
+                                      example="--api-key-file /etc/vlmserve/keys")
+    allowed_origins: tuple[str, ...] = option((), "Origins allowed by CORS; CORS is off unless given.",
+                                              metavar="ORIGIN", example="--allowed-origins https://app.example")
+    max_request_bytes: int = option(64 * 2**20, "Largest request body, in bytes (413 beyond).", metavar="BYTES",
+                                    example="--max-request-bytes 33554432")
+    max_n: int = option(16, "Largest 'n' (choices per request).", metavar="N", example="--max-n 4")
+    max_messages: int = option(512, "Most messages in one request.", metavar="N", example="--max-messages 64")
+    max_stop_sequences: int = option(16, "Most stop strings in one request.", metavar="N",
+                                     example="--max-stop-sequences 4")
+    trust_request_chat_template: bool = option(
+        False, "Accept a 'chat_template' sent inside a request (it still renders in a sandbox).",
+        example="--trust-request-chat-template")
+    shutdown_timeout_s: float = option(30.0, "On SIGTERM, how long in-flight requests may finish.",
+                                       metavar="SECONDS", example="--shutdown-timeout-s 10")
+    log_requests: bool = option(False, "Log prompts (never keys or image bytes).", example="--log-requests")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("--port must be between 0 and 65535")
+        if self.max_n < 1:
+            raise ConfigError("--max-n must be at least 1")
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """Keys from --api-key, VLMSERVE_API_KEY and --api-key-file, in that order."""
+        keys = list(self.api_key) + list(_env_api_keys())
+        if self.api_key_file:
+            try:
+                text = Path(self.api_key_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"--api-key-file: cannot read {self.api_key_file}") from exc
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return tuple(dict.fromkeys(keys))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `vlmserve serve` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "engine": EngineConfig, "media": MediaConfig,
+                             "server": ServerConfig}
+
+
+def field_default(cls: type, name: str) -> Any:
+    for f in fields(cls):
+        if f.name == name:
+            return None if f.default is MISSING else f.default
+    raise KeyError(name)

@@ -1,0 +1,129 @@
+"""The contract between the engines and a loaded model.
+
+Both engines drive a model only through `ModelAdapter`:
+
+- the generate engine (fallback) needs `model.generate` and `collate` (left-padded batches);
+- the paged engine (continuous batching) needs the pieces of a forward pass it can run on packed ragged batches:
+  `encode_images`, `embed_prompt`, `prompt_positions`, `embed_tokens`, `text_model`, `compute_logits`.
+
+Prompts are rendered by `vlmserve.multimodal.prompt` through `processor`, an object with the Hugging Face processor
+surface (`apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)` and
+`__call__(text=[...], images=[...], return_tensors="pt")`); native ports (e.g. GLM-4V-9B) ship their own.
+
+Attention: `text_model` must route every attention layer through
+`transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, called as
+`fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)` with query/key/value shaped
+(batch, heads, tokens, head_dim) after rotary embedding and `module.layer_idx` set. That is how the paged engine
+swaps in its own paged attention without porting the architecture.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmserve.types import PreparedPrompt
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the language model's KV cache, per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    #: per layer: None for full attention, else the window (tokens a query may look back, itself included)
+    sliding_windows: tuple[int | None, ...]
+
+
+@dataclass
+class PromptEmbedding:
+    """A prompt ready for the language model: embeddings and positions for every prompt token.
+
+    `positions` is (rows, tokens): 1 row for ordinary RoPE, 3 for M-RoPE (Qwen2-VL family), 4 for Qwen3-VL's
+    (text + 3). `rope_delta` shifts generated positions: token at sequence index i > prompt gets
+    position i + rope_delta on every row.
+    """
+
+    inputs_embeds: torch.Tensor  # (tokens, hidden)
+    positions: torch.Tensor  # (rows, tokens), int64
+    rope_delta: int = 0
+    #: per-token tensors some families inject after early layers (Qwen3-VL deepstack); None for most
+    extras: dict[str, Any] | None = None
+
+
+class ModelAdapter(ABC):
+    """One loaded vision-language model, as both engines see it."""
+
+    #: short family name for logs and the support table, e.g. "qwen2_vl"
+    family: str = "unknown"
+    #: None when any number of images per prompt is fine
+    max_images_per_prompt: int | None = None
+
+    def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
+                 image_token_id: int | None) -> None:
+        self.model = model
+        self.processor = processor
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.image_token_id = image_token_id
+
+    # --- shared ----------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def paged_support(self) -> str | None:
+        """None when the paged engine can run this model; otherwise the reason it cannot (logged)."""
+        return None
+
+    # --- generate engine -------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def collate(self, prompts: list[PreparedPrompt]) -> dict[str, Any]:
+        """Inputs for `model.generate` over several prompts, left-padded, on the model's device."""
+
+    # --- paged engine ----------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def kv_layout(self) -> KVLayout: ...
+
+    @property
+    def num_position_rows(self) -> int:
+        return 1
+
+    @abstractmethod
+    def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """Run the vision tower: one (tokens_i, hidden) tensor per image of the prompt, in prompt order."""
+
+    @abstractmethod
+    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
+        """Text embeddings with `image_embeds` merged at the image-token positions, and positions."""
+
+    @abstractmethod
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of generated tokens: (tokens,) → (tokens, hidden)."""
+
+    @property
+    @abstractmethod
+    def text_model(self) -> torch.nn.Module:
+        """The decoder: `text_model(inputs_embeds=(1, T, H), position_ids=(rows, 1, T) or (1, T))` returns an
+        object whose `last_hidden_state` is (1, T, H)."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden) → (tokens, vocab) in float32."""

@@ -1,0 +1,192 @@
+"""Engine-side types: what the API hands the engine and what comes back.
+
+These know nothing of HTTP or of the OpenAI schema. Tensors travel inside `PreparedPrompt.model_inputs` as
+opaque values; nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence stopped. Values are what the OpenAI API reports."""
+
+    STOP = "stop"  # end-of-sequence token, stop token id or stop string
+    LENGTH = "length"  # max_tokens or the context window reached
+    ABORT = "abort"  # client went away, or the server shut down before it finished
+    ERROR = "error"  # this request failed inside the engine; others carry on
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. Defaults follow the OpenAI API (not the model's generation config).
+
+    `temperature == 0` means greedy decoding; top_k == 0 and top_p == 1 and min_p == 0 disable those filters.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        )
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """A decoded RGB image (a PIL image, typed loosely to keep this module import-light) and its content hash."""
+
+    image: Any
+    hash: str
+    detail: str = "auto"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn after media intake: text parts and decoded images, in order."""
+
+    role: str
+    parts: tuple[TextPart | ImagePart, ...]
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.parts if isinstance(p, ImagePart)]
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's placeholder tokens sit in a prompt: token_ids[start:end] belong to image `index`."""
+
+    start: int
+    end: int
+    index: int
+
+
+@dataclass
+class PreparedPrompt:
+    """A fully rendered prompt: token ids plus what the model needs for its images.
+
+    Built by `vlmserve.multimodal.prompt` through the model's own processor, off the event loop.
+    `token_ids` already hold the image placeholder tokens, so `len(token_ids)` is the true prompt length
+    (image tokens counted). `image_hashes[i]` is the content hash of image i; spans locate the images' tokens,
+    which the prefix cache folds into block hashes.
+    """
+
+    token_ids: list[int]
+    model_inputs: dict[str, Any] = field(default_factory=dict)
+    image_hashes: tuple[str, ...] = ()
+    image_spans: tuple[ImageSpan, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(span.end - span.start for span in self.image_spans)
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. `n > 1` is fanned out by the engine client into n of these."""
+
+    request_id: str
+    prompt: PreparedPrompt
+    sampling: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """The chosen token's logprob and the top alternatives at one generated position."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass
+class TokenDelta:
+    """New output of one sequence since its last delta, already detokenized and stop-string checked.
+
+    `text` is UTF-8 safe: bytes of a character split across tokens are held back until complete.
+    The final delta has `finish_reason` set; counts are cumulative.
+    """
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: FinishReason | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    token_texts: list[str] | None = None  # text of each token in `logprobs`, for the API's `token` field
+    num_cached_tokens: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's state, for tests, /metrics and logs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_free: int = 0
+    num_kv_blocks_cached: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_prompt_tokens: int = 0
+    generation_tokens_per_s: float = 0.0
+    num_aborted: int = 0
+    num_finished: int = 0
+    engine: str = ""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
