@@ -226,3 +226,9 @@ def field_default(cls: type, name: str) -> Any:
         if f.name == name:
             return None if f.default is MISSING else f.default
     raise KeyError(name)
+
+
+def client_api_key() -> str | None:
+    """The key `vlmserve chat` sends when --api-key is not given: the first of VLMSERVE_API_KEY."""
+    keys = _env_api_keys()
+    return keys[0] if keys else None

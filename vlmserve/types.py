@@ -27,9 +27,10 @@ class SamplingParams:
     """Per-request decoding settings. Defaults follow the OpenAI API (not the model's generation config).
 
     `temperature == 0` means greedy decoding; top_k == 0 and top_p == 1 and min_p == 0 disable those filters.
+    `max_tokens=None` means "up to the end of the context window", as in the OpenAI API.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

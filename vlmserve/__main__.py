@@ -1,0 +1,3 @@
+from vlmserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""build_app(): the FastAPI application over an `EngineClient`. Routes are thin; the work is in the services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from vlmserve import __version__
+from vlmserve.api import schemas
+from vlmserve.api.errors import classify, error_response
+from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from vlmserve.api.serving_chat import ChatService, request_summary
+from vlmserve.api.serving_models import ModelsService
+from vlmserve.api.streaming import guarded
+from vlmserve.config import Config
+from vlmserve.engine.client import EngineClient
+from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, VlmserveError
+from vlmserve.multimodal.loader import MediaLoader
+from vlmserve.multimodal.prompt import PromptRenderer
+
+logger = logging.getLogger("vlmserve.requests")
+T = TypeVar("T")
+
+
+def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
+              served_model_names: tuple[str, ...]) -> FastAPI:
+    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
+    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server)
+    models = ModelsService(served_model_names, created=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await media.aclose()
+
+    app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    _install_error_handlers(app)
+    _install_openapi(app)
+
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=_body_schema())
+    async def create_chat_completion(raw_request: Request) -> Response:
+        started = time.monotonic()
+        request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
+        generation = await chat.prepare(request)
+        summary = request_summary(generation)
+        if config.server.log_requests:
+            summary["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), summary, started)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
+        _log(summary, 200, started, completion.usage.completion_tokens)
+        return JSONResponse(completion.model_dump(mode="json"))
+
+    @app.get("/v1/models", response_model=schemas.ModelList)
+    async def list_models() -> schemas.ModelList:
+        return models.list()
+
+    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard)
+    async def get_model(model_id: str) -> schemas.ModelCard:
+        return models.get(model_id)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_dead:
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        if getattr(engine, "is_accepting", True) is False:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        snapshot = engine.stats()
+        return {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+
+    return _wrap_middleware(app, config)
+
+
+def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
+    # Added innermost first: the body cap runs after authentication, CORS outermost so preflights succeed.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys())
+    if config.server.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.server.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    for exc_type in (VlmserveError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handle)
+    from pydantic import ValidationError
+
+    app.add_exception_handler(ValidationError, handle)
+
+
+def _parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError("the request body is not valid JSON", param=None) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object", param=None)
+    return data
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts the generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def client_gone() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise ServiceUnavailableError("the client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _logged(events: AsyncIterator[str], summary: dict[str, Any], started: float) -> AsyncIterator[str]:
+    status = 200
+    try:
+        async for event in events:
+            yield event
+    except BaseException:
+        status = 499  # client closed the stream
+        raise
+    finally:
+        _log(summary, status, started, None)
+
+
+def _log(summary: dict[str, Any], status: int, started: float, completion_tokens: int | None) -> None:
+    fields = {**summary, "status": status, "ms": round((time.monotonic() - started) * 1000)}
+    if completion_tokens is not None:
+        fields["completion_tokens"] = completion_tokens
+    logger.info("request %s", json.dumps(fields, default=str))
+
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _body_schema() -> dict[str, Any]:
+    """Declare the JSON body in OpenAPI (the route parses it itself to control errors and the body cap)."""
+    schema = schemas.ChatCompletionRequest.model_json_schema(ref_template=_REF_TEMPLATE)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the request body's nested models to the OpenAPI components its schema refers to."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            nested = schemas.ChatCompletionRequest.model_json_schema(ref_template=_REF_TEMPLATE).get("$defs", {})
+            document.setdefault("components", {}).setdefault("schemas", {}).update(nested)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["build_app", "classify"]

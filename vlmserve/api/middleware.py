@@ -1,0 +1,95 @@
+"""Pure ASGI middleware: API-key authentication and the request body cap.
+
+Both run before routing and before the body is parsed. Authentication guards every path except exactly
+`/health` (GET/HEAD), so no spelling of a path (`//v1/...`, `%2F`, trailing slashes, case) can skip it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vlmserve.api.errors import classify
+from vlmserve.errors import AuthenticationError, PayloadTooLargeError
+
+_OPEN_PATHS = frozenset({"/health"})
+
+
+async def send_error(send: Send, exc: BaseException) -> None:
+    status, body, headers = classify(exc)
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` matching one of `keys`, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self._keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._keys or self._is_open(scope):
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(_header(scope, b"authorization")):
+            await send_error(send, AuthenticationError(
+                "missing or wrong API key: send 'Authorization: Bearer <key>' with a key given to --api-key"))
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _is_open(scope: Scope) -> bool:
+        return scope["path"] in _OPEN_PATHS and scope["method"] in ("GET", "HEAD")
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if header is None or not header[:7].lower() == b"bearer ":
+            return False
+        presented = header[7:].strip()
+        matched = False
+        for key in self._keys:  # no early exit: time does not depend on which key matched
+            matched |= hmac.compare_digest(presented, key)
+        return matched
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes` with 413: at once from Content-Length, else while the body streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        too_large = PayloadTooLargeError(f"the request body exceeds {self._max} bytes (--max-request-bytes)")
+        if declared is not None and (not declared.isdigit() or int(declared) > self._max):
+            await send_error(send, too_large)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._max:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> Any:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None

@@ -1,0 +1,191 @@
+"""POST /v1/chat/completions: OpenAI request → engine request → OpenAI response or SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmserve.api import schemas
+from vlmserve.api.streaming import ChunkWriter
+from vlmserve.config import ServerConfig
+from vlmserve.engine.client import EngineClient
+from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.multimodal.loader import ImageRef, MediaLoader
+from vlmserve.multimodal.prompt import PromptRenderer
+from vlmserve.types import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Choice:
+    """What one of the n sequences produced, accumulated from its deltas."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    num_tokens: int = 0
+    logprobs: list[schemas.TokenLogprobEntry] = field(default_factory=list)
+
+
+class ChatService:
+    """Turns chat completion requests into engine requests and engine output into OpenAI responses."""
+
+    def __init__(self, engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, *,
+                 served_model_names: tuple[str, ...], server_config: ServerConfig) -> None:
+        self._engine = engine
+        self._renderer = renderer
+        self._media = media
+        self._names = served_model_names
+        self._config = server_config
+
+    async def prepare(self, request: schemas.ChatCompletionRequest) -> GenerationRequest:
+        """Validate against this server's limits, fetch and decode images, render the prompt (off the loop)."""
+        if request.model not in self._names:
+            raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
+                                     f"{', '.join(self._names)}", param="model")
+        self._check_limits(request)
+        refs, messages = _collect_images(request.messages)
+        images = await self._media.load(refs)
+        chat = _to_chat_messages(messages, images)
+        template = request.chat_template
+        prompt = await asyncio.to_thread(self._renderer.render, chat, chat_template=template)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+
+    def _check_limits(self, request: schemas.ChatCompletionRequest) -> None:
+        cfg = self._config
+        if request.n > cfg.max_n:
+            raise InvalidRequestError(f"n is {request.n}; this server allows at most {cfg.max_n} (--max-n)",
+                                      param="n")
+        if len(request.messages) > cfg.max_messages:
+            raise InvalidRequestError(f"{len(request.messages)} messages; at most {cfg.max_messages} are allowed "
+                                      "(--max-messages)", param="messages")
+        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+        if len(stops) > cfg.max_stop_sequences:
+            raise InvalidRequestError(f"{len(stops)} stop sequences; at most {cfg.max_stop_sequences} are "
+                                      "allowed (--max-stop-sequences)", param="stop")
+        if request.chat_template is not None and not cfg.trust_request_chat_template:
+            raise InvalidRequestError("chat_template in a request is refused unless the server runs with "
+                                      "--trust-request-chat-template", param="chat_template")
+        if request.tools:
+            raise UnsupportedFeatureError("tool calling is not supported by this server", param="tools")
+        if request.response_format and request.response_format.get("type") not in (None, "text"):
+            raise UnsupportedFeatureError("only response_format type 'text' is supported", param="response_format")
+
+    def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
+        stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+        logit_bias: dict[int, float] = {}
+        for key, value in (request.logit_bias or {}).items():
+            if not key.isdigit():
+                raise InvalidRequestError(f"logit_bias keys are token ids; {key!r} is not", param="logit_bias")
+            logit_bias[int(key)] = value
+        vocab = len(self._renderer.tokenizer)
+        if any(token >= vocab for token in [*logit_bias, *(request.stop_token_ids or [])]):
+            raise InvalidRequestError(f"token ids must be below the vocabulary size {vocab}",
+                                      param="logit_bias" if logit_bias else "stop_token_ids")
+        return SamplingParams(
+            max_tokens=request.max_completion_tokens or request.max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=max(request.top_k or 0, 0), min_p=request.min_p or 0.0,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty or 1.0, logit_bias=logit_bias, seed=request.seed,
+            stop=stop, stop_token_ids=tuple(request.stop_token_ids or ()), min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos, logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
+            n=request.n)
+
+    # --- responses -------------------------------------------------------------------------------------------
+
+    async def complete(self, generation: GenerationRequest, model: str) -> schemas.ChatCompletion:
+        choices = [Choice() for _ in range(generation.sampling.n)]
+        cached = 0
+        async for delta in self._engine.generate(generation):
+            choice = choices[delta.index]
+            choice.text += delta.text
+            choice.num_tokens = delta.num_generated_tokens
+            choice.logprobs += _logprob_entries(delta)
+            cached = max(cached, delta.num_cached_tokens)
+            if delta.finish_reason is not None:
+                choice.finish_reason = delta.finish_reason.value
+        want_logprobs = generation.sampling.logprobs
+        return schemas.ChatCompletion(
+            id=generation.request_id, created=int(time.time()), model=model,
+            choices=[schemas.ChatCompletionChoice(
+                index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
+                logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
+                for i, c in enumerate(choices)],
+            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+
+    async def stream(self, generation: GenerationRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
+        writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
+        num_choices = generation.sampling.n
+        for index in range(num_choices):
+            yield writer.role(index)
+        completion_tokens = [0] * num_choices
+        cached = 0
+        async for delta in self._engine.generate(generation):
+            completion_tokens[delta.index] = delta.num_generated_tokens
+            cached = max(cached, delta.num_cached_tokens)
+            entries = _logprob_entries(delta)
+            if delta.text or entries:
+                yield writer.content(delta.index, delta.text, entries if generation.sampling.logprobs else None)
+            if delta.finish_reason is not None:
+                yield writer.finish(delta.index, delta.finish_reason.value)
+        if include_usage:
+            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+        yield writer.done()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+
+
+def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
+    if not delta.logprobs:
+        return []
+    texts = delta.token_texts or [""] * len(delta.logprobs)
+    return [schemas.TokenLogprobEntry(
+        token=text, logprob=lp.chosen.logprob, bytes=list(text.encode("utf-8")),
+        top_logprobs=[schemas.TopLogprob(token=str(alt.token_id), logprob=alt.logprob) for alt in lp.top])
+        for text, lp in zip(texts, delta.logprobs)]
+
+
+def _collect_images(messages: list[schemas.ChatMessageParam]) -> tuple[list[ImageRef], list[schemas.ChatMessageParam]]:
+    refs: list[ImageRef] = []
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.image_url is not None:
+                    refs.append(ImageRef(url=part.image_url.url, param=f"messages[{i}].content[{j}].image_url",
+                                         detail=part.image_url.detail))
+    return refs, messages
+
+
+def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[ImagePart]) -> list[ChatMessage]:
+    pending = iter(images)
+    chat: list[ChatMessage] = []
+    for message in messages:
+        role = "system" if message.role == "developer" else message.role
+        parts: list[TextPart | ImagePart] = []
+        if isinstance(message.content, str):
+            parts.append(TextPart(message.content))
+        elif message.content is not None:
+            for part in message.content:
+                parts.append(TextPart(part.text or "") if part.type == "text" else next(pending))
+        chat.append(ChatMessage(role=role, parts=tuple(parts)))
+    return chat
+
+
+def request_summary(generation: GenerationRequest) -> dict[str, Any]:
+    """Loggable facts about a request: never prompts, image bytes or keys."""
+    prompt = generation.prompt
+    return {"request_id": generation.request_id, "prompt_tokens": prompt.num_tokens,
+            "image_tokens": prompt.num_image_tokens, "images": [h[:16] for h in prompt.image_hashes],
+            "max_tokens": generation.sampling.max_tokens, "n": generation.sampling.n}

@@ -1,0 +1,73 @@
+"""Server-Sent Events framing for chat completion streams, and ending a stream cleanly on errors.
+
+A stream is: one chunk per choice carrying the role, content chunks, a chunk per choice with its finish_reason,
+a usage chunk (empty choices) when `stream_options.include_usage` is true, then `data: [DONE]`. When usage is
+requested every other chunk carries `"usage": null`, as OpenAI's do. An error after the response started is sent
+as a `data: {"error": ...}` event followed by `[DONE]`, since the status line has already gone out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from vlmserve.api import schemas
+from vlmserve.api.errors import classify
+
+
+class ChunkWriter:
+    """Formats the SSE events of one streamed completion."""
+
+    def __init__(self, completion_id: str, model: str, *, include_usage: bool) -> None:
+        self._id = completion_id
+        self._model = model
+        self._created = int(time.time())
+        self._include_usage = include_usage
+
+    def role(self, index: int) -> str:
+        return self._chunk([schemas.ChatCompletionChunkChoice(
+            index=index, delta=schemas.ChoiceDelta(role="assistant", content=""))])
+
+    def content(self, index: int, text: str, logprobs: list[schemas.TokenLogprobEntry] | None) -> str:
+        return self._chunk([schemas.ChatCompletionChunkChoice(
+            index=index, delta=schemas.ChoiceDelta(content=text),
+            logprobs=schemas.ChoiceLogprobs(content=logprobs) if logprobs is not None else None)])
+
+    def finish(self, index: int, reason: str) -> str:
+        return self._chunk([schemas.ChatCompletionChunkChoice(index=index, delta=schemas.ChoiceDelta(),
+                                                              finish_reason=reason)])  # type: ignore[arg-type]
+
+    def usage(self, usage: schemas.Usage) -> str:
+        return self._event(schemas.ChatCompletionChunk(id=self._id, created=self._created, model=self._model,
+                                                       choices=[], usage=usage).model_dump(mode="json"))
+
+    @staticmethod
+    def done() -> str:
+        return "data: [DONE]\n\n"
+
+    def _chunk(self, choices: list[schemas.ChatCompletionChunkChoice]) -> str:
+        chunk = schemas.ChatCompletionChunk(id=self._id, created=self._created, model=self._model, choices=choices)
+        body = chunk.model_dump(mode="json", exclude_none=False)
+        if not self._include_usage:
+            body.pop("usage")
+        for choice in body["choices"]:
+            delta = choice["delta"]
+            for key in [k for k, v in delta.items() if v is None]:
+                delta.pop(key)
+        return self._event(body)
+
+    @staticmethod
+    def _event(body: dict[str, object]) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Pass events through; an exception becomes an SSE error event and `[DONE]` instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error body, never echoed raw
+        _, body, _ = classify(exc)
+        yield ChunkWriter._event(body)
+        yield ChunkWriter.done()

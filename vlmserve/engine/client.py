@@ -1,0 +1,244 @@
+"""`EngineClient`: the only thing the API holds. `AsyncEngine` runs an engine core in a thread behind it.
+
+The core works on token ids in its own thread, with no I/O. Its outputs cross to the event loop with
+`call_soon_threadsafe`; there each sequence's detokenizer turns them into `TokenDelta`s, checks stop strings
+(aborting the sequence in the core when one matches) and feeds the request's queue. `n > 1` fans out into n
+sequences whose deltas share one queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from vlmserve.engine.detokenizer import IncrementalDetokenizer
+from vlmserve.engine.protocol import CoreOutput, EngineCore
+from vlmserve.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    InternalError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    """What the HTTP layer may ask of an engine."""
+
+    max_model_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Deltas of every sequence of the request (n of them), each ending with a finish_reason."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_dead(self) -> bool: ...
+
+    async def shutdown(self, timeout_s: float) -> None: ...
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """Client-side state of one sequence: where its deltas go and how its text is made."""
+
+    index: int
+    queue: asyncio.Queue[TokenDelta | BaseException]
+    detokenizer: IncrementalDetokenizer
+    num_prompt_tokens: int
+    max_tokens: int
+    want_logprobs: bool
+    num_generated: int = 0
+    is_finished: bool = False
+
+
+class AsyncEngine:
+    """An `EngineClient` over an `EngineCore` running in a daemon thread."""
+
+    def __init__(self, core: EngineCore, tokenizer: Any, *, max_model_len: int, max_sequences: int) -> None:
+        self._core = core
+        self._tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._max_sequences = max_sequences  # running + waiting; beyond it, 429
+        self._sequences: dict[str, _Sequence] = {}
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._accepting = True
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.dead = asyncio.Event()  # set when the engine loop died; the server then exits non-zero
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"vlmserve-{self._core.name}-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_dead(self) -> bool:
+        return self._error is not None
+
+    def stats(self) -> EngineStats:
+        return self._core.stats()
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Stop accepting, let running sequences finish for up to `timeout_s`, abort the rest, stop the thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._sequences and time.monotonic() < deadline and not self.is_dead:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._sequences):
+            self._finish(request_id, FinishReason.ABORT)
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    # --- requests --------------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        self._check_can_accept(request.sampling.n)
+        max_tokens = self._resolve_max_tokens(request)
+        queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+        child_ids = self._submit(request, max_tokens, queue)
+        remaining = set(child_ids)
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.is_finished:
+                    remaining.discard(item.request_id)
+                yield item
+        finally:
+            for child_id in remaining:  # the consumer went away (client disconnect) or failed: free the work
+                self._abort(child_id)
+
+    def _submit(self, request: GenerationRequest, max_tokens: int,
+                queue: asyncio.Queue[TokenDelta | BaseException]) -> list[str]:
+        params = request.sampling
+        n = params.n
+        child_ids = [request.request_id if n == 1 else f"{request.request_id}-{i}" for i in range(n)]
+        for index, child_id in enumerate(child_ids):
+            seed = None if params.seed is None else params.seed + index
+            sampling = dataclasses.replace(params, n=1, seed=seed, max_tokens=max_tokens)
+            self._sequences[child_id] = _Sequence(
+                index=index, queue=queue, detokenizer=IncrementalDetokenizer(self._tokenizer, params.stop),
+                num_prompt_tokens=request.prompt.num_tokens, max_tokens=max_tokens, want_logprobs=params.logprobs)
+            self._core.add_request(dataclasses.replace(request, request_id=child_id, sampling=sampling))
+        self._wakeup.set()
+        return child_ids
+
+    def _check_can_accept(self, n: int) -> None:
+        if self._error is not None:
+            raise EngineDeadError("the engine has stopped; the server is restarting")
+        if not self._accepting:
+            raise ServiceUnavailableError("the server is shutting down")
+        if len(self._sequences) + n > self._max_sequences:
+            raise QueueFullError(f"the server is at capacity ({self._max_sequences} sequences running or "
+                                 "waiting, --max-num-seqs + --max-waiting-requests); retry shortly",
+                                 retry_after_s=1.0)
+
+    def _resolve_max_tokens(self, request: GenerationRequest) -> int:
+        prompt_tokens = request.prompt.num_tokens
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens (image tokens included) but the model's context is "
+                f"{self.max_model_len} tokens (--max-model-len)", param="messages")
+        wanted = request.sampling.max_tokens
+        if wanted is None:
+            return room
+        if wanted > room:
+            raise ContextLengthError(
+                f"max_tokens is {wanted} but only {room} tokens are left in the model's {self.max_model_len}-token "
+                f"context after the {prompt_tokens}-token prompt (image tokens included); lower max_tokens",
+                param="max_tokens")
+        return wanted
+
+    def _abort(self, request_id: str) -> None:
+        if self._sequences.pop(request_id, None) is not None:
+            self._core.abort_request(request_id)
+            self._wakeup.set()
+
+    # --- engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self._core.has_work():
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+                    continue
+                self._core.step(self._emit)
+        except BaseException as exc:  # noqa: BLE001 - anything escaping the core means the engine is gone
+            logger.exception("the engine loop died")
+            self._error = exc
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _emit(self, outputs: list[CoreOutput]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    # --- event loop: core outputs → deltas -------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[CoreOutput]) -> None:
+        for output in outputs:
+            sequence = self._sequences.get(output.request_id)
+            if sequence is None:
+                continue  # aborted or already finished by a stop string
+            if output.finish_reason is FinishReason.ERROR:
+                logger.error("request %s failed in the engine: %s", output.request_id, output.error)
+                self._sequences.pop(output.request_id, None)
+                sequence.queue.put_nowait(InternalError("the engine failed while generating this request"))
+                continue
+            self._deliver(output, sequence)
+
+    def _deliver(self, output: CoreOutput, sequence: _Sequence) -> None:
+        detokenizer = sequence.detokenizer
+        token_ids = output.new_token_ids
+        text = detokenizer.add_tokens(token_ids)
+        finish = output.finish_reason
+        if detokenizer.stopped_by is not None and finish is None:
+            finish = FinishReason.STOP
+            self._core.abort_request(output.request_id)
+        sequence.num_generated += len(token_ids)
+        delta = TokenDelta(request_id=output.request_id, index=sequence.index, text=text, token_ids=token_ids,
+                           num_prompt_tokens=sequence.num_prompt_tokens, num_generated_tokens=sequence.num_generated,
+                           num_cached_tokens=output.num_cached_tokens)
+        if sequence.want_logprobs and output.new_logprobs:
+            delta.logprobs = [lp for lp in output.new_logprobs if lp is not None]
+            delta.token_texts = [detokenizer.token_text(lp.chosen.token_id) for lp in delta.logprobs]
+        if finish is not None:
+            delta.text += detokenizer.flush()
+            delta.finish_reason = finish
+            self._sequences.pop(output.request_id, None)
+        sequence.queue.put_nowait(delta)
+
+    def _finish(self, request_id: str, reason: FinishReason) -> None:
+        sequence = self._sequences.pop(request_id, None)
+        if sequence is None:
+            return
+        self._core.abort_request(request_id)
+        sequence.queue.put_nowait(TokenDelta(
+            request_id=request_id, index=sequence.index, text=sequence.detokenizer.flush(), token_ids=[],
+            num_prompt_tokens=sequence.num_prompt_tokens, num_generated_tokens=sequence.num_generated,
+            finish_reason=reason))
+
+    def _fail_all(self) -> None:
+        for request_id, sequence in list(self._sequences.items()):
+            self._sequences.pop(request_id, None)
+            sequence.queue.put_nowait(EngineDeadError("the engine stopped while generating this request"))
+        self.dead.set()

@@ -1,0 +1,187 @@
+"""The fallback engine core: batched `model.generate` for architectures the paged engine cannot run.
+
+Requests waiting when a batch starts run together in one left-padded `generate` call; requests arriving during it
+wait for the next. Sampling is still ours (per request, seeded, penalties, logprobs): a logits processor draws
+each row's token with `Sampler` and hands `generate` a distribution with all mass on it, so `generate` itself
+runs greedy. A stopping criterion ends each row on its own terms (end tokens, max_tokens, abort).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from vlmserve.config import EngineConfig
+from vlmserve.engine.protocol import CoreOutput, Emit
+from vlmserve.engine.sampler import Sampler, SequenceSampling, make_generator
+from vlmserve.models.base import ModelAdapter
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    sampling: SequenceSampling
+    finish_reason: FinishReason | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class GenerateEngineCore:
+    """`EngineCore` running `model.generate` over batches of waiting requests."""
+
+    name = "generate"
+
+    def __init__(self, adapter: ModelAdapter, config: EngineConfig) -> None:
+        self._adapter = adapter
+        self._max_batch = config.max_generate_batch
+        self._sampler = Sampler(adapter.device)
+        self._lock = threading.Lock()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._aborted: set[str] = set()
+        self._running: list[_Row] = []
+        self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
+        self._started = time.monotonic()
+
+    def add_request(self, request: GenerationRequest) -> None:
+        with self._lock:
+            self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            num_waiting, num_running = len(self._waiting), sum(not r.is_done for r in self._running)
+        c = self._counters
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return EngineStats(num_running=num_running, num_waiting=num_waiting, num_steps=c["steps"],
+                           num_generated_tokens=c["generated"], num_prompt_tokens=c["prompt"],
+                           num_aborted=c["aborted"], num_finished=c["finished"],
+                           generation_tokens_per_s=c["generated"] / elapsed, engine=self.name)
+
+    def step(self, emit: Emit) -> None:
+        rows = self._take_batch()
+        if not rows:
+            return
+        try:
+            self._generate(rows, emit)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            # A failure inside one batch fails its requests only; the engine keeps serving.
+            logger.exception("generate failed for a batch of %d", len(rows))
+            emit([CoreOutput(r.request.request_id, [], FinishReason.ERROR, error=type(exc).__name__)
+                  for r in rows if not r.is_done])
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        finally:
+            with self._lock:
+                self._aborted.difference_update(r.request.request_id for r in rows)
+                self._running = []
+
+    def _take_batch(self) -> list[_Row]:
+        with self._lock:
+            rows: list[_Row] = []
+            while self._waiting and len(rows) < self._max_batch:
+                request = self._waiting.popleft()
+                if request.request_id in self._aborted:
+                    self._aborted.discard(request.request_id)
+                    continue
+                rows.append(self._make_row(request))
+            self._running = rows
+        return rows
+
+    def _make_row(self, request: GenerationRequest) -> _Row:
+        params = request.sampling
+        end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._adapter.eos_token_ids)
+        row = _Row(request=request, sampling=SequenceSampling(
+            params=params, prompt_token_ids=request.prompt.token_ids, output_token_ids=[],
+            generator=make_generator(params.seed, self._adapter.device), end_token_ids=end_ids))
+        row.sampling.output_token_ids = row.output_token_ids
+        return row
+
+    @torch.inference_mode()
+    def _generate(self, rows: list[_Row], emit: Emit) -> None:
+        inputs = self._adapter.collate([r.request.prompt for r in rows])
+        self._counters["prompt"] += sum(r.request.prompt.num_tokens for r in rows)
+        max_new = max(int(r.request.sampling.max_tokens or 1) for r in rows)
+        config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                                  pad_token_id=getattr(self._adapter, "pad_token_id", None), eos_token_id=None)
+        self._adapter.model.generate(
+            **inputs, generation_config=config,
+            logits_processor=LogitsProcessorList([_DrawTokens(self, rows, emit)]),
+            stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]))
+
+    def _advance(self, rows: list[_Row], scores: torch.Tensor, emit: Emit) -> torch.Tensor:
+        """Choose every live row's next token, record it, emit it; return scores forcing those tokens."""
+        with self._lock:
+            aborted = {r.request.request_id for r in rows} & self._aborted
+        live = [i for i, r in enumerate(rows) if not r.is_done and r.request.request_id not in aborted]
+        for r in rows:
+            if not r.is_done and r.request.request_id in aborted:
+                r.finish_reason = FinishReason.ABORT
+                self._counters["aborted"] += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, 0] = 0.0  # rows already done: any token; they are ignored
+        if not live:
+            return forced
+        drawn = self._sampler(scores[live], [rows[i].sampling for i in live])
+        outputs = []
+        for j, i in enumerate(live):
+            row, token = rows[i], drawn.token_ids[j]
+            row.output_token_ids.append(token)
+            row.finish_reason = self._finish_reason(row, token)
+            if row.is_done:
+                self._counters["finished"] += 1
+            forced[i, 0] = float("-inf")
+            forced[i, token] = 0.0
+            outputs.append(CoreOutput(row.request.request_id, [token], row.finish_reason,
+                                      new_logprobs=[drawn.logprobs[j]] if drawn.logprobs[j] else None))
+        self._counters["steps"] += 1
+        self._counters["generated"] += len(live)
+        emit(outputs)
+        return forced
+
+    @staticmethod
+    def _finish_reason(row: _Row, token: int) -> FinishReason | None:
+        params = row.request.sampling
+        if token in row.sampling.end_token_ids:  # the sampler masks them until min_tokens is reached
+            return FinishReason.STOP
+        if len(row.output_token_ids) >= int(params.max_tokens or 0):
+            return FinishReason.LENGTH
+        return None
+
+
+class _DrawTokens(LogitsProcessor):
+    """A transformers logits processor that makes `generate` take the tokens our sampler drew."""
+
+    def __init__(self, core: GenerateEngineCore, rows: list[_Row], emit: Emit) -> None:
+        self._core, self._rows, self._emit = core, rows, emit
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self._core._advance(self._rows, scores, self._emit)
+
+
+class _RowsDone(StoppingCriteria):
+    """A transformers stopping criterion: a row is done when our bookkeeping says so."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self._rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return torch.tensor([r.is_done for r in self._rows], device=input_ids.device)

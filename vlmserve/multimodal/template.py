@@ -1,0 +1,75 @@
+"""Render chat templates in a sandbox with bounded output.
+
+Templates come from model repositories, `--chat-template` files and (only with --trust-request-chat-template)
+requests. Every one renders in Jinja's immutable sandbox — no attribute access to Python internals, no mutation
+of the data passed in — and through `Template.generate()`, so output is counted as it is produced and a template
+that would render megabytes is stopped early.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from vlmserve.errors import InvalidRequestError
+
+#: rendered prompts larger than this are refused; far above any real context window's text
+MAX_RENDERED_CHARS = 4_000_000
+
+
+class TemplateError(InvalidRequestError):
+    """A chat template failed to render for this conversation (400)."""
+
+    code = "invalid_chat_template"
+
+
+def _raise_exception(message: str) -> None:
+    # Templates call raise_exception("...") to reject conversations they cannot format.
+    raise TemplateError(f"the chat template refused this conversation: {message}", param="messages")
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"the chat template has a syntax error on line {exc.lineno}",
+                            param="chat_template") from exc
+
+
+def render_chat_template(source: str, context: dict[str, Any], *, max_chars: int = MAX_RENDERED_CHARS) -> str:
+    """Render `source` with `context`; TemplateError if it fails or grows beyond `max_chars`."""
+    template = _compile(source)
+    pieces: list[str] = []
+    size = 0
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > max_chars:
+                raise TemplateError(f"the chat template rendered more than {max_chars} characters",
+                                    param="messages")
+            pieces.append(piece)
+    except TemplateError:
+        raise
+    except jinja2.exceptions.SecurityError as exc:
+        raise TemplateError("the chat template tried an operation the sandbox forbids",
+                            param="chat_template") from exc
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
+            OverflowError, RecursionError) as exc:
+        raise TemplateError(f"the chat template failed to render ({type(exc).__name__})",
+                            param="messages") from exc
+    return "".join(pieces)

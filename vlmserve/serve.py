@@ -1,0 +1,101 @@
+"""`vlmserve serve`: load the model, start the engine, run the HTTP server, exit with a meaningful status.
+
+Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when the engine died (so a supervisor restarts us),
+2 when start-up failed (bad configuration, model not loadable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from vlmserve.config import Config
+from vlmserve.engine.client import AsyncEngine
+from vlmserve.engine.protocol import EngineCore
+from vlmserve.models.base import ModelAdapter
+
+logger = logging.getLogger("vlmserve")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
+    """The paged core where the architecture supports it (or it was asked for), else the generate core."""
+    from vlmserve.engine.generate_core import GenerateEngineCore
+
+    choice = config.engine.engine
+    reason = adapter.paged_support()
+    if choice == "generate":
+        logger.info("engine: generate (batched model.generate), as requested with --engine generate")
+        return GenerateEngineCore(adapter, config.engine)
+    if reason is None:
+        try:
+            from vlmserve.engine.core import PagedEngineCore
+        except ImportError:  # NOTE: the paged engine lands in its own change; until then everything falls back
+            reason = "the continuous-batching engine is not available in this build"
+        else:
+            logger.info("engine: paged (continuous batching over a paged KV cache)")
+            return PagedEngineCore(adapter, config.engine)
+    if choice == "paged":
+        raise SystemExit(f"--engine paged: {adapter.family} cannot run on the paged engine: {reason}")
+    logger.warning("engine: generate fallback for %s: %s", adapter.family, reason)
+    return GenerateEngineCore(adapter, config.engine)
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; returns the process exit status."""
+    from vlmserve.errors import ModelLoadError
+    from vlmserve.models.loader import load_model
+
+    try:
+        adapter = load_model(config.model)
+    except ModelLoadError as exc:
+        logger.error("cannot start: %s", exc.message)
+        return 2
+    return asyncio.run(_serve(adapter, config))
+
+
+async def _serve(adapter: ModelAdapter, config: Config) -> int:
+    import uvicorn
+
+    from vlmserve.api.app import build_app
+    from vlmserve.multimodal.loader import MediaLoader
+    from vlmserve.multimodal.prompt import PromptRenderer
+
+    engine_cfg = config.engine
+    engine = AsyncEngine(make_engine_core(adapter, config), adapter.tokenizer, max_model_len=adapter.max_model_len,
+                         max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests)
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=adapter.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
+    names = config.model.default_served_names()
+    app = build_app(engine, renderer, MediaLoader(config.media), config, names)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                           log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=int(config.server.shutdown_timeout_s) + 1))
+    engine.start()
+    exit_code = 0
+
+    async def watch_engine() -> None:
+        nonlocal exit_code
+        await engine.dead.wait()
+        logger.error("the engine died; shutting down so a supervisor can restart the server")
+        exit_code = 1
+        server.should_exit = True
+
+    watcher = asyncio.create_task(watch_engine())
+    logger.info("serving %s at http://%s:%d/v1 (model name%s: %s)", adapter.family, config.server.host,
+                config.server.port, "s" if len(names) > 1 else "", ", ".join(names))
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        await engine.shutdown(0 if exit_code else config.server.shutdown_timeout_s)
+    if exit_code == 0 and not server.started:
+        return 2  # could not bind the port, for example
+    return exit_code
+
+
+__all__ = ["configure_logging", "make_engine_core", "run"]
