@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -43,6 +45,12 @@ async def system_resolver(host: str) -> list[str]:
     """Resolve `host` to address strings with the system resolver, off the event loop."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """One certificate-verifying TLS context for every loader: building one reads the whole CA bundle."""
+    return httpx.create_ssl_context()  # certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set
 
 
 def too_large(max_bytes: int, param: str) -> MediaFetchError:
@@ -155,7 +163,7 @@ class MediaFetcher:
         # whose certificate was never checked. trust_env=False: a proxy from the environment would do its own
         # DNS lookup, undoing the address check.
         self._client = httpx.AsyncClient(
-            transport=transport, follow_redirects=False, trust_env=False,
+            transport=transport, verify=_tls_context(), follow_redirects=False, trust_env=False,
             timeout=httpx.Timeout(config.fetch_timeout_s),
             limits=httpx.Limits(max_keepalive_connections=0))
 
