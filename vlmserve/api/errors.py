@@ -77,7 +77,10 @@ def _http_exception(exc: StarletteHTTPException) -> tuple[int, dict[str, Any], d
 
 def _validation_body(exc: RequestValidationError | ValidationError) -> dict[str, Any]:
     details = exc.errors()
-    first = details[0] if details else {"loc": (), "msg": "invalid request"}
+    # With unions (content: str | list[...]) pydantic reports every branch; the deepest location is the most
+    # specific complaint ("messages[0].content[0].type" rather than "messages[0].content").
+    first = max(details, key=lambda d: len(loc_to_param(d.get("loc", ())).replace("[", ".[").split(".")),
+                default={"loc": (), "msg": "invalid request"})
     param = loc_to_param(first.get("loc", ()))
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param:
