@@ -31,7 +31,7 @@ import httpx
 
 from vlmserve.config import MediaConfig
 from vlmserve.errors import MediaFetchError
-from vlmserve.multimodal.addresses import AddressRefused, HostPolicy, check_host_syntax, parse_ip
+from vlmserve.multimodal.addresses import AddressRefused, HostPolicy, IPAddress, check_host_syntax, parse_ip
 
 logger = logging.getLogger(__name__)
 
@@ -234,15 +234,15 @@ class MediaFetcher:
             extensions["sni_hostname"] = host  # TLS still verifies the certificate against the name
         return url.copy_with(host=str(address)), headers, extensions
 
-    async def _resolve(self, host: str, param: str) -> list:
+    async def _resolve(self, host: str, param: str) -> list[IPAddress]:
         try:
             answers = await self._resolver(host)
         except (OSError, UnicodeError, ValueError):
             raise MediaFetchError("the image URL's host name could not be resolved", param=param) from None
         addresses = [parse_ip(answer) for answer in answers]
-        if any(a is None for a in addresses):
+        if any(address is None for address in addresses):
             raise MediaFetchError("the image URL's host name could not be resolved", param=param)
-        return addresses
+        return [address for address in addresses if address is not None]
 
     def _redirect_target(self, url: httpx.URL, location: str, param: str) -> httpx.URL:
         try:

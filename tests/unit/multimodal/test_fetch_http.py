@@ -263,3 +263,20 @@ def test_aclose_releases_the_loader() -> None:
         await loader.aclose()
 
     asyncio.run(main())
+
+
+def test_system_resolver_is_checked_too(canary: Canary) -> None:
+    """With the default resolver (getaddrinfo off the loop; 'localhost' comes from the hosts file)."""
+
+    async def main() -> BaseException:
+        loader = MediaLoader(MediaConfig())
+        try:
+            await loader.load([ref(canary.url("/image", host="localhost"))])
+        except MediaFetchError as exc:
+            return exc
+        finally:
+            await loader.aclose()
+        raise AssertionError("localhost was fetched")
+
+    assert_refused(asyncio.run(main()), "non-public")
+    assert canary.num_hits == 0
