@@ -1,0 +1,151 @@
+"""Every tiny family loads like a downloaded checkpoint and runs image + text generation end to end.
+
+Per family (tests/fixtures/tiny/registry.py): build into a temp dir, load with `AutoModelForImageTextToText` and
+`vlmserve.models.hf_processor.load_processor`, render a chat through the processor's template, run the processor
+on text + PIL images, check the placeholder tokens against the vision features, and generate 4 tokens greedily.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.fixtures.tiny.registry import FAMILIES, GAP_PROCESSOR_KWARGS, TinyFamily
+
+pytestmark = [
+    # torch's Tensor.__array__/__array_wrap__ predate numpy 2's keywords; transformers' processors call np.array
+    # and np.cumsum on tensors (GLM-4V's mm_token_type_ids, InternVL's patch counts). Third-party, harmless here.
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+]
+
+_LOADED: dict[str, tuple[Any, Any, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny_families")
+
+
+def _load(family: TinyFamily, root: Path) -> tuple[Any, Any, Path]:
+    """(model, processor, checkpoint dir), built and loaded once per session."""
+    if family.name in _LOADED:
+        return _LOADED[family.name]
+    for package in family.requires:
+        pytest.importorskip(package)
+    from transformers import AutoModelForImageTextToText
+
+    from vlmserve.models.hf_processor import load_processor
+
+    path = family.build(root / family.name)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    try:
+        processor = load_processor(path)
+    except (ImportError, ValueError) as exc:
+        if not family.loader_gaps:
+            raise
+        pytest.xfail(f"load_processor gap {family.loader_gaps}: {exc}")
+    _LOADED[family.name] = (model, processor, path)
+    return model, processor, path
+
+
+def _check_processor_kwargs(family: TinyFamily, processor: Any, path: Path) -> None:
+    """The processor must carry the checkpoint's processor_config.json values (e.g. image tokens per tile)."""
+    config_file = path / "processor_config.json"
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    wrong = {key: (value, getattr(processor, key, None)) for key, value in saved.items()
+             if key != "processor_class" and getattr(processor, key, None) != value}
+    if wrong and GAP_PROCESSOR_KWARGS in family.loader_gaps:
+        pytest.xfail(f"load_processor gap ({GAP_PROCESSOR_KWARGS}): {wrong}")
+    assert not wrong, f"processor lost processor_config.json values (saved, loaded): {wrong}"
+
+
+def _images(count: int) -> list[Image.Image]:
+    """Deterministic images of different sizes and aspect ratios."""
+    sizes = [(64, 48), (40, 60)]
+    generator = torch.Generator().manual_seed(count)
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+            for w, h in sizes[:count]]
+
+
+def _image_token_id(config: Any) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise AssertionError(f"{type(config).__name__} names no image token id")
+
+
+def _feature_rows(model: Any, inputs: dict[str, Any]) -> tuple[int, int]:
+    """(rows, width) of the features the model merges at the image tokens, via its own get_image_features."""
+    accepted = inspect.signature(model.get_image_features).parameters
+    with torch.no_grad():
+        output = model.get_image_features(**{k: v for k, v in inputs.items() if k in accepted})
+    pooled = getattr(output, "pooler_output", None)
+    pooled = output if pooled is None else pooled
+    pieces = list(pooled) if isinstance(pooled, (list, tuple)) else [pooled]
+    rows = sum(piece.reshape(-1, piece.shape[-1]).shape[0] for piece in pieces)
+    return rows, pieces[0].shape[-1]
+
+
+def _runs(mask: torch.Tensor) -> int:
+    """Number of maximal runs of True in a 1-D mask."""
+    starts = mask & ~torch.cat([torch.tensor([False]), mask[:-1]])
+    return int(starts.sum())
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_checkpoint_loads_like_a_download(name: str, tiny_root: Path) -> None:
+    from transformers import AutoConfig
+
+    family = FAMILIES[name]
+    model, processor, path = _load(family, tiny_root)
+    for file in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
+                 "preprocessor_config.json"):
+        assert (path / file).is_file(), file
+    assert AutoConfig.from_pretrained(path).model_type == family.name
+    assert type(model).__name__ == family.model_class
+    _check_processor_kwargs(family, processor, path)
+    assert processor.chat_template, "no chat template reached the processor"
+    tokenizer = processor.tokenizer
+    # Random weights pick any id: every token must decode to ASCII so streamed text stays whole UTF-8.
+    undecodable = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).isascii()]
+    assert not undecodable
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_image_chat_generates(name: str, num_images: int, tiny_root: Path) -> None:
+    family = FAMILIES[name]
+    if num_images > 1 and not family.is_multi_image:
+        pytest.skip(f"{name} takes one image per prompt")
+    model, processor, path = _load(family, tiny_root)
+    _check_processor_kwargs(family, processor, path)
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": "What is in this picture?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert isinstance(text, str) and "What is in this picture?" in text
+    inputs = processor(text=[text], images=_images(num_images), return_tensors="pt")
+    input_ids = inputs["input_ids"]
+    is_image = input_ids[0] == _image_token_id(model.config)
+
+    rows, width = _feature_rows(model, dict(inputs))
+    assert int(is_image.sum()) == rows > 0
+    assert width == model.config.get_text_config().hidden_size
+    if family.is_contiguous_per_image:
+        # One run per image, except where the template puts two images' placeholders side by side.
+        assert 1 <= _runs(is_image) <= num_images
+    else:
+        assert _runs(is_image) > num_images
+
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert output.shape == (1, input_ids.shape[1] + 4)
+    assert torch.equal(output[0, : input_ids.shape[1]], input_ids[0])
+    assert processor.decode(output[0, input_ids.shape[1]:]).isascii()
