@@ -42,7 +42,7 @@ def load(path: str | Path, *, device: str, dtype: torch.dtype, max_model_len: in
         # NOTE: device_map streams the shards straight onto the device (28 GB in bf16 for the full model)
         model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, device_map=device)
         processor = Glm4vProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load GLM-4V-9B from {path}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     limit = config.seq_length if max_model_len is None else max_model_len

@@ -205,8 +205,10 @@ class GLMTransformer(nn.Module):
         position_embeddings = self.rotary(position_ids, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         for layer in self.layers:
+            # NOTE: position_ids stay out of the attention kwargs: flash-style kernels read jumps in them as
+            # boundaries of packed sequences, and image rows repeat one position.
             hidden_states = layer(hidden_states, position_embeddings=position_embeddings, attention_mask=mask,
-                                  past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+                                  past_key_values=past_key_values, **kwargs)
         if self.config.post_layer_norm:
             hidden_states = self.final_layernorm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=cast(torch.FloatTensor, hidden_states),

@@ -61,7 +61,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock", "VisionLayer"]
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
     _supports_sdpa = True
-    _supports_flash_attn = True
+    _supports_flash_attn = False  # untested here (no flash-attn wheels on our machines)
     _supports_flex_attn = False
     _supports_attention_backend = True
 

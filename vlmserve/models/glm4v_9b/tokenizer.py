@@ -57,8 +57,8 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 def to_byte_level(token: bytes) -> str:
-    table = _byte_to_unicode()
-    return "".join(table[b] for b in token)
+    # latin-1 maps each byte to the code point of the same value; translate then applies the alphabet in C
+    return token.decode("latin-1").translate(_byte_to_unicode())
 
 
 def ranks_to_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
