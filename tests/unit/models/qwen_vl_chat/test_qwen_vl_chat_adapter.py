@@ -125,3 +125,25 @@ def test_embed_prompt_refuses_features_that_do_not_fit(qwen_vl_chat_adapter: Any
     features = qwen_vl_chat_adapter.encode_images(prompt)[:images]
     with pytest.raises(RuntimeError, match="imgpad"):
         qwen_vl_chat_adapter.embed_prompt(prompt, features)
+
+
+def test_serving_loader_and_prompt_renderer_use_the_native_port(qwen_vl_chat_dir: Any) -> None:
+    from PIL import Image
+
+    from vlmserve.config import ModelConfig
+    from vlmserve.models.loader import load_model
+    from vlmserve.multimodal.prompt import PromptRenderer
+    from vlmserve.types import ChatMessage, ImagePart, TextPart
+
+    adapter = load_model(ModelConfig(model=str(qwen_vl_chat_dir), device="cpu"))
+    assert isinstance(adapter, QwenVLChatAdapter) and adapter.dtype == torch.float32
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=adapter.max_model_len)
+    image = Image.new("RGB", (40, 30), (9, 99, 199))
+    prompt = renderer.render([ChatMessage("user", (ImagePart(image, "a"), TextPart("And?"), ImagePart(image, "b")))])
+    assert [(s.end - s.start, s.index) for s in prompt.image_spans] == [(256, 0), (256, 1)]
+    assert all(set(prompt.token_ids[s.start:s.end]) == {adapter.image_token_id} for s in prompt.image_spans)
+    assert prompt.model_inputs["pixel_values"].shape[0] == 2
+    text = adapter.processor.decode(prompt.token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nPicture 1: ")
+    assert text.endswith("</img>\n<|im_end|>\n<|im_start|>assistant\n")
