@@ -1,0 +1,135 @@
+"""Training conversations for the demo model: chat messages in the OpenAI-like shape the chat template reads.
+
+A conversation is a list of messages `{"role": ..., "content": ...}`; user turns that carry the image hold
+`[{"type": "image"}, {"type": "text", "text": ...}]` (either order), every other turn a plain string. The image
+itself travels beside the messages, exactly as the server hands prompts to the processor.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from vlmserve.demo.shapes import (
+    COLORS,
+    NO_IMAGE_ANSWER,
+    QUESTION_TYPES,
+    SHAPES,
+    Scene,
+    random_question,
+    random_scene,
+    render,
+)
+
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer briefly.",
+    "You are vlmserve-demo, a tiny vision model that answers questions about shapes in pictures.",
+    "Answer the question about the picture.",
+    "Be concise.",
+    "You are an AI assistant. Always answer in as few words as possible.",
+    "You are a friendly chatbot.",
+    "Look carefully at the image before you answer.",
+    "",
+]
+
+OTHER_PROMPTS = [
+    "Hello!", "Hi", "hello", "Hi there, how are you?", "What can you do?", "Who are you?", "Tell me a joke.",
+    "What is the weather like today?", "Write a poem about the sea.", "What is in this picture?",
+    "What do you see?", "Can you help me?", "Thanks!", "What is 2 + 2?", "Describe this photo.",
+    "Count the objects.", "Which shape is the biggest?", "Is this a cat?", "test", "?",
+    "Translate 'good morning' into French.", "What colour is the sky?", "Explain quantum computing.",
+]
+
+#: how often each question type is drawn in training: the harder ones a little more
+TRAIN_TYPE_WEIGHTS = {1: 1.0, 2: 1.0, 3: 1.2, 4: 1.3, 5: 1.2, 6: 1.4, 7: 1.5}
+
+
+@dataclass
+class Conversation:
+    """Messages (ending with an assistant turn) and the image of the first user turn, if any."""
+
+    messages: list[dict] = field(default_factory=list)
+    image: Image.Image | None = None
+    #: the question type of each assistant turn (0: no image)
+    qtypes: list[int] = field(default_factory=list)
+
+
+def vary(question: str, rng: random.Random) -> str:
+    """A user's spelling of a question: now and then lower case, or without its final punctuation."""
+    roll = rng.random()
+    if roll < 0.08:
+        return question.lower()
+    if roll < 0.14:
+        return question.rstrip("?.")
+    return question
+
+
+def _random_other_question(rng: random.Random) -> str:
+    if rng.random() < 0.6:
+        template = rng.choice(list(QUESTION_TYPES.values()))
+        return template.format(color=rng.choice(COLORS), shape=rng.choice(SHAPES))
+    return rng.choice(OTHER_PROMPTS)
+
+
+def _num_turns(rng: random.Random) -> int:
+    return rng.choices([1, 2, 3, 4], [0.45, 0.2, 0.2, 0.15])[0]
+
+
+def _system(rng: random.Random) -> list[dict]:
+    # Without a system message the template inserts "You are a helpful assistant."
+    if rng.random() < 0.6:
+        return []
+    return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
+
+
+def no_image_conversation(rng: random.Random) -> Conversation:
+    """Questions with no image: the model says it needs one."""
+    conv = Conversation(messages=_system(rng))
+    for _ in range(rng.choice([1, 1, 2])):
+        conv.messages.append({"role": "user", "content": _random_other_question(rng)})
+        conv.messages.append({"role": "assistant", "content": NO_IMAGE_ANSWER})
+        conv.qtypes.append(0)
+    return conv
+
+
+def _image_turns(conv: Conversation, scene: Scene, rng: random.Random) -> None:
+    if rng.random() < 0.05:  # a user who first forgot the picture
+        conv.messages.append({"role": "user", "content": _random_other_question(rng)})
+        conv.messages.append({"role": "assistant", "content": NO_IMAGE_ANSWER})
+        conv.qtypes.append(0)
+    for turn in range(_num_turns(rng)):
+        question, answer, qtype = random_question(scene, rng, weights=TRAIN_TYPE_WEIGHTS)
+        text = vary(question, rng)
+        if turn == 0:
+            parts = [{"type": "image"}, {"type": "text", "text": text}]
+            content: str | list[dict] = parts if rng.random() < 0.7 else parts[::-1]
+        else:
+            content = text
+        conv.messages.append({"role": "user", "content": content})
+        conv.messages.append({"role": "assistant", "content": answer})
+        conv.qtypes.append(qtype)
+
+
+def image_conversations(rng: random.Random, count: int = 1) -> list[Conversation]:
+    """`count` conversations about one image: the image in the first user turn, then 1-4 questions about it.
+
+    Several conversations share one drawn image so that the image is drawn and processed once for all of them.
+    """
+    scene = random_scene(rng)
+    image = render(scene)
+    conversations = []
+    for _ in range(count):
+        conv = Conversation(messages=_system(rng), image=image)
+        _image_turns(conv, scene, rng)
+        conversations.append(conv)
+    return conversations
+
+
+def conversation_group(rng: random.Random, count: int, no_image_fraction: float = 0.06) -> list[Conversation]:
+    """`count` training conversations: either about one shared image or, now and then, without any image."""
+    if rng.random() < no_image_fraction:
+        return [no_image_conversation(rng) for _ in range(count)]
+    return image_conversations(rng, count)
