@@ -66,10 +66,11 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     from vlmserve.multimodal.prompt import PromptRenderer
 
     engine_cfg = config.engine
-    engine = AsyncEngine(make_engine_core(adapter, config), adapter.tokenizer, max_model_len=adapter.max_model_len,
+    core = make_engine_core(adapter, config)
+    engine = AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len,
                          max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests)
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
-                              max_model_len=adapter.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
+                              max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
     names = config.model.default_served_names()
     app = build_app(engine, renderer, MediaLoader(config.media), config, names)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,

@@ -45,6 +45,7 @@ class GenerateEngineCore:
 
     def __init__(self, adapter: ModelAdapter, config: EngineConfig) -> None:
         self._adapter = adapter
+        self.max_model_len = adapter.max_model_len
         self._max_batch = config.max_generate_batch
         self._sampler = Sampler(adapter.device)
         self._lock = threading.Lock()

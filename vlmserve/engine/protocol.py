@@ -30,6 +30,8 @@ class EngineCore(Protocol):
     engine thread. `step` may call `emit` several times (the generate core emits every token as it comes)."""
 
     name: str
+    #: the context window sequences may use (the paged core may cap the model's to what its KV cache holds)
+    max_model_len: int
 
     def add_request(self, request: GenerationRequest) -> None: ...
 

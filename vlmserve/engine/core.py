@@ -1,0 +1,195 @@
+"""The paged engine core: continuous batching of any transformers VLM over a paged KV cache.
+
+    step = take new requests and aborts → schedule → execute (one forward over every scheduled token) → update
+
+No I/O happens here: requests arrive through thread-safe `add_request`/`abort_request`, results leave through
+`emit`. See `scheduler` (what runs), `model_runner` (how it runs), `kv_cache` (where KV lives).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from vlmserve.config import EngineConfig
+from vlmserve.engine.image_cache import ImageEmbeddingCache
+from vlmserve.engine.kv_cache import BlockPool, KVCache
+from vlmserve.engine.model_runner import ModelRunner
+from vlmserve.engine.protocol import CoreOutput, Emit
+from vlmserve.engine.request import Sequence
+from vlmserve.engine.sampler import SamplerOutput, SequenceSampling, make_generator
+from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
+from vlmserve.models.base import ModelAdapter
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+#: KV blocks on devices where memory is not profiled (CPU, MPS) unless --num-kv-blocks says otherwise
+DEFAULT_CPU_BLOCKS = 4096
+
+
+class PagedEngineCore:
+    """`EngineCore` with continuous batching, chunked prefill, preemption and an image-aware prefix cache."""
+
+    name = "paged"
+
+    def __init__(self, adapter: ModelAdapter, config: EngineConfig) -> None:
+        self._adapter = adapter
+        num_blocks = config.num_kv_blocks or self._default_num_blocks(adapter, config)
+        # A sequence must fit the whole pool alone, or preemption could never make room for it.
+        self.max_model_len = min(adapter.max_model_len, num_blocks * config.block_size)
+        if self.max_model_len < adapter.max_model_len:
+            logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
+                           "(raise --num-kv-blocks or --kv-cache-memory-fraction)", self.max_model_len,
+                           num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
+        cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
+                                 device=adapter.device)
+        self.scheduler = Scheduler(self.pool, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
+        self.runner = ModelRunner(adapter, cache, self.image_cache)
+        self._lock = threading.Lock()
+        self._new: list[GenerationRequest] = []
+        self._aborts: list[str] = []
+        self._sequences: dict[str, Sequence] = {}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
+        self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                    num_blocks * KVCache.bytes_per_block(adapter.kv_layout, config.block_size, adapter.dtype) / 2**20)
+
+    # --- thread-safe inbox -----------------------------------------------------------------------------------
+
+    def add_request(self, request: GenerationRequest) -> None:
+        with self._lock:
+            self._new.append(request)
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._new or self._aborts:
+                return True
+        return self.scheduler.has_work()
+
+    # --- the loop body ---------------------------------------------------------------------------------------
+
+    def step(self, emit: Emit) -> None:
+        self._take_inbox()
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return
+        try:
+            sequences, sampled = self.runner.execute(scheduled.chunks)
+        except RuntimeError as exc:  # incl. CUDA out-of-memory: fail this step's requests, keep serving
+            emit(self._fail(scheduled.chunks, exc))
+            return
+        emit(self._update(scheduled.chunks, sequences, sampled))
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+        for request in new:
+            sequence = self._make_sequence(request)
+            self._sequences[request.request_id] = sequence
+            self.scheduler.add(sequence)
+        for request_id in aborts:
+            sequence = self._sequences.pop(request_id, None)
+            if sequence is not None:
+                self.scheduler.finish(sequence)  # its blocks are free before this step is scheduled
+                self._counters["aborted"] += 1
+
+    def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        params = request.sampling
+        end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._adapter.eos_token_ids)
+        sampling = SequenceSampling(params=params, prompt_token_ids=request.prompt.token_ids, output_token_ids=[],
+                                    generator=make_generator(params.seed, self._adapter.device),
+                                    end_token_ids=end_ids)
+        sequence = Sequence(request=request, sampling=sampling)
+        sampling.output_token_ids = sequence.output_token_ids  # the sampler sees tokens as they are appended
+        self._counters["prompt"] += request.prompt.num_tokens
+        return sequence
+
+    def _update(self, chunks: list[ScheduledChunk], sampled_sequences: list[Sequence],
+                sampled: SamplerOutput | None) -> list[CoreOutput]:
+        for chunk in chunks:
+            sequence = chunk.sequence
+            sequence.num_computed_tokens = chunk.end
+            if chunk.end >= sequence.num_prompt_tokens:
+                sequence.release_prompt_state()
+        outputs: list[CoreOutput] = []
+        if sampled is None:
+            return outputs
+        for sequence, token, logprobs in zip(sampled_sequences, sampled.token_ids, sampled.logprobs):
+            sequence.output_token_ids.append(token)
+            finish = self._finish_reason(sequence, token)
+            if finish is not None:
+                sequence.finish_reason = finish
+                self.scheduler.finish(sequence)
+                self._sequences.pop(sequence.request_id, None)
+                self._counters["finished"] += 1
+            outputs.append(CoreOutput(sequence.request_id, [token], finish,
+                                      new_logprobs=[logprobs] if logprobs is not None else None,
+                                      num_cached_tokens=sequence.num_cached_tokens))
+        self._count_step(len(outputs))
+        return outputs
+
+    def _finish_reason(self, sequence: Sequence, token: int) -> FinishReason | None:
+        if token in sequence.sampling.end_token_ids:  # masked by the sampler until min_tokens is reached
+            return FinishReason.STOP
+        if len(sequence.output_token_ids) >= int(sequence.request.sampling.max_tokens or 0):
+            return FinishReason.LENGTH
+        if sequence.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _fail(self, chunks: list[ScheduledChunk], exc: RuntimeError) -> list[CoreOutput]:
+        logger.exception("engine step failed for %d sequences", len(chunks), exc_info=exc)
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.pool.reset_prefix_cache()  # blocks registered this step may hold partial KV
+        outputs = []
+        for chunk in chunks:
+            sequence = chunk.sequence
+            if self._sequences.pop(sequence.request_id, None) is not None:
+                self.scheduler.finish(sequence)
+                outputs.append(CoreOutput(sequence.request_id, [], FinishReason.ERROR, error=type(exc).__name__))
+        return outputs
+
+    # --- stats -----------------------------------------------------------------------------------------------
+
+    def _count_step(self, generated: int) -> None:
+        now = time.monotonic()
+        self._counters["steps"] += 1
+        self._counters["generated"] += generated
+        self._recent.append((now, generated))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+
+    def stats(self) -> EngineStats:
+        pool, c = self.pool, self._counters
+        window = self._recent[-1][0] - self._recent[0][0] if len(self._recent) > 1 else 0.0
+        rate = sum(n for _, n in list(self._recent)[1:]) / window if window > 0 else 0.0
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_total=pool.num_blocks, num_kv_blocks_free=pool.num_free, num_kv_blocks_cached=pool.num_cached,
+            prefix_cache_queries=pool.num_queries, prefix_cache_hits=pool.num_hits,
+            image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=c["steps"], num_generated_tokens=c["generated"],
+            num_prompt_tokens=c["prompt"], generation_tokens_per_s=rate, num_aborted=c["aborted"],
+            num_finished=c["finished"], engine=self.name)
+
+    @staticmethod
+    def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
+        if adapter.device.type != "cuda":
+            return DEFAULT_CPU_BLOCKS
+        from vlmserve.engine.memory import profile_num_blocks
+
+        return profile_num_blocks(adapter, config)

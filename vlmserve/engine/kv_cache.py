@@ -1,0 +1,147 @@
+"""The paged KV cache: a pool of fixed-size blocks, their tensors, and the prefix cache over them.
+
+A block's prefix-cache key chains the key of the block before it with the block's token ids *and* the content
+hashes of every image whose placeholder tokens fall inside it. Two prompts with the same text and different
+images therefore never share the blocks holding (or following) the images, while a conversation that re-sends
+the same image shares them. Keys are BLAKE2b digests, not Python's `hash`: a client must not be able to craft a
+collision with someone else's prefix.
+
+Blocks whose last user left keep their KV and stay findable (least recently used first to be reused) until the
+pool needs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from vlmserve.models.base import KVLayout
+from vlmserve.types import ImageSpan
+
+BlockHash = bytes
+
+
+def hash_block(parent: BlockHash | None, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent or b"root")
+    digest.update(b"t" + ",".join(map(str, token_ids)).encode())
+    for image in image_hashes:
+        digest.update(b"i" + image.encode())
+    return digest.digest()
+
+
+def images_in_range(spans: Seq[ImageSpan], image_hashes: Seq[str], start: int, end: int) -> list[str]:
+    """Hashes of the images whose tokens intersect [start, end); a span with index -1 stands for all images."""
+    found: list[str] = []
+    for span in spans:
+        if span.start < end and start < span.end:
+            found.extend(image_hashes if span.index < 0 else [image_hashes[span.index]])
+    return found
+
+
+class BlockPool:
+    """Allocation, reference counts and the prefix cache's hash ↔ block maps."""
+
+    def __init__(self, num_blocks: int, *, enable_prefix_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing worth keeping
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached content, LRU first
+        self._by_hash: dict[BlockHash, int] = {}
+        self._hash_of: dict[int, BlockHash] = {}
+        self.num_queries = 0  # tokens looked up
+        self.num_hits = 0  # tokens found
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_of)
+
+    def allocate(self, count: int) -> list[int] | None:
+        """`count` fresh blocks (reference count 1), or None when the pool cannot provide them."""
+        if count > self.num_free:
+            return None
+        blocks = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(block)]
+            self._ref_counts[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, block_ids: Seq[int]) -> None:
+        # Later blocks of a sequence are less likely to be shared: make them the first to be evicted.
+        for block in reversed(block_ids):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def match_prefix(self, hashes: Seq[BlockHash]) -> list[int]:
+        """Take a reference on the longest run of cached blocks matching `hashes` from the start."""
+        if not self.enable_prefix_caching:
+            return []
+        blocks: list[int] = []
+        for block_hash in hashes:
+            block = self._by_hash.get(block_hash)
+            if block is None:
+                break
+            if self._ref_counts[block] == 0:
+                self._evictable.pop(block, None)
+            self._ref_counts[block] += 1
+            blocks.append(block)
+        return blocks
+
+    def record_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count one admitted sequence's prefix lookup (for the hit rate)."""
+        self.num_queries += queried_tokens
+        self.num_hits += hit_tokens
+
+    def register(self, block: int, block_hash: BlockHash) -> None:
+        """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
+        if self.enable_prefix_caching and block_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (after a failed step, whose blocks may hold partial KV)."""
+        for block in list(self._evictable):
+            self._free.append(block)
+        self._evictable.clear()
+        self._by_hash.clear()
+        self._hash_of.clear()
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, layout: KVLayout, num_blocks: int, block_size: int, *, dtype: torch.dtype,
+                 device: torch.device) -> KVCache:
+        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        return cls(keys=keys, values=values, block_size=block_size)
+
+    @staticmethod
+    def bytes_per_block(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.tensor([], dtype=dtype).element_size()
+        return 2 * layout.num_layers * block_size * layout.num_kv_heads * layout.head_dim * element

@@ -1,0 +1,78 @@
+"""Per-sequence state inside the paged engine: tokens, progress, blocks, sampling state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vlmserve.engine.sampler import SequenceSampling
+from vlmserve.types import FinishReason, GenerationRequest
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One sequence being generated.
+
+    Its tokens are the prompt followed by the generated tokens; `num_computed_tokens` of them have their KV in
+    `block_ids`. After a preemption everything is recomputed from the start, generated tokens included.
+    """
+
+    request: GenerationRequest
+    sampling: SequenceSampling
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    #: chained content hashes of this sequence's full blocks that are registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    finish_reason: FinishReason | None = None
+    #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)
+    prompt_embeds: torch.Tensor | None = None
+    prompt_positions: torch.Tensor | None = None
+    rope_delta: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt.token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    def token_at(self, index: int) -> int:
+        prompt = self.request.prompt.token_ids
+        return prompt[index] if index < len(prompt) else self.output_token_ids[index - len(prompt)]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        prompt = self.request.prompt.token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_token_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def release_prompt_state(self) -> None:
+        self.prompt_embeds = None
+        self.prompt_positions = None

@@ -1,0 +1,184 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Each step has a token budget (`--max-num-batched-tokens`) and a cap on running sequences (`--max-num-seqs`).
+Running sequences go first, in arrival order: one token each when decoding, the next chunk of their prompt when
+still prefilling, so a long image prompt is spread over several steps instead of stalling everyone's decode.
+Waiting sequences are admitted first-come first-served with what is left. When the block pool runs dry, the most
+recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
+and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vlmserve.engine.kv_cache import BlockPool, hash_block, images_in_range
+from vlmserve.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `sequence`, starting at its `start`-th token."""
+
+    sequence: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's last known token, so its logits give the next one."""
+        return self.end == self.sequence.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for sequence in list(self.running):
+            if budget == 0:
+                break
+            if sequence.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop to make room
+            count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            if not self._reserve(sequence, count, out):
+                continue
+            self._schedule_chunk(out, sequence, count)
+            budget -= count
+        if not out.preempted:
+            budget = self._admit(out, budget)
+        return out
+
+    def _reserve(self, sequence: Sequence, count: int, out: SchedulerOutput) -> bool:
+        """Blocks for `count` more tokens of a running sequence, preempting the newest others if needed."""
+        while not self._grow(sequence, sequence.num_computed_tokens + count):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is sequence:
+                return False
+        return True
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            sequence = self.waiting[0]
+            queried = self._attach_cached_prefix(sequence)
+            count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            if not self._grow(sequence, sequence.num_computed_tokens + count):
+                self._detach(sequence)  # a waiting sequence holds no blocks, or waiters could starve each other
+                break  # no room now; it stays first in line
+            self.pool.record_lookup(queried, sequence.num_computed_tokens)
+            if sequence.num_preemptions == 0:
+                sequence.num_cached_tokens = sequence.num_computed_tokens
+            self.waiting.popleft()
+            sequence.status = SequenceStatus.RUNNING
+            self.running.append(sequence)
+            self._schedule_chunk(out, sequence, count)
+            budget -= count
+        return budget
+
+    def _schedule_chunk(self, out: SchedulerOutput, sequence: Sequence, count: int) -> None:
+        chunk = ScheduledChunk(sequence, sequence.num_computed_tokens, count)
+        out.chunks.append(chunk)
+        # Register now, not after the step: a sibling admitted later in this same step (n > 1) then finds these
+        # blocks, and reads them after this step's layers wrote them (each layer writes before it reads).
+        self.register_full_blocks(sequence, chunk.end)
+
+    def _attach_cached_prefix(self, sequence: Sequence) -> int:
+        """Start `sequence` on the cached blocks of its longest cached prefix; returns the tokens looked up."""
+        hashes = self._prompt_block_hashes(sequence)
+        # Always leave at least one token to compute: its logits give the first new token.
+        usable = hashes[:(sequence.num_tokens - 1) // self.block_size]
+        blocks = self.pool.match_prefix(usable)
+        sequence.block_ids = blocks
+        sequence.block_hashes = usable[:len(blocks)]
+        sequence.num_computed_tokens = len(blocks) * self.block_size
+        return len(usable) * self.block_size
+
+    def _detach(self, sequence: Sequence) -> None:
+        self.pool.release(sequence.block_ids)
+        sequence.block_ids = []
+        sequence.block_hashes = []
+        sequence.num_computed_tokens = 0
+
+    def _prompt_block_hashes(self, sequence: Sequence) -> list[bytes]:
+        prompt = sequence.request.prompt
+        hashes: list[bytes] = []
+        parent: bytes | None = None
+        size = self.block_size
+        for start in range(0, sequence.num_tokens - size + 1, size):
+            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
+            parent = hash_block(parent, sequence.tokens(start, start + size), images)
+            hashes.append(parent)
+        return hashes
+
+    def _grow(self, sequence: Sequence, num_tokens: int) -> bool:
+        needed = -(-num_tokens // self.block_size) - len(sequence.block_ids)
+        if needed <= 0:
+            return True
+        blocks = self.pool.allocate(needed)
+        if blocks is None:
+            return False
+        sequence.block_ids.extend(blocks)
+        return True
+
+    def _preempt(self, sequence: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(sequence)
+        self._detach(sequence)
+        sequence.release_prompt_state()
+        sequence.status = SequenceStatus.WAITING
+        sequence.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(sequence)
+        out.preempted.append(sequence)
+
+    def register_full_blocks(self, sequence: Sequence, known_tokens: int) -> None:
+        """Make the blocks filled by the first `known_tokens` tokens findable in the prefix cache."""
+        prompt = sequence.request.prompt
+        size = self.block_size
+        while (len(sequence.block_hashes) + 1) * size <= known_tokens:
+            index = len(sequence.block_hashes)
+            start = index * size
+            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
+            parent = sequence.block_hashes[-1] if sequence.block_hashes else None
+            block_hash = hash_block(parent, sequence.tokens(start, start + size), images)
+            sequence.block_hashes.append(block_hash)
+            self.pool.register(sequence.block_ids[index], block_hash)
+
+    def finish(self, sequence: Sequence) -> None:
+        if sequence in self.running:
+            self.running.remove(sequence)
+        elif sequence in self.waiting:
+            self.waiting.remove(sequence)
+        self.pool.release(sequence.block_ids)
+        sequence.block_ids = []
+        sequence.release_prompt_state()
+        sequence.status = SequenceStatus.FINISHED
