@@ -1,0 +1,75 @@
+"""The sampler's filters and penalties on hand-made logits."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmserve.engine.sampler import Sampler, SequenceSampling, make_generator
+from vlmserve.types import SamplingParams
+
+
+def seq(output: list[int] | None = None, prompt: list[int] | None = None, end: frozenset[int] = frozenset(),
+        **params: object) -> SequenceSampling:
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    return SequenceSampling(params=sampling, prompt_token_ids=prompt or [], output_token_ids=output or [],
+                            generator=make_generator(sampling.seed, "cpu"), end_token_ids=end)
+
+
+def draw(logits: list[float], n: int = 400, **params: object) -> set[int]:
+    sampler = Sampler("cpu")
+    row = torch.tensor([logits])
+    return {sampler(row, [seq(**params)]).token_ids[0] for _ in range(n)}
+
+
+def test_greedy_takes_the_argmax() -> None:
+    assert draw([0.1, 3.0, 2.9], n=5, temperature=0.0) == {1}
+
+
+def test_top_k_keeps_only_the_k_best() -> None:
+    assert draw([1.0, 0.9, 0.8, 0.7], top_k=2) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+    assert draw(logits, top_p=0.7) == {0, 1}
+    assert draw(logits, top_p=0.5) == {0}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().tolist()
+    assert draw(logits, min_p=0.5) == {0, 1}
+
+
+def test_logit_bias_and_min_tokens() -> None:
+    sampler = Sampler("cpu")
+    row = torch.tensor([[5.0, 0.0, 0.0]])
+    assert sampler(row, [seq(temperature=0.0, logit_bias={2: 10.0})]).token_ids == [2]
+    # token 0 is an end token: masked until two tokens exist
+    assert sampler(row, [seq([7], end=frozenset({0}), temperature=0.0, min_tokens=2)]).token_ids != [0]
+    assert sampler(row, [seq([7, 8], end=frozenset({0}), temperature=0.0, min_tokens=2)]).token_ids == [0]
+
+
+def test_penalties_push_away_from_seen_tokens() -> None:
+    sampler = Sampler("cpu")
+    row = torch.tensor([[2.0, 1.9, 0.0]])
+    assert sampler(row, [seq([0, 0], temperature=0.0, frequency_penalty=0.2)]).token_ids == [1]
+    assert sampler(row, [seq([0], temperature=0.0, presence_penalty=0.2)]).token_ids == [1]
+    assert sampler(row, [seq([], prompt=[0], temperature=0.0, repetition_penalty=1.2)]).token_ids == [1]
+    assert sampler(row, [seq([1], temperature=0.0, frequency_penalty=0.0)]).token_ids == [0]
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours() -> None:
+    logits = torch.randn(1, 50)
+    alone = [Sampler("cpu")(logits, [s]).token_ids[0] for s in [seq(temperature=1.0, seed=3)] for _ in range(1)]
+    crowd = torch.cat([torch.randn(2, 50), logits, torch.randn(1, 50)])
+    rows = [seq(temperature=1.0), seq(temperature=0.7, seed=9), seq(temperature=1.0, seed=3), seq(temperature=1.0)]
+    assert Sampler("cpu")(crowd, rows).token_ids[2] == alone[0]
+
+
+def test_sampling_follows_the_distribution() -> None:
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    sampler = Sampler("cpu")
+    counts = torch.zeros(3)
+    for token in sampler(probs.log().repeat(3000, 1), [seq(temperature=1.0) for _ in range(3000)]).token_ids:
+        counts[token] += 1
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
