@@ -49,7 +49,7 @@ class APIKeyMiddleware:
         return scope["path"] in _OPEN_PATHS and scope["method"] in ("GET", "HEAD")
 
     def _authorized(self, header: bytes | None) -> bool:
-        if header is None or not header[:7].lower() == b"bearer ":
+        if header is None or header[:7].lower() != b"bearer ":
             return False
         presented = header[7:].strip()
         matched = False

@@ -52,9 +52,8 @@ class ChatMessageParam(BaseModel):
     def _content_fits_role(self) -> ChatMessageParam:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        if self.role != "user" and isinstance(self.content, list):
-            if any(part.type != "text" for part in self.content):
-                raise ValueError(f"a {self.role} message may only contain text parts")
+        if self.role != "user" and isinstance(self.content, list) and any(p.type != "text" for p in self.content):
+            raise ValueError(f"a {self.role} message may only contain text parts")
         return self
 
 

@@ -154,7 +154,7 @@ def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
     return [schemas.TokenLogprobEntry(
         token=text, logprob=lp.chosen.logprob, bytes=list(text.encode("utf-8")),
         top_logprobs=[schemas.TopLogprob(token=str(alt.token_id), logprob=alt.logprob) for alt in lp.top])
-        for text, lp in zip(texts, delta.logprobs)]
+        for text, lp in zip(texts, delta.logprobs, strict=True)]
 
 
 def _collect_images(messages: list[schemas.ChatMessageParam]) -> tuple[list[ImageRef], list[schemas.ChatMessageParam]]:

@@ -67,7 +67,7 @@ async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
-    except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error body, never echoed raw
+    except Exception as exc:
         _, body, _ = classify(exc)
         yield ChunkWriter._event(body)
         yield ChunkWriter.done()

@@ -182,7 +182,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 self._core.step(self._emit)
-        except BaseException as exc:  # noqa: BLE001 - anything escaping the core means the engine is gone
+        except BaseException as exc:
             logger.exception("the engine loop died")
             self._error = exc
             if self._loop is not None and not self._loop.is_closed():

@@ -52,7 +52,8 @@ class PagedEngineCore:
         self.scheduler = Scheduler(self.pool, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
-        self.runner = ModelRunner(adapter, cache, self.image_cache)
+        self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
         self._lock = threading.Lock()
         self._new: list[GenerationRequest] = []
         self._aborts: list[str] = []
@@ -127,7 +128,7 @@ class PagedEngineCore:
         outputs: list[CoreOutput] = []
         if sampled is None:
             return outputs
-        for sequence, token, logprobs in zip(sampled_sequences, sampled.token_ids, sampled.logprobs):
+        for sequence, token, logprobs in zip(sampled_sequences, sampled.token_ids, sampled.logprobs, strict=True):
             sequence.output_token_ids.append(token)
             finish = self._finish_reason(sequence, token)
             if finish is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class IncrementalDetokenizer:
     """Turns one sequence's generated token ids into text deltas."""
 

@@ -15,7 +15,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from vlmserve.config import EngineConfig
 from vlmserve.engine.protocol import CoreOutput, Emit

@@ -19,6 +19,7 @@ import torch
 
 from vlmserve.engine import attention
 from vlmserve.engine.attention import AttentionBatch
+from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.request import Sequence
@@ -39,7 +40,8 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache) -> None:
+    def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
+                 max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool) -> None:
         self.adapter = adapter
         self.cache = cache
         self.image_cache = image_cache
@@ -47,19 +49,31 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self._rows = adapter.num_position_rows
         attention.install(adapter.text_model)
+        self._graphs: DecodeGraphs | None = None
+        if enable_cuda_graphs and self.device.type == "cuda":
+            self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one step; returns the sequences that got a new token and the sampler's choices for them."""
         step = self._prepare(chunks)
-        with step.attention.active():
-            output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
-                                             use_cache=False)
-        if not step.sample_rows:
-            return [], None
-        hidden = output.last_hidden_state[0, step.sample_rows]
-        logits = self.adapter.compute_logits(hidden)
+        if self._is_graphable(step, len(chunks)):
+            assert self._graphs is not None
+            positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
+            logits = self._graphs.run(step.inputs_embeds[0], positions, step.attention)
+        else:
+            with step.attention.active():
+                output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
+                                                 use_cache=False)
+            if not step.sample_rows:
+                return [], None
+            logits = self.adapter.compute_logits(output.last_hidden_state[0, step.sample_rows])
         return step.sample_sequences, self.sampler(logits, [s.sampling for s in step.sample_sequences])
+
+    def _is_graphable(self, step: StepInputs, num_chunks: int) -> bool:
+        """A pure decode step: one token per sequence, every one sampled, within the captured sizes."""
+        return (self._graphs is not None and step.attention.max_q_len == 1
+                and len(step.sample_rows) == num_chunks <= self._graphs.max_batch)
 
     # --- packing ---------------------------------------------------------------------------------------------
 
@@ -139,6 +153,6 @@ class ModelRunner:
             return cached
         features = self.adapter.encode_images(prompt)
         if one_per_image and len(features) == len(prompt.image_hashes):
-            for image_hash, feature in zip(prompt.image_hashes, features):
+            for image_hash, feature in zip(prompt.image_hashes, features, strict=True):
                 self.image_cache.put(image_hash, feature)
         return features

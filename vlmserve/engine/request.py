@@ -67,7 +67,9 @@ class Sequence:
         prompt = self.request.prompt.token_ids
         if end <= len(prompt):
             return prompt[start:end]
-        return (prompt + self.output_token_ids)[start:end]
+        if start >= len(prompt):
+            return self.output_token_ids[start - len(prompt):end - len(prompt)]
+        return prompt[start:] + self.output_token_ids[:end - len(prompt)]
 
     @property
     def is_finished(self) -> bool:

@@ -141,5 +141,5 @@ def _position_logprobs(logprobs: torch.Tensor, row: int, token_id: int, params: 
     top: tuple[TokenLogprob, ...] = ()
     if params.top_logprobs:
         values, ids = logprobs[row].topk(params.top_logprobs)
-        top = tuple(TokenLogprob(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist()))
+        top = tuple(TokenLogprob(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
     return PositionLogprobs(chosen=chosen, top=top)

@@ -58,7 +58,7 @@ class HFAdapter(ModelAdapter):
         for key in sorted(keys - {"input_ids", "attention_mask"}):
             values = [p.model_inputs.get(key) for p in prompts]
             if key in _PER_TOKEN_KEYS:
-                batch[key] = torch.cat([_left_pad(v, p.num_tokens, width) for v, p in zip(values, prompts)])
+                batch[key] = torch.cat([_left_pad(v, p.num_tokens, width) for v, p in zip(values, prompts, strict=True)])
             else:
                 present = [v for v in values if v is not None]
                 batch[key] = torch.cat(present) if isinstance(present[0], torch.Tensor) else _flatten(present)

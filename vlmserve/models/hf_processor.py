@@ -57,7 +57,9 @@ def _processor_class(path: Path) -> type:
 
 def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # the top-level name is a stub without torchvision
+    from transformers.models.auto.image_processing_auto import (
+        AutoImageProcessor,  # the top-level name is a stub without torchvision
+    )
     from transformers.video_processing_utils import BaseVideoProcessor
 
     cls = _processor_class(path)
