@@ -155,7 +155,7 @@ def build_qwen25_vl(out: Path, *, scale: str = "full", device: str = "cuda", see
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     (out / "generation_config.json").write_text(json.dumps(_greedy_generation_config(config_dict), indent=2))
     write_qwen25_tokenizer_and_processor(out)
-    meta.update(name="Qwen2.5-VL-7B-Instruct (random bf16)" if scale == "full" else "Qwen2.5-VL (tiny layers)",
+    meta.update(model="qwen2.5-vl-7b", name="Qwen2.5-VL-7B-Instruct (random bf16)" if scale == "full" else "Qwen2.5-VL (tiny layers)",
                 scale=scale, init_s=round(built - started, 2), save_s=round(time.perf_counter() - built, 2))
     (out / "bench_meta.json").write_text(json.dumps(meta, indent=2))
     return meta

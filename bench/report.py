@@ -189,3 +189,32 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     if not write_plot(results, out_dir / "plot.png"):
         lines.append("(plot.png not written: matplotlib is not installed here)")
     (out_dir / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Several calls' results.json as one (servers united); refuses mixing cards, whose timings don't compare."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        if not merged:
+            merged = {**results, "servers": {}}
+        card, first = (results.get("info") or {}).get("card"), (merged.get("info") or {}).get("card")
+        if card != first:
+            raise SystemExit(f"{path} ran on {card}, not {first}: rerun it on the same card")
+        merged["servers"].update(results.get("servers", {}))
+    merged["elapsed_s"] = round(sum(float(json.loads(p.read_text()).get("elapsed_s") or 0) for p in paths), 1)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge results.json files of several GPU calls into one report.")
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    write_report(merge(args.results), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,9 @@ class Plan:
     w3_max_tokens: int = 64
     server_ready_timeout_s: float = 300.0
     drain_s: float = 8.0
+    # Baselines serve one request at a time: beyond c=1 a longer run only queues more, so their c>1 phases
+    # stop here (reported as truncated; their throughput is already their c=1 throughput).
+    serial_cap_s: float = 45.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,14 +97,15 @@ def run_json_subprocess(argv: list[str], timeout_s: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def ensure_model(model_dir: Path, scale: str, device: str, timeout_s: float) -> dict[str, Any]:
+def ensure_model(model: str, model_dir: Path, scale: str, device: str, timeout_s: float) -> dict[str, Any]:
     meta_path = model_dir / "bench_meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("scale") == scale:
-        log(f"reusing model at {model_dir}")
-        return json.loads(meta_path.read_text())
-    log(f"building {scale} Qwen2.5-VL-7B checkpoint at {model_dir}")
-    argv = [sys.executable, "-m", "bench.models", "qwen2.5-vl-7b", str(model_dir), "--scale", scale,
-            "--device", device]
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("model"), meta.get("scale")) == (model, scale):
+            log(f"reusing model at {model_dir}")
+            return meta
+    log(f"building {scale} {model} checkpoint at {model_dir}")
+    argv = [sys.executable, "-m", "bench.models", model, str(model_dir), "--scale", scale, "--device", device]
     return run_json_subprocess(argv, timeout_s)
 
 
@@ -137,8 +141,9 @@ async def run_phases(server: RunningServer, plan: Plan, inputs: Inputs, budget: 
         if "w2" in spec.workloads:
             phases.append(("w2", 1, plan.w2_requests, plan.phase_cap_s))
         if "w1" in spec.workloads:
-            phases += [(f"w1_c{c}", c, n, plan.w1_c64_cap_s if c >= 64 else plan.phase_cap_s)
-                       for c, n in sorted(plan.w1.items())]
+            for c, n in sorted(plan.w1.items()):
+                cap_s = plan.w1_c64_cap_s if c >= 64 else plan.phase_cap_s
+                phases.append((f"w1_c{c}", c, n, cap_s if spec.is_ours or c == 1 else min(cap_s, plan.serial_cap_s)))
         for seed, (name, concurrency, num_requests, cap_s) in enumerate(phases, start=1):
             cap = budget.cap(cap_s)
             if cap < 5 or not server.is_alive():
@@ -191,10 +196,22 @@ def run_server(spec: ServerSpec, index: int, args: argparse.Namespace, plan: Pla
     return entry
 
 
+def _load_tokenizer(model: str, model_dir: Path) -> Any:
+    if model == "glm-4v-9b":
+        from vlmserve.models.glm4v_9b.tokenizer import load_tokenizer
+
+        return load_tokenizer(model_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-qwen25vl7b"))
+    parser.add_argument("--model", choices=["qwen2.5-vl-7b", "glm-4v-9b"], default="qwen2.5-vl-7b",
+                        help="glm-4v-9b: vlmserve only (its published checkpoint needs remote code elsewhere)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default /tmp/bench-<model>")
     parser.add_argument("--scale", choices=["full", "tiny"], default="full")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--only", default="all",
@@ -209,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown servers {unknown}")
     args.server_keys = keys
+    args.model_dir = args.model_dir or Path(f"/tmp/bench-{args.model}")
     return args
 
 
@@ -223,10 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results["info"] = run_json_subprocess([sys.executable, "-m", "bench.hw"], timeout_s=120)
         log(f"device: {json.dumps(results['info'])}")
-        results["model"] = ensure_model(args.model_dir, args.scale, args.device, timeout_s=max(60, budget.left()))
-        from transformers import AutoTokenizer
-
-        inputs = Inputs(AutoTokenizer.from_pretrained(args.model_dir))
+        results["model"] = ensure_model(args.model, args.model_dir, args.scale, args.device,
+                                        timeout_s=max(60, budget.left()))
+        inputs = Inputs(_load_tokenizer(args.model, args.model_dir))
         for index, key in enumerate(args.server_keys):
             results["servers"][key] = run_server(SERVERS[key], index, args, plan, inputs, budget)
             write_report(results, args.out)  # partial results survive a later crash or kill

@@ -2,7 +2,7 @@
 
 Deliberately faithful to the common tutorial pattern (FastAPI + transformers Auto classes + `generate`), with
 only what the benchmark needs on top: images as data URIs in OpenAI chat messages, SSE streaming through
-transformers' `TextIteratorStreamer` (so TTFT is measured like every other server's), `ignore_eos` (as
+transformers' `AsyncTextIteratorStreamer` (so TTFT is measured like every other server's), `ignore_eos` (as
 `min_new_tokens`) and usage counts. A lock serialises requests, as the tutorial's blocking handler does.
 
     python3 -m bench.seed_server /tmp/qwen25vl7b --port 8001 --device cuda
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from transformers import StoppingCriteria
 
 
 class ChatCompletionRequest(BaseModel):
@@ -71,6 +73,18 @@ class SeedModel:
         if request.ignore_eos:
             kwargs["min_new_tokens"] = max_new_tokens
         return kwargs
+
+
+class _StopWhen(StoppingCriteria):
+    """A stopping criterion that ends generation once `event` is set (the client disconnected)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _load_processor(path: str) -> Any:
@@ -140,7 +154,7 @@ def _finish(request: ChatCompletionRequest, completion_len: int) -> str:
 
 def build_app(seed: SeedModel, served_model_name: str) -> FastAPI:
     """The FastAPI app: /v1/chat/completions (streaming or not), /v1/models, /health."""
-    from transformers import TextIteratorStreamer
+    from transformers import AsyncTextIteratorStreamer, StoppingCriteriaList
 
     app = FastAPI()
 
@@ -173,21 +187,38 @@ def build_app(seed: SeedModel, served_model_name: str) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             async with seed.lock:
                 inputs = seed.prepare(request.messages)
-                streamer = TextIteratorStreamer(seed.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                # transformers' asyncio flavour of TextIteratorStreamer (same word-boundary text): the generate
+                # thread hands text straight to the event loop, with no extra thread per chunk.
+                streamer = AsyncTextIteratorStreamer(seed.processor.tokenizer, skip_prompt=True,
+                                                     skip_special_tokens=True)
+                disconnected = threading.Event()
                 result: dict[str, Any] = {}
 
                 def run() -> None:
-                    result["output"] = seed.model.generate(**inputs, **seed.generation_kwargs(request),
-                                                           streamer=streamer)
+                    try:
+                        result["output"] = seed.model.generate(
+                            **inputs, **seed.generation_kwargs(request), streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopWhen(disconnected)]))
+                    except Exception as exc:
+                        result["error"] = repr(exc)
+                        with contextlib.suppress(RuntimeError):  # the event loop may be gone at shutdown
+                            streamer.end()  # unblock the reader
 
                 worker = threading.Thread(target=run, daemon=True)
                 worker.start()
-                yield _chunk(request_id, served_model_name, {"role": "assistant", "content": ""})
-                pieces = iter(streamer)
-                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                    if piece:
-                        yield _chunk(request_id, served_model_name, {"content": piece})
-                await asyncio.to_thread(worker.join)
+                try:
+                    yield _chunk(request_id, served_model_name, {"role": "assistant", "content": ""})
+                    async for piece in streamer:
+                        if piece:
+                            yield _chunk(request_id, served_model_name, {"content": piece})
+                    await asyncio.to_thread(worker.join)
+                finally:
+                    # A client that went away stops its generation at the next step (as transformers serve
+                    # does), so a cancelled benchmark request does not keep the GPU busy afterwards.
+                    disconnected.set()
+            if "output" not in result:
+                yield f"data: {json.dumps({'error': result.get('error', 'generation failed')})}\n\n"
+                return
             prompt_len = inputs["input_ids"].shape[1]
             completion_len = result["output"].shape[1] - prompt_len
             yield _chunk(request_id, served_model_name, {}, finish_reason=_finish(request, completion_len))
