@@ -274,13 +274,14 @@ def _write_kv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Host wrappers: grids and constexprs from host ints only (CUDA-graph capturable).
 
-#: Tunables, overridable per call (the bench sweeps them). Chosen on an H100 with head_dim 128, bf16.
-DECODE_DEFAULTS = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-PREFILL_DEFAULTS = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+#: Tunables, overridable per call (bench/attention_kernels.py sweeps them; bench/ATTENTION.md has the numbers).
+#: Chosen on an H100 (bf16, head_dim 128, 28/4 heads). Decode uses 128-key tiles unsplit, 64-key tiles when split.
+DECODE_DEFAULTS = {"block_n": 128, "split_block_n": 64, "num_warps": 4, "num_stages": 2}
+PREFILL_DEFAULTS = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 #: Split-KV: aim for this many programs per SM, but keep at least this many keys per split.
 _PROGRAMS_PER_SM = 2
-_MIN_KEYS_PER_SPLIT = 128
-_MAX_SPLITS = 64
+_MIN_KEYS_PER_SPLIT = 64
+_MAX_SPLITS = 16
 
 
 @functools.cache
@@ -374,7 +375,8 @@ def decode_attention(
         out, part_acc, part_m, part_l, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
         scale, softcap, sliding_window or 0, num_q_heads, num_splits,
         *_common_args(query, k_cache, v_cache, block_tables, out),
-        BLOCK_M=block_m, BLOCK_N=config["block_n"], IS_SPLIT=num_splits > 1, **consts,
+        BLOCK_M=block_m, BLOCK_N=config["block_n"] if num_splits == 1 else config["split_block_n"],
+        IS_SPLIT=num_splits > 1, **consts,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1:

@@ -240,7 +240,8 @@ def run_triton(module: ModuleType, batch: Batch, *, window: int | None, softcap:
 def test_interpreted_decode(interpreted: ModuleType, window: int | None, softcap: float, num_splits: int) -> None:
     # Includes padding sequences (seq_len 0), a q_len-0 sequence and a 1-token sequence.
     batch = make_batch([1, 1, 0, 1, 1, 1], [9, 0, 3, 37, 1, 20], num_q_heads=6, num_kv_heads=2, extra_rows=1)
-    got = run_triton(interpreted, batch, window=window, softcap=softcap, num_splits=num_splits, block_n=16)
+    got = run_triton(interpreted, batch, window=window, softcap=softcap, num_splits=num_splits, block_n=16,
+                     split_block_n=16)
     want = dense_attention(batch, scale=0.3, window=window, softcap=softcap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
