@@ -53,7 +53,7 @@ SERVERS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("ours", "vlmserve (paged)", OURS_COMMAND, is_ours=True),
         ServerSpec("ours-nocache", "vlmserve (paged, prefix cache off)", OURS_COMMAND, is_ours=True,
-                   extra_args="--no-enable-prefix-caching", workloads=("w3",)),
+                   extra_args="--no-enable-prefix-caching --image-cache-bytes 0", workloads=("w3",)),
         ServerSpec("ours-generate", "vlmserve (generate fallback)", OURS_COMMAND, engine="generate", is_ours=True),
         ServerSpec("seed", "seed-style (FastAPI + generate)",
                    "{python} -m bench.seed_server {model} --host 127.0.0.1 --port {port} --device {device} "
