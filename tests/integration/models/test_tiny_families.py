@@ -97,16 +97,47 @@ def _image_token_id(config: Any) -> int:
 
 def _feature_rows(model: Any, inputs: dict[str, Any]) -> tuple[int, int]:
     """(rows, width) of the features the model merges at the image tokens, via its own get_image_features."""
-    # The inner model always has it; some outer classes (DeepSeek-VL, Janus) do not re-export it.
-    get_image_features = model.model.get_image_features
-    accepted = inspect.signature(get_image_features).parameters
-    with torch.no_grad():
-        output = get_image_features(**{k: v for k, v in inputs.items() if k in accepted})
+    output = _image_features(model, inputs)
     pooled = getattr(output, "pooler_output", None)
     pooled = output if pooled is None else pooled
     pieces = list(pooled) if isinstance(pooled, (list, tuple)) else [pooled]
     rows = sum(piece.reshape(-1, piece.shape[-1]).shape[0] for piece in pieces)
     return rows, pieces[0].shape[-1]
+
+
+def _image_features(model: Any, inputs: dict[str, Any]) -> Any:
+    """The model's own get_image_features output for the processor's inputs."""
+    # The inner model always has it; some outer classes (DeepSeek-VL, Janus) do not re-export it.
+    get_image_features = model.model.get_image_features
+    accepted = inspect.signature(get_image_features).parameters
+    with torch.no_grad():
+        return get_image_features(**{k: v for k, v in inputs.items() if k in accepted})
+
+
+def _recipe_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Logits by the generic paged recipe: text embeddings with the vision features scattered at the image tokens,
+    explicit positions (get_rope_index where the model has it), the decoder alone with its own causal mask
+    (plus Qwen3-VL's deepstack inputs), then lm_head."""
+    inner, input_ids = model.model, inputs["input_ids"]
+    decoder = getattr(inner, "language_model", None) or inner.text_model
+    output = _image_features(model, inputs)
+    pooled = getattr(output, "pooler_output", None)
+    pieces = list(pooled) if isinstance(pooled, (list, tuple)) else [pooled]
+    features = torch.cat([piece.reshape(-1, piece.shape[-1]) for piece in pieces])
+    is_image = input_ids == _image_token_id(model.config)
+    with torch.no_grad():
+        embeds = inner.get_input_embeddings()(input_ids)
+        embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        if hasattr(inner, "get_rope_index"):
+            positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                image_grid_thw=inputs.get("image_grid_thw"))
+        else:
+            positions = torch.arange(input_ids.shape[1])[None]
+        extras: dict[str, Any] = {}
+        if getattr(output, "deepstack_features", None) is not None:
+            extras = {"visual_pos_masks": is_image, "deepstack_visual_embeds": output.deepstack_features}
+        hidden = decoder(inputs_embeds=embeds, position_ids=positions, **extras).last_hidden_state
+        return model.lm_head(hidden)
 
 
 def _runs(mask: torch.Tensor) -> int:
@@ -176,3 +207,24 @@ def test_image_chat_generates(name: str, num_images: int, tiny_root: Path) -> No
     assert output.shape == (1, input_ids.shape[1] + 4)
     assert torch.equal(output[0, : input_ids.shape[1]], input_ids[0])
     assert processor.decode(output[0, input_ids.shape[1]:]).isascii()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generic_recipe_reproduces_forward(name: str, tiny_root: Path) -> None:
+    """What the paged engine will run, checked against the model's own forward on a two-image prompt."""
+    family = FAMILIES[name]
+    model, path = _load_model(family, tiny_root)
+    processor = _load_processor(family, path)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What is in this picture?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = dict(processor(text=[text], images=_images(2), return_tensors="pt"))
+    inputs.pop("labels", None)  # PaliGemma's processor adds training labels
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    error = float((_recipe_logits(model, inputs) - expected).abs().max())
+    if family.recipe_extras:
+        # The extras are real: without them the recipe computes something else.
+        assert error > 1e-3, f"{name}: recipe matched without {family.recipe_extras}"
+    else:
+        assert error < 1e-4
