@@ -53,6 +53,8 @@ class Conversation:
 
     messages: list[dict] = field(default_factory=list)
     image: Image.Image | None = None
+    #: what the image shows (training uses it for per-token vision targets)
+    scene: Scene | None = None
     #: the question type of each assistant turn (0: no image)
     qtypes: list[int] = field(default_factory=list)
 
@@ -122,7 +124,7 @@ def image_conversations(rng: random.Random, count: int = 1) -> list[Conversation
     image = render(scene)
     conversations = []
     for _ in range(count):
-        conv = Conversation(messages=_system(rng), image=image)
+        conv = Conversation(messages=_system(rng), image=image, scene=scene)
         _image_turns(conv, scene, rng)
         conversations.append(conv)
     return conversations

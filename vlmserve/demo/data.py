@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlmserve.demo.conversations import Conversation, conversation_group
+from vlmserve.demo.vision_labels import token_labels
 
 IGNORE_INDEX = -100
 
@@ -73,8 +74,14 @@ class ConversationEncoder:
         placeholder = self.processor.replace_image_token(image_inputs, 0)
         token = self.processor.image_token
         ids = self.processor.tokenizer([text.replace(token, placeholder) for text in texts])["input_ids"]
-        return [self._item(torch.tensor(row), image_inputs["pixel_values"], image_inputs["image_grid_thw"])
-                for row in ids]
+        items = [self._item(torch.tensor(row), image_inputs["pixel_values"], image_inputs["image_grid_thw"])
+                 for row in ids]
+        scene = convs[0].scene
+        if scene is not None:
+            labels = token_labels(scene, image_inputs["image_grid_thw"], self.processor.image_processor.merge_size)
+            for item in items:
+                item["vision_labels"] = labels
+        return items
 
     def _item(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, grid_thw: torch.Tensor | None
               ) -> dict[str, torch.Tensor]:
@@ -193,6 +200,8 @@ def collate(items: list[dict[str, torch.Tensor]], pad_id: int, codec: PixelCodec
         out["pixel_rows"] = torch.cat(rows)
         out["pixel_index"] = torch.cat(index)
         out["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
+        if all("vision_labels" in item for item in with_images):
+            out["vision_labels"] = torch.cat([item["vision_labels"] for item in with_images])
     return out
 
 

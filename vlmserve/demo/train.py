@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vlmserve.demo.build import build
 from vlmserve.demo.data import ConversationBatches, PixelCodec, batch_pixel_values, load_demo_processor
+from vlmserve.demo.vision_labels import IGNORE, NUM_OBJECT_CLASSES, NUM_SIDES
 
 PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "tokenizer.json",
                    "tokenizer_config.json")
@@ -64,6 +65,31 @@ def use_padded_vision_attention(model: Any, enable: bool = True) -> None:
     model.model.visual.config._attn_implementation = PADDED_VISION_ATTENTION if enable else "sdpa"
 
 
+class VisionProbe(torch.nn.Module):
+    """Training-only linear probe on the vision tower's output: each token's object class and side.
+
+    See `vlmserve.demo.vision_labels`. It reads the merger's output through a forward hook, so the model runs its
+    ordinary forward; it is not part of the saved model.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES + NUM_SIDES)
+        self._features: list[torch.Tensor] = []
+        model.model.visual.merger.register_forward_hook(lambda module, args, output: self._features.append(output))
+
+    def loss(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        features, self._features = self._features, []
+        if labels is None or not features:
+            return None
+        # Normalised first: the probe starts with logits of unit scale whatever the features' scale.
+        hidden = features[-1].float()
+        logits = self.proj(F.layer_norm(hidden, hidden.shape[-1:]))
+        objects = F.cross_entropy(logits[:, :NUM_OBJECT_CLASSES], labels[:, 0])
+        sides = F.cross_entropy(logits[:, NUM_OBJECT_CLASSES:], labels[:, 1], ignore_index=IGNORE)
+        return objects + sides
+
+
 def learning_rate(step: int, progress: float, args: argparse.Namespace) -> float:
     """Linear warm-up over `warmup_steps`, then a cosine from `lr` down to `lr * min_lr_ratio` as progress -> 1."""
     if step < args.warmup_steps:
@@ -89,9 +115,11 @@ def make_model(args: argparse.Namespace) -> Any:
     return model
 
 
-def make_optimizer(model: Any, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+def make_optimizer(modules: list[torch.nn.Module], args: argparse.Namespace, device: torch.device
+                   ) -> torch.optim.Optimizer:
+    params = [p for module in modules for p in module.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
 
@@ -115,18 +143,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, codec: Pixel
     if "pixel_rows" in moved:
         inputs["pixel_values"] = batch_pixel_values(moved, codec)
         inputs["image_grid_thw"] = moved["image_grid_thw"]
+    if "vision_labels" in moved:
+        inputs["vision_labels"] = moved["vision_labels"]
     return inputs
 
 
-def train_step(model: Any, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor], lr: float,
-               args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step; returns (loss, correct answer tokens, answer tokens) as device tensors."""
+def train_step(model: Any, probe: VisionProbe, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
+               lr: float, args: argparse.Namespace) -> torch.Tensor:
+    """One optimiser step; returns [answer loss, vision loss, right answer tokens, answer tokens] on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    vision_labels = inputs.pop("vision_labels", None)
     with torch.autocast(args.device_type, dtype=torch.bfloat16, enabled=args.device_type == "cuda"):
         output = model(**inputs)
-    output.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        vision_loss = probe.loss(vision_labels)
+    loss = output.loss
+    if vision_loss is not None and args.vision_loss_weight:
+        loss = loss + args.vision_loss_weight * vision_loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.parameters()), args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -134,7 +169,8 @@ def train_step(model: Any, optimizer: torch.optim.Optimizer, inputs: dict[str, t
         target = inputs["labels"][:, 1:]
         counted = target != -100
         correct = ((predicted == target) & counted).sum()
-    return output.loss.detach(), correct, counted.sum()
+        vision = vision_loss.detach() if vision_loss is not None else torch.zeros((), device=loss.device)
+    return torch.stack([output.loss.detach().float(), vision.float(), correct.float(), counted.sum().float()])
 
 
 def make_loader(args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
@@ -160,10 +196,11 @@ def train(args: argparse.Namespace) -> list[float]:
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}{card}", flush=True)
     use_padded_vision_attention(model, enable=device.type == "cuda")
-    optimizer = make_optimizer(model, args, device)
+    probe = VisionProbe(model).to(device)
+    optimizer = make_optimizer([model, probe], args, device)
     codec = PixelCodec.of(load_demo_processor(args.out).image_processor)
     start = last_save = tick = time.monotonic()
-    totals = torch.zeros(3, device=device)  # loss, right answer tokens, answer tokens: summed on the device
+    totals = torch.zeros(4, device=device)  # summed on the device: see train_step
     window = step = 0
     losses: list[float] = []
     data_wait = 0.0
@@ -172,13 +209,13 @@ def train(args: argparse.Namespace) -> list[float]:
         elapsed = time.monotonic() - start
         progress = max(step / args.steps, elapsed / args.time_budget if args.time_budget else 0.0)
         lr = learning_rate(step - 1, progress, args)
-        loss, correct, counted = train_step(model, optimizer, to_device(batch, device, codec), lr, args)
-        totals += torch.stack([loss.float(), correct.float(), counted.float()])
+        totals += train_step(model, probe, optimizer, to_device(batch, device, codec), lr, args)
         window += 1
         if step % args.log_every == 0 or progress >= 1:
-            sum_loss, num_correct, num_counted = totals.tolist()
+            sum_loss, sum_vision_loss, num_correct, num_counted = totals.tolist()
             losses.append(sum_loss / window)
             print(f"step {step:5d}  progress {progress:6.1%}  loss {losses[-1]:.4f}  "
+                  f"vision loss {sum_vision_loss / window:.4f}  "
                   f"answer-token acc {num_correct / max(num_counted, 1):.4f}  lr {lr:.2e}  "
                   f"{step * args.batch_size / max(elapsed, 1e-9):.1f} conv/s  "
                   f"waiting for data {data_wait / max(elapsed, 1e-9):.0%}  {elapsed:.0f}s", flush=True)
@@ -210,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=150)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--vision-loss-weight", type=float, default=0.5,
+                        help="weight of the auxiliary per-token vision loss (0: off); see vision_labels.py")
     parser.add_argument("--workers", type=int, default=max(0, min(14, (os.cpu_count() or 1) - 2)),
                         help="DataLoader workers that make the batches (0: in the training process)")
     parser.add_argument("--device", default="auto")
