@@ -65,6 +65,10 @@ PRESETS = {
     # >= 10x the concurrency at every level; serial baselines hit the caps (reported as truncated).
     "full": Plan(w2_requests=10, w1={1: 10, 8: 80, 64: 640}, w3_conversations=2, phase_cap_s=60.0,
                  w1_c64_cap_s=100.0),
+    # Everything in one ~9-minute GPU call: ours at full counts, both baselines with short caps (they serve one
+    # request at a time, so a few requests already give their throughput and latency).
+    "onecall": Plan(w2_requests=8, w1={1: 8, 8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0,
+                    w1_c64_cap_s=45.0, num_warmup=1, serial_cap_s=15.0, drain_s=4.0),
     # CPU harness check with a tiny-layer model.
     "smoke": Plan(w2_requests=2, w1={1: 2, 2: 4}, w3_conversations=1, phase_cap_s=120.0, w1_c64_cap_s=120.0,
                   num_warmup=1, w3_max_tokens=8, server_ready_timeout_s=240.0),
