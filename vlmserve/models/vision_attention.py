@@ -2,7 +2,7 @@
 
 Qwen2-VL, Qwen2.5-VL and GLM-4.1V vision towers pack an image's patches (or its attention windows) as variable
 length segments described by `cu_seqlens`. Without flash-attn, transformers splits them and runs one SDPA call
-per segment: a Qwen2.5-VL 448×448 image makes ~450 small calls per image, which dominates its encoding time on a
+per segment: a Qwen2.5-VL 448x448 image makes ~450 small calls per image, which dominates its encoding time on a
 GPU. Registered under a name containing "flash", the towers hand us `cu_seq_lens_q` in one call instead; we run
 one SDPA call with a block-diagonal mask, which is the same attention.
 """
