@@ -113,20 +113,57 @@ def reference_paged_attention(
         out = torch.zeros_like(query)
     cu_seqlens = cu_seqlens_q.tolist()
     lengths = seq_lens.tolist()
+    decode_seqs = []
     for seq, seq_len in enumerate(lengths):
         q_start, q_end = cu_seqlens[seq], cu_seqlens[seq + 1]
         if q_end == q_start:
             continue
         if seq_len == 0:  # padding sequence: no keys, zero output
             out[q_start:q_end] = 0
-            continue
-        if seq_len < q_end - q_start:
+        elif seq_len < q_end - q_start:
             raise ValueError(f"sequence {seq}: seq_len {seq_len} < q_len {q_end - q_start}")
-        out[q_start:q_end] = _attend_one(
-            query[q_start:q_end], k_cache, v_cache, block_tables[seq], seq_len,
+        elif q_end - q_start == 1:
+            decode_seqs.append(seq)
+        else:
+            out[q_start:q_end] = _attend_one(
+                query[q_start:q_end], k_cache, v_cache, block_tables[seq], seq_len,
+                scale=scale, sliding_window=sliding_window, softcap=softcap,
+            ).to(out.dtype)
+    if decode_seqs:
+        # Single-row sequences in one padded batch: per-sequence op overhead dominates tiny CPU models.
+        rows = [cu_seqlens[seq] for seq in decode_seqs]
+        out[rows] = _attend_single_rows(
+            query[rows], k_cache, v_cache, block_tables[decode_seqs], [lengths[seq] for seq in decode_seqs],
             scale=scale, sliding_window=sliding_window, softcap=softcap,
         ).to(out.dtype)
     return out
+
+
+def _attend_single_rows(
+    query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: list[int], *,
+    scale: float, sliding_window: int | None, softcap: float,
+) -> Tensor:
+    """One query row per sequence ([n, H, D], the row at position seq_len - 1), keys padded to the longest."""
+    num_rows, num_q_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = max(lengths)
+    num_blocks = -(-max_len // block_size)
+    seq_lens = torch.tensor(lengths, device=query.device)[:, None]
+    blocks = block_tables[:, :num_blocks].long()
+    # Entries past a sequence's last block are arbitrary: point them at block 0 (masked out below).
+    blocks = torch.where(torch.arange(num_blocks, device=query.device) * block_size < seq_lens, blocks, 0)
+    keys = k_cache[blocks].reshape(num_rows, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    values = v_cache[blocks].reshape(num_rows, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    q = query.float().view(num_rows, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("nkgd,nlkd->nkgl", q, keys) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    key_positions = torch.arange(max_len, device=query.device)[None, :]
+    allowed = key_positions < seq_lens
+    if sliding_window is not None:
+        allowed &= key_positions >= seq_lens - sliding_window
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None, None, :], float("-inf")), dim=-1)
+    return torch.einsum("nkgl,nlkd->nkgd", probs, values).reshape(num_rows, num_q_heads, head_dim)
 
 
 def _attend_one(

@@ -115,6 +115,15 @@ def test_reference_matches_dense_mixed_batch(window: int | None, softcap: float)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("window", "softcap"), [(None, 0.0), (3, 2.0)])
+def test_reference_decode_only_batch(window: int | None, softcap: float) -> None:
+    # All rows single-token (the batched decode path): lengths 1, block-aligned, ragged; junk table tails.
+    batch = make_batch([1] * 5, [1, 8, 13, 30, 4], block_size=4)
+    got = run_reference(batch, window=window, softcap=softcap)
+    torch.testing.assert_close(got, dense_attention(batch, scale=0.3, window=window, softcap=softcap),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 1), (8, 2)])
 def test_reference_gqa_layouts(num_q_heads: int, num_kv_heads: int) -> None:
     batch = make_batch([3, 1, 5], [3, 11, 20], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=8)
