@@ -7,6 +7,8 @@ from its image processor (falling back to the Pil variant), its tokenizer and a 
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -21,7 +23,7 @@ def load_processor(path: str | Path, *, chat_template: str | None = None, trust_
 
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:  # transformers raises either when torchvision is missing
         if "torchvision" not in str(exc).lower():
             raise
         logger.info("video processor unavailable (no torchvision); loading an image-only processor")
@@ -39,27 +41,32 @@ def load_processor(path: str | Path, *, chat_template: str | None = None, trust_
 
 
 def _processor_class(path: Path) -> type:
-    import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.is_file():
-            declared = json.loads(file.read_text(encoding="utf-8")).get("processor_class")
-            if declared and hasattr(transformers, declared):
-                return getattr(transformers, declared)
-    model_type = json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"]
+        declared = _read_json(path / name).get("processor_class")
+        if declared:
+            return _real_class(str(declared))
+    model_type = _read_json(path / "config.json")["model_type"]
     class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    if not class_name or not hasattr(transformers, class_name):
+    if not class_name:
         raise ImportError(f"no processor class known for model type {model_type!r}")
-    return getattr(transformers, class_name)
+    return _real_class(class_name)
+
+
+def _real_class(name: str) -> type:
+    """A transformers class by name, imported from its own module: without torchvision the top-level lazy
+    names of some classes resolve to import stubs even when the class itself needs no torchvision."""
+    import transformers
+
+    module_name = getattr(transformers, "_class_to_module", {}).get(name)
+    if module_name is None:
+        raise ImportError(f"transformers has no class {name}")
+    return getattr(importlib.import_module(f"transformers.{module_name}"), name)  # type: ignore[no-any-return]
 
 
 def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
-    from transformers.models.auto.image_processing_auto import (
-        AutoImageProcessor,  # the top-level name is a stub without torchvision
-    )
     from transformers.video_processing_utils import BaseVideoProcessor
 
     cls = _processor_class(path)
@@ -69,13 +76,38 @@ def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
             # NOTE: a placeholder; prompts with videos are refused before they reach the processor.
             parts[attribute] = BaseVideoProcessor()
         elif "image" in attribute:
-            parts[attribute] = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            parts[attribute] = _image_processor(path, trust_remote_code)
         elif "tokenizer" in attribute:
             parts[attribute] = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         else:
             raise ImportError(f"{cls.__name__} needs a {attribute}, which cannot be built here")
-    template = _saved_chat_template(path)
-    return _accepting_placeholder_video(cls)(**parts, chat_template=template)
+    accepted = inspect.signature(cls.__init__).parameters
+    settings = {k: v for k, v in _read_json(path / "processor_config.json").items() if k in accepted}
+    settings["chat_template"] = _saved_chat_template(path)
+    return _accepting_placeholder_video(cls)(**parts, **settings)
+
+
+def _image_processor(path: Path, trust_remote_code: bool) -> Any:
+    """The image processor, or its Pil variant imported directly where transformers' lazy names refuse it."""
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level name is a stub
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError) as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        declared = str(_read_json(path / "preprocessor_config.json").get("image_processor_type", ""))
+        model_type = str(_read_json(path / "config.json").get("model_type", ""))
+        name = declared.removesuffix("Fast").removesuffix("Pil") + "Pil"
+        module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
+        pil_cls = getattr(module, name, None)
+        if pil_cls is None:
+            raise
+        return pil_cls.from_pretrained(path)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    return dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
 
 
 def _accepting_placeholder_video(cls: type) -> type:
