@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine
@@ -58,6 +59,37 @@ def run(config: Config) -> int:
     return asyncio.run(_serve(adapter, config))
 
 
+class _GracefulServer:
+    """uvicorn with our SIGTERM/SIGINT: refuse new requests (503), let running ones finish for up to
+    `--shutdown-timeout-s`, end the rest with finish_reason "abort", then exit. A second signal exits at once."""
+
+    def __init__(self, server: Any, engine: AsyncEngine, timeout_s: float) -> None:
+        self.server = server
+        self._engine = engine
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._drain_task: asyncio.Task[None] | None = None
+        server.handle_exit = self.handle_exit
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        # Runs in a signal handler: hand over to the event loop.
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._drain_task is not None or self.server.should_exit:
+            self.server.should_exit = True
+            self.server.force_exit = True
+            return
+        logger.info("shutting down: refusing new requests, waiting up to %.0fs for running ones",
+                    self._timeout_s)
+        self._drain_task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self._engine.shutdown(self._timeout_s)
+        await asyncio.sleep(0.2)  # let the final chunks of aborted streams reach their clients
+        self.server.should_exit = True
+
+
 async def _serve(adapter: ModelAdapter, config: Config) -> int:
     import uvicorn
 
@@ -74,8 +106,8 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     names = config.model.default_served_names()
     app = build_app(engine, renderer, MediaLoader(config.media), config, names)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                           log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=int(config.server.shutdown_timeout_s) + 1))
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    _GracefulServer(server, engine, config.server.shutdown_timeout_s)
     engine.start()
     exit_code = 0
 
@@ -93,7 +125,7 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
         await server.serve()
     finally:
         watcher.cancel()
-        await engine.shutdown(0 if exit_code else config.server.shutdown_timeout_s)
+        await engine.shutdown(0)
     if exit_code == 0 and not server.started:
         return 2  # could not bind the port, for example
     return exit_code

@@ -21,7 +21,7 @@ from vlmserve import __version__
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify, error_response
 from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from vlmserve.api.serving_chat import ChatService, request_summary
+from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.streaming import guarded
 from vlmserve.config import Config
@@ -54,8 +54,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     async def create_chat_completion(raw_request: Request) -> Response:
         started = time.monotonic()
         request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
-        generation = await chat.prepare(request)
-        summary = request_summary(generation)
+        generation, summary = await chat.prepare(request)
         if config.server.log_requests:
             summary["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
         if request.stream:
@@ -107,7 +106,11 @@ def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> Response:
-        return error_response(exc)
+        response = error_response(exc)
+        body = json.loads(bytes(response.body))["error"]
+        logger.info("request %s", json.dumps({"path": request.url.path, "status": response.status_code,
+                                              "code": body["code"], "param": body["param"]}))
+        return response
 
     for exc_type in (VlmserveError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle)

@@ -43,8 +43,10 @@ class ChatService:
         self._names = served_model_names
         self._config = server_config
 
-    async def prepare(self, request: schemas.ChatCompletionRequest) -> GenerationRequest:
-        """Validate against this server's limits, fetch and decode images, render the prompt (off the loop)."""
+    async def prepare(self, request: schemas.ChatCompletionRequest) -> tuple[GenerationRequest, dict[str, Any]]:
+        """Validate against this server's limits, fetch and decode images, render the prompt (off the loop).
+
+        Returns the engine request and a loggable summary of it (never prompts, image bytes or keys)."""
         if request.model not in self._names:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
@@ -55,7 +57,8 @@ class ChatService:
         template = request.chat_template
         prompt = await asyncio.to_thread(self._renderer.render, chat, chat_template=template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        return GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+        return generation, _summary(generation, images)
 
     def _check_limits(self, request: schemas.ChatCompletionRequest) -> None:
         cfg = self._config
@@ -183,9 +186,9 @@ def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[Ima
     return chat
 
 
-def request_summary(generation: GenerationRequest) -> dict[str, Any]:
-    """Loggable facts about a request: never prompts, image bytes or keys."""
+def _summary(generation: GenerationRequest, images: list[ImagePart]) -> dict[str, Any]:
     prompt = generation.prompt
     return {"request_id": generation.request_id, "prompt_tokens": prompt.num_tokens,
-            "image_tokens": prompt.num_image_tokens, "images": [h[:16] for h in prompt.image_hashes],
+            "image_tokens": prompt.num_image_tokens,
+            "images": [f"{part.hash[:16]}:{part.image.width}x{part.image.height}" for part in images],
             "max_tokens": generation.sampling.max_tokens, "n": generation.sampling.n}

@@ -89,6 +89,10 @@ class AsyncEngine:
     def is_dead(self) -> bool:
         return self._error is not None
 
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting
+
     def stats(self) -> EngineStats:
         return self._core.stats()
 
@@ -102,7 +106,7 @@ class AsyncEngine:
             self._finish(request_id, FinishReason.ABORT)
         self._stopping.set()
         self._wakeup.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10.0)
 
     # --- requests --------------------------------------------------------------------------------------------
