@@ -90,9 +90,8 @@ class _GracefulServer:
         self.server.should_exit = True
 
 
-async def _serve(adapter: ModelAdapter, config: Config) -> int:
-    import uvicorn
-
+def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:
+    """The HTTP application and its engine for a loaded model (the engine still has to be started)."""
     from vlmserve.api.app import build_app
     from vlmserve.multimodal.loader import MediaLoader
     from vlmserve.multimodal.prompt import PromptRenderer
@@ -103,8 +102,15 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
                          max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests)
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
                               max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
+    app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names())
+    return app, engine
+
+
+async def _serve(adapter: ModelAdapter, config: Config) -> int:
+    import uvicorn
+
+    app, engine = build_service(adapter, config)
     names = config.model.default_served_names()
-    app = build_app(engine, renderer, MediaLoader(config.media), config, names)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     _GracefulServer(server, engine, config.server.shutdown_timeout_s)
@@ -131,4 +137,4 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     return exit_code
 
 
-__all__ = ["configure_logging", "make_engine_core", "run"]
+__all__ = ["build_service", "configure_logging", "make_engine_core", "run"]

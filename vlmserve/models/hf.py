@@ -25,10 +25,13 @@ _PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 #: families whose decoder needs more than embeddings + positions + causal attention (see README's table)
 _PAGED_UNSUPPORTED: dict[str, str] = {
     "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
-    "paligemma": "prefix-LM attention over the prompt (needs its own packed mask)",
+    "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
     "qwen3_vl": "deepstack visual features are injected after early decoder layers",
     "qwen3_vl_moe": "deepstack visual features are injected after early decoder layers",
+    "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
     "mllama": "cross-attention layers over image states",
+    "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
+    "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
 }
 
 
@@ -41,6 +44,8 @@ class HFAdapter(ModelAdapter):
                          image_token_id=image_token_id)
         self.family = str(getattr(model.config, "model_type", "unknown"))
         self._base = getattr(model, "model", model)
+        # Idefics2/3 and SmolVLM call their decoder `text_model`; everyone else `language_model`.
+        self._decoder = getattr(self._base, "language_model", None) or getattr(self._base, "text_model", None)
         self._text_config = model.config.get_text_config()
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
@@ -69,10 +74,15 @@ class HFAdapter(ModelAdapter):
     def paged_support(self) -> str | None:
         if self.family in _PAGED_UNSUPPORTED:
             return _PAGED_UNSUPPORTED[self.family]
-        if not hasattr(self._base, "language_model") or not hasattr(self.model, "lm_head"):
+        if self._decoder is None or not hasattr(self.model, "lm_head"):
             return "the model has no separate decoder and lm_head"
+        if not hasattr(self._base, "get_image_features"):
+            return "the model has no get_image_features"
         if getattr(self._text_config, "is_encoder_decoder", False):
             return "encoder-decoder architecture"
+        other = set(getattr(self._text_config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if other:
+            return f"decoder layers of type {', '.join(sorted(other))} are not plain attention"
         return None
 
     @property
@@ -137,7 +147,8 @@ class HFAdapter(ModelAdapter):
 
     @property
     def text_model(self) -> torch.nn.Module:
-        return self._base.language_model
+        assert self._decoder is not None, self.paged_support()
+        return self._decoder
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(hidden).float()
