@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 _PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 
 #: families whose decoder needs more than embeddings + positions + causal attention (see README's table)
-_PAGED_UNSUPPORTED: dict[str, str] = {
+PAGED_UNSUPPORTED: dict[str, str] = {
     "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
     "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
     "qwen3_vl": "deepstack visual features are injected after early decoder layers",
@@ -72,8 +72,8 @@ class HFAdapter(ModelAdapter):
     # --- paged engine ----------------------------------------------------------------------------------------
 
     def paged_support(self) -> str | None:
-        if self.family in _PAGED_UNSUPPORTED:
-            return _PAGED_UNSUPPORTED[self.family]
+        if self.family in PAGED_UNSUPPORTED:
+            return PAGED_UNSUPPORTED[self.family]
         if self._decoder is None or not hasattr(self.model, "lm_head"):
             return "the model has no separate decoder and lm_head"
         if not hasattr(self._base, "get_image_features"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,10 @@ from tests.integration.engine.conftest import (
     run_core,
     user_turn,
 )
+from vlmserve.config import ModelConfig
 from vlmserve.engine.core import PagedEngineCore
+from vlmserve.models.loader import load_model
+from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import ChatMessage, TextPart
 
 MAX_TOKENS = 8
@@ -94,3 +98,31 @@ def test_same_text_different_image_never_shares_image_blocks(family: Loaded) -> 
     assert got[1] == generate_alone(family.reference, prompts[1], 8)
     first_image_token = min(span.start for span in prompts[1].image_spans)
     assert core.stats().prefix_cache_hits <= first_image_token  # only blocks before the image were shared
+
+
+def _paged_families() -> list[str]:
+    from tests.fixtures.tiny.registry import FAMILIES
+    from vlmserve.models.hf import PAGED_UNSUPPORTED
+
+    return sorted(name for name, f in FAMILIES.items() if f.paged_blocker is None and not f.needs_torchvision
+                  and name not in ENGINE_FAMILIES and name not in PAGED_UNSUPPORTED)
+
+
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+@pytest.mark.parametrize("name", _paged_families())
+def test_every_paged_family_equals_generate(name: str, tmp_path: Path) -> None:
+    """Beyond the four families above: three concurrent requests, token for token equal to generate alone."""
+    from tests.fixtures.tiny.registry import FAMILIES
+
+    for package in FAMILIES[name].requires:
+        pytest.importorskip(package)
+    path = FAMILIES[name].build(tmp_path / name)
+    adapter, reference = load_model(ModelConfig(model=str(path))), load_model(ModelConfig(model=str(path)))
+    if adapter.paged_support() is not None:
+        pytest.skip(f"{name} runs on the generate fallback: {adapter.paged_support()}")
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=adapter.max_model_len)
+    prompts = prompts_with_images(renderer, 3)
+    core = PagedEngineCore(adapter, engine_config(max_num_batched_tokens=64))
+    got = run_core(core, [request(f"f{i}", p, max_tokens=5) for i, p in enumerate(prompts)])
+    assert [got[f"f{i}"] for i in range(3)] == [generate_alone(reference, p, 5) for p in prompts]
