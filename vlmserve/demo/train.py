@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vlmserve.demo.build import build
 from vlmserve.demo.data import ConversationBatches, PixelCodec, batch_pixel_values, load_demo_processor
-from vlmserve.demo.vision_labels import IGNORE, NUM_OBJECT_CLASSES, NUM_SIDES
+from vlmserve.demo.vision_labels import IGNORE, NUM_OBJECT_CLASSES, NUM_RANKS, NUM_SIDES
 
 PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "tokenizer.json",
                    "tokenizer_config.json")
@@ -66,7 +66,7 @@ def use_padded_vision_attention(model: Any, enable: bool = True) -> None:
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only linear probe on the vision tower's output: each token's object class and side.
+    """Training-only linear probe on the vision tower's output: each token's object class, side and rank.
 
     See `vlmserve.demo.vision_labels`. It reads the merger's output through a forward hook, so the model runs its
     ordinary forward; it is not part of the saved model.
@@ -74,7 +74,7 @@ class VisionProbe(torch.nn.Module):
 
     def __init__(self, model: Any) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES + NUM_SIDES)
+        self.proj = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES + NUM_SIDES + NUM_RANKS)
         self._features: list[torch.Tensor] = []
         model.model.visual.merger.register_forward_hook(lambda module, args, output: self._features.append(output))
 
@@ -85,9 +85,17 @@ class VisionProbe(torch.nn.Module):
         # Normalised first: the probe starts with logits of unit scale whatever the features' scale.
         hidden = features[-1].float()
         logits = self.proj(F.layer_norm(hidden, hidden.shape[-1:]))
-        objects = F.cross_entropy(logits[:, :NUM_OBJECT_CLASSES], labels[:, 0])
-        sides = F.cross_entropy(logits[:, NUM_OBJECT_CLASSES:], labels[:, 1], ignore_index=IGNORE)
-        return objects + sides
+        objects, sides, ranks = logits.split([NUM_OBJECT_CLASSES, NUM_SIDES, NUM_RANKS], dim=-1)
+        return _cross_entropy(objects, labels[:, 0]) + _cross_entropy(sides, labels[:, 1]) + _cross_entropy(
+            ranks, labels[:, 2])
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Zero rather than NaN when every target is ignored (a batch of background only).
+    valid = target != IGNORE
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid], target[valid])
 
 
 def learning_rate(step: int, progress: float, args: argparse.Namespace) -> float:
