@@ -38,6 +38,9 @@ PAGED_UNSUPPORTED: dict[str, str] = {
 class HFAdapter(ModelAdapter):
     """A transformers VLM served through its own processor, vision tower and decoder."""
 
+    #: loaded from code shipped in the checkpoint (--trust-remote-code): served by the generate engine only
+    is_remote_code = False
+
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:
         super().__init__(model, processor, max_model_len=max_model_len, eos_token_ids=eos_token_ids,
@@ -72,6 +75,8 @@ class HFAdapter(ModelAdapter):
     # --- paged engine ----------------------------------------------------------------------------------------
 
     def paged_support(self) -> str | None:
+        if self.is_remote_code:
+            return "the model runs code shipped in its repository, whose internals are unknown"
         if self.family in PAGED_UNSUPPORTED:
             return PAGED_UNSUPPORTED[self.family]
         if self._decoder is None or not hasattr(self.model, "lm_head"):

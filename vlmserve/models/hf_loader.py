@@ -21,7 +21,14 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
     if trust_remote_code:
         logger.warning("--trust-remote-code: Python code shipped inside %s will run with this server's "
                        "permissions. Only do this for repositories whose code you have read or trust.", path)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"{path} ships its own model code, which runs only with --trust-remote-code "
+                                 "(read it first: it runs with this server's permissions)") from exc
+        raise
+    is_remote_code = trust_remote_code and bool(getattr(hf_config, "auto_map", None))
     model = None
     for auto_cls in (AutoModelForImageTextToText, AutoModelForCausalLM):
         try:
@@ -39,8 +46,11 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
     processor = load_processor(path, chat_template=chat_template, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(f"{path} ships no chat template; pass one with --chat-template FILE")
-    return HFAdapter(model, processor, max_model_len=_context_length(model.config, max_model_len),
-                     eos_token_ids=_eos_token_ids(model, processor), image_token_id=_image_token_id(model, processor))
+    adapter = HFAdapter(model, processor, max_model_len=_context_length(model.config, max_model_len),
+                        eos_token_ids=_eos_token_ids(model, processor),
+                        image_token_id=_image_token_id(model, processor))
+    adapter.is_remote_code = is_remote_code
+    return adapter
 
 
 def _context_length(config: Any, requested: int | None) -> int:
