@@ -9,7 +9,6 @@ No I/O happens here: requests arrive through thread-safe `add_request`/`abort_re
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 
@@ -17,6 +16,7 @@ import torch
 
 from vlmserve.config import EngineConfig
 from vlmserve.engine.image_cache import ImageEmbeddingCache
+from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.kv_cache import BlockPool, KVCache
 from vlmserve.engine.model_runner import ModelRunner
 from vlmserve.engine.protocol import CoreOutput, Emit
@@ -54,9 +54,7 @@ class PagedEngineCore:
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
-        self._lock = threading.Lock()
-        self._new: list[GenerationRequest] = []
-        self._aborts: list[str] = []
+        self._inbox = Inbox()
         self._sequences: dict[str, Sequence] = {}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
@@ -66,18 +64,13 @@ class PagedEngineCore:
     # --- thread-safe inbox -----------------------------------------------------------------------------------
 
     def add_request(self, request: GenerationRequest) -> None:
-        with self._lock:
-            self._new.append(request)
+        self._inbox.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        with self._lock:
-            self._aborts.append(request_id)
+        self._inbox.abort(request_id)
 
     def has_work(self) -> bool:
-        with self._lock:
-            if self._new or self._aborts:
-                return True
-        return self.scheduler.has_work()
+        return not self._inbox.is_empty() or self.scheduler.has_work()
 
     # --- the loop body ---------------------------------------------------------------------------------------
 
@@ -94,9 +87,7 @@ class PagedEngineCore:
         emit(self._update(scheduled.chunks, sequences, sampled))
 
     def _take_inbox(self) -> None:
-        with self._lock:
-            new, self._new = self._new, []
-            aborts, self._aborts = self._aborts, []
+        new, aborts = self._inbox.take()
         for request in new:
             sequence = self._make_sequence(request)
             self._sequences[request.request_id] = sequence

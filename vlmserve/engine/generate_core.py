@@ -9,7 +9,6 @@ runs greedy. A stopping criterion ends each row on its own terms (end tokens, ma
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from transformers import (
 )
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.protocol import CoreOutput, Emit
 from vlmserve.engine.sampler import Sampler, SequenceSampling, make_generator
 from vlmserve.models.base import ModelAdapter
@@ -54,28 +54,24 @@ class GenerateEngineCore:
         self.max_model_len = adapter.max_model_len
         self._max_batch = config.max_generate_batch
         self._sampler = Sampler(adapter.device)
-        self._lock = threading.Lock()
-        self._waiting: deque[GenerationRequest] = deque()
-        self._aborted: set[str] = set()
+        self._inbox = Inbox()
+        self._waiting: deque[GenerationRequest] = deque()  # engine thread only, like the two below
+        self._aborted: set[str] = set()  # ids of running rows whose clients went away
         self._running: list[_Row] = []
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
         self._started = time.monotonic()
 
     def add_request(self, request: GenerationRequest) -> None:
-        with self._lock:
-            self._waiting.append(request)
+        self._inbox.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        with self._lock:
-            self._aborted.add(request_id)
+        self._inbox.abort(request_id)
 
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._waiting)
+        return not self._inbox.is_empty() or bool(self._waiting)
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            num_waiting, num_running = len(self._waiting), sum(not r.is_done for r in self._running)
+        num_waiting, num_running = len(self._waiting), sum(not r.is_done for r in self._running)
         c = self._counters
         elapsed = max(time.monotonic() - self._started, 1e-9)
         return EngineStats(num_running=num_running, num_waiting=num_waiting, num_steps=c["steps"],
@@ -84,6 +80,7 @@ class GenerateEngineCore:
                            generation_tokens_per_s=c["generated"] / elapsed, engine=self.name)
 
     def step(self, emit: Emit) -> None:
+        self._drain_inbox()
         rows = self._take_batch()
         if not rows:
             return
@@ -97,20 +94,26 @@ class GenerateEngineCore:
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         finally:
-            with self._lock:
-                self._aborted.difference_update(r.request.request_id for r in rows)
-                self._running = []
+            self._aborted.clear()
+            self._running = []
+
+    def _drain_inbox(self) -> None:
+        """Queue new requests; drop aborted waiting ones; remember aborted running ones for `_advance`."""
+        new, aborts = self._inbox.take()
+        self._waiting.extend(new)
+        if not aborts:
+            return
+        gone = set(aborts)
+        kept = deque(r for r in self._waiting if r.request_id not in gone)
+        self._counters["aborted"] += len(self._waiting) - len(kept)
+        self._waiting = kept
+        self._aborted |= gone & {r.request.request_id for r in self._running}
 
     def _take_batch(self) -> list[_Row]:
-        with self._lock:
-            rows: list[_Row] = []
-            while self._waiting and len(rows) < self._max_batch:
-                request = self._waiting.popleft()
-                if request.request_id in self._aborted:
-                    self._aborted.discard(request.request_id)
-                    continue
-                rows.append(self._make_row(request))
-            self._running = rows
+        rows: list[_Row] = []
+        while self._waiting and len(rows) < self._max_batch:
+            rows.append(self._make_row(self._waiting.popleft()))
+        self._running = rows
         return rows
 
     def _make_row(self, request: GenerationRequest) -> _Row:
@@ -136,8 +139,8 @@ class GenerateEngineCore:
 
     def _advance(self, rows: list[_Row], scores: torch.Tensor, emit: Emit) -> torch.Tensor:
         """Choose every live row's next token, record it, emit it; return scores forcing those tokens."""
-        with self._lock:
-            aborted = {r.request.request_id for r in rows} & self._aborted
+        self._drain_inbox()
+        aborted = self._aborted
         live = [i for i, r in enumerate(rows) if not r.is_done and r.request.request_id not in aborted]
         for r in rows:
             if not r.is_done and r.request.request_id in aborted:

@@ -28,6 +28,7 @@ from transformers import BatchFeature
 from vlmserve.errors import InvalidRequestError, UnsupportedFeatureError
 from vlmserve.models.glm4v_9b.config import ChatGLMConfig
 from vlmserve.models.glm4v_9b.tokenizer import load_tokenizer
+from vlmserve.models.processing import flatten_images, pad_token_rows
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,7 +185,7 @@ class Glm4vProcessor:
     def __call__(self, text: str | list[str] | None = None, images: Any = None, return_tensors: str | None = "pt",
                  add_special_tokens: bool = True, **kwargs: Any) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text or [])
-        flat_images = _flatten_images(images)
+        flat_images = flatten_images(images)
         sequences = []
         for prompt in texts:
             if add_special_tokens and not prompt.startswith(PREFIX):
@@ -196,7 +197,7 @@ class Glm4vProcessor:
                                       "image(s) were given", param="messages")
         if any(seq.count(self.boi_token_id) > MAX_IMAGES_PER_CONVERSATION for seq in sequences):
             raise UnsupportedFeatureError("GLM-4V-9B accepts one image per conversation", param="messages")
-        data: dict[str, Any] = _left_pad(sequences, self.tokenizer.pad_token_id)
+        data: dict[str, Any] = pad_token_rows(sequences, self.tokenizer.pad_token_id, left=True)
         if flat_images:
             data["pixel_values"] = torch.stack([preprocess_image(im, self.image_size) for im in flat_images])
         return BatchFeature(data, tensor_type=return_tensors)
@@ -206,21 +207,3 @@ class Glm4vProcessor:
 
     def batch_decode(self, sequences: Any, **kwargs: Any) -> list[str]:
         return list(self.tokenizer.batch_decode(sequences, **kwargs))
-
-
-def _flatten_images(images: Any) -> list[Any]:
-    if images is None:
-        return []
-    if not isinstance(images, (list, tuple)):
-        return [images]
-    flat: list[Any] = []
-    for item in images:
-        flat.extend(item if isinstance(item, (list, tuple)) else [item])
-    return flat
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, Any]:
-    longest = max((len(s) for s in sequences), default=0)
-    input_ids = [[pad_id] * (longest - len(s)) + s for s in sequences]
-    mask = [[0] * (longest - len(s)) + [1] * len(s) for s in sequences]
-    return {"input_ids": input_ids, "attention_mask": mask}

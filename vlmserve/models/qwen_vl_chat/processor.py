@@ -29,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import BatchFeature
 
 from vlmserve.errors import InvalidRequestError
+from vlmserve.models.processing import flatten_images, pad_token_rows
 from vlmserve.models.qwen_vl_chat.tokenizer import IMAGE_END, IMAGE_PAD, IMAGE_START, encode_chatml
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -130,7 +131,7 @@ class QwenVLChatProcessor:
                  return_tensors: str | None = None, **kwargs: Any) -> BatchFeature:
         """input_ids / attention_mask (padded on the tokenizer's side) and pixel_values for every image."""
         texts = [text] if isinstance(text, str) else list(text or [])
-        flat_images = _flatten_images(images)
+        flat_images = flatten_images(images)
         rows = [self.encode(t) for t in texts]
         num_spans = sum(self.count_images(row) for row in rows)
         if num_spans != len(flat_images):
@@ -138,22 +139,11 @@ class QwenVLChatProcessor:
                 f"the prompt marks {num_spans} image(s) with {IMAGE_START}{IMAGE_END} but {len(flat_images)} "
                 f"image(s) were given; Qwen-VL-Chat reserves these tags for images, so text must not contain "
                 "them", param="messages")
-        data: dict[str, Any] = self._pad(rows)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        data: dict[str, Any] = pad_token_rows(rows, self.tokenizer.pad_token_id, left=left)
         if flat_images:
             data["pixel_values"] = self.preprocess_images(flat_images)
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def _pad(self, rows: list[list[int]]) -> dict[str, Any]:
-        width = max((len(row) for row in rows), default=0)
-        pad = self.tokenizer.pad_token_id
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        input_ids, attention_mask = [], []
-        for row in rows:
-            filler = [pad] * (width - len(row))
-            ones, zeros = [1] * len(row), [0] * len(filler)
-            input_ids.append(filler + row if left else row + filler)
-            attention_mask.append(zeros + ones if left else ones + zeros)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """(N, 3, S, S) float32: RGB, bicubic resize to S x S, /255, CLIP mean/std normalisation."""
@@ -191,14 +181,3 @@ class QwenVLChatProcessor:
             raise ValueError(f"qwen.tiktoken puts {IMAGE_START} at id {processor.image_start_id}, but config.json "
                              f"says visual.image_start_id is {config.image_start_id}")
         return processor
-
-
-def _flatten_images(images: Any) -> list[Any]:
-    if images is None:
-        return []
-    if not isinstance(images, (list, tuple)):
-        return [images]
-    flat: list[Any] = []
-    for item in images:
-        flat.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
-    return flat
