@@ -111,7 +111,7 @@ class ImageHTTPServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 owner.hits.append(self.path)
                 body = owner.images.get(self.path.lstrip("/"))
                 if body is None:

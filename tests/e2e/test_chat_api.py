@@ -10,7 +10,6 @@ import asyncio
 from typing import Any
 
 import openai
-import pytest
 
 from tests.conftest import ImageHTTPServer, ServerProcess, data_uri, png_bytes
 from tests.e2e.conftest import API_KEY, MODEL
