@@ -51,9 +51,8 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
-        refs, messages = _collect_images(request.messages)
-        images = await self._media.load(refs)
-        chat = _to_chat_messages(messages, images)
+        images = await self._media.load(_image_refs(request.messages))
+        chat = _to_chat_messages(request.messages, images)
         template = request.chat_template
         prompt = await asyncio.to_thread(self._renderer.render, chat, chat_template=template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -160,7 +159,8 @@ def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
         for text, lp in zip(texts, delta.logprobs, strict=True)]
 
 
-def _collect_images(messages: list[schemas.ChatMessageParam]) -> tuple[list[ImageRef], list[schemas.ChatMessageParam]]:
+def _image_refs(messages: list[schemas.ChatMessageParam]) -> list[ImageRef]:
+    """Every image of the conversation, in order, with the request field that holds it (for errors)."""
     refs: list[ImageRef] = []
     for i, message in enumerate(messages):
         if isinstance(message.content, list):
@@ -168,7 +168,7 @@ def _collect_images(messages: list[schemas.ChatMessageParam]) -> tuple[list[Imag
                 if part.image_url is not None:
                     refs.append(ImageRef(url=part.image_url.url, param=f"messages[{i}].content[{j}].image_url",
                                          detail=part.image_url.detail))
-    return refs, messages
+    return refs
 
 
 def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[ImagePart]) -> list[ChatMessage]:
