@@ -7,6 +7,7 @@ a 500 whose body says nothing about the cause (the traceback goes to the server 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -90,7 +91,7 @@ def _validation_body(exc: RequestValidationError | ValidationError) -> dict[str,
     return error_body(message, "invalid_request_error", param or None, "invalid_request")
 
 
-def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:
+def loc_to_param(loc: Sequence[Any]) -> str:
     """('body', 'messages', 0, 'content', 'list[ContentPart]', 1, 'image_url') → messages[0].content[1].image_url
 
     Drops FastAPI's 'body' prefix and pydantic's union-member labels, which are not request fields.

@@ -131,11 +131,14 @@ class ChatCompletionMessage(BaseModel):
     refusal: None = None
 
 
+FinishReasonName = Literal["stop", "length", "abort"]
+
+
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -168,7 +171,7 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionChunk(BaseModel):

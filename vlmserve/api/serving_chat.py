@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from vlmserve.api import schemas
 from vlmserve.api.streaming import ChunkWriter
@@ -27,7 +27,7 @@ class Choice:
     """What one of the n sequences produced, accumulated from its deltas."""
 
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: schemas.FinishReasonName | None = None
     num_tokens: int = 0
     logprobs: list[schemas.TokenLogprobEntry] = field(default_factory=list)
 
@@ -113,7 +113,7 @@ class ChatService:
             choice.logprobs += _logprob_entries(delta)
             cached = max(cached, delta.num_cached_tokens)
             if delta.finish_reason is not None:
-                choice.finish_reason = delta.finish_reason.value
+                choice.finish_reason = cast(schemas.FinishReasonName, delta.finish_reason.value)
         want_logprobs = generation.sampling.logprobs
         return schemas.ChatCompletion(
             id=generation.request_id, created=int(time.time()), model=model,

@@ -77,4 +77,5 @@ def install(text_model: torch.nn.Module) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, paged_attention_forward)
-    text_model.config._attn_implementation = ATTENTION_NAME
+    config: Any = text_model.config
+    config._attn_implementation = ATTENTION_NAME

@@ -93,9 +93,9 @@ class PagedEngineCore:
             self._sequences[request.request_id] = sequence
             self.scheduler.add(sequence)
         for request_id in aborts:
-            sequence = self._sequences.pop(request_id, None)
-            if sequence is not None:
-                self.scheduler.finish(sequence)  # its blocks are free before this step is scheduled
+            aborted = self._sequences.pop(request_id, None)
+            if aborted is not None:
+                self.scheduler.finish(aborted)  # its blocks are free before this step is scheduled
                 self._counters["aborted"] += 1
 
     def _make_sequence(self, request: GenerationRequest) -> Sequence:

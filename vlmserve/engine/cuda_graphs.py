@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class DecodeGraphs:
         return self._adapter.compute_logits(output.last_hidden_state[0])
 
     @torch.inference_mode()
-    def _capture(self, size: int, pool: object) -> None:
+    def _capture(self, size: int, pool: Any) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: kernel compilation, library handles

@@ -34,7 +34,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     #: chained content hashes of this sequence's full blocks that are registered in the prefix cache
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
     finish_reason: FinishReason | None = None
     #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)

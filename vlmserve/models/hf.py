@@ -129,7 +129,8 @@ class HFAdapter(ModelAdapter):
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         if image_embeds:
-            mask = ids == self.image_token_id
+            assert self.image_token_id is not None, "images reach only models with an image token"
+            mask = ids.eq(self.image_token_id)
             features = torch.cat(image_embeds).to(embeds.dtype)
             if int(mask.sum()) != features.shape[0]:
                 raise RuntimeError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features")

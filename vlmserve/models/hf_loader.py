@@ -30,7 +30,8 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
         raise
     is_remote_code = trust_remote_code and bool(getattr(hf_config, "auto_map", None))
     model = None
-    for auto_cls in (AutoModelForImageTextToText, AutoModelForCausalLM):
+    auto_classes: tuple[Any, ...] = (AutoModelForImageTextToText, AutoModelForCausalLM)
+    for auto_cls in auto_classes:
         try:
             model = auto_cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
             break

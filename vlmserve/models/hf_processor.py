@@ -40,7 +40,7 @@ def load_processor(path: str | Path, *, chat_template: str | None = None, trust_
     return processor
 
 
-def _processor_class(path: Path) -> type:
+def _processor_class(path: Path) -> Any:
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
@@ -54,7 +54,7 @@ def _processor_class(path: Path) -> type:
     return _real_class(class_name)
 
 
-def _real_class(name: str) -> type:
+def _real_class(name: str) -> Any:
     """A transformers class by name, imported from its own module: without torchvision the top-level lazy
     names of some classes resolve to import stubs even when the class itself needs no torchvision."""
     import transformers
@@ -62,7 +62,7 @@ def _real_class(name: str) -> type:
     module_name = getattr(transformers, "_class_to_module", {}).get(name)
     if module_name is None:
         raise ImportError(f"transformers has no class {name}")
-    return getattr(importlib.import_module(f"transformers.{module_name}"), name)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(f"transformers.{module_name}"), name)
 
 
 def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
@@ -110,7 +110,7 @@ def _read_json(file: Path) -> dict[str, Any]:
     return dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
 
 
-def _accepting_placeholder_video(cls: type) -> type:
+def _accepting_placeholder_video(cls: Any) -> Any:
     """`cls` with its sub-processor type check relaxed for the video slot only.
 
     NOTE: without torchvision, transformers' own `BaseVideoProcessor` name resolves to an import stub, so the
