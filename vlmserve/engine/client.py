@@ -22,6 +22,7 @@ from vlmserve.errors import (
     ContextLengthError,
     EngineDeadError,
     InternalError,
+    InvalidRequestError,
     QueueFullError,
     ServiceUnavailableError,
 )
@@ -156,6 +157,11 @@ class AsyncEngine:
 
     def _resolve_max_tokens(self, request: GenerationRequest) -> int:
         prompt_tokens = request.prompt.num_tokens
+        if prompt_tokens < 1:
+            # NOTE: a template may render nothing (e.g. a request template of sandbox-blocked expressions, which
+            # Jinja renders as empty); an empty prompt would reach the model runner and kill the engine loop.
+            raise InvalidRequestError("the chat template rendered an empty prompt (0 tokens): there is nothing "
+                                      "to generate from", param="messages")
         room = self.max_model_len - prompt_tokens
         if room < 1:
             raise ContextLengthError(
