@@ -15,12 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 
 from vlmserve import __version__
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify, error_response
-from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware, OpenAICORSMiddleware
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.streaming import guarded
@@ -82,6 +81,9 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    # HEAD too (some load balancers probe with it); kept out of the schema to avoid a duplicate operation id.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
@@ -99,7 +101,7 @@ def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
     app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys())
     if config.server.allowed_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.server.allowed_origins),
+        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
     return app
 

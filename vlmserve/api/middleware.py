@@ -10,10 +10,13 @@ import hmac
 import json
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmserve.api.errors import classify
-from vlmserve.errors import AuthenticationError, PayloadTooLargeError
+from vlmserve.errors import AuthenticationError, InvalidRequestError, PayloadTooLargeError
 
 _OPEN_PATHS = frozenset({"/health"})
 
@@ -38,7 +41,7 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or not self._keys or self._is_open(scope):
             await self.app(scope, receive, send)
             return
-        if not self._authorized(_header(scope, b"authorization")):
+        if not self._authorized(_single_header(scope, b"authorization")):
             await send_error(send, AuthenticationError(
                 "missing or wrong API key: send 'Authorization: Bearer <key>' with a key given to --api-key"))
             return
@@ -56,6 +59,20 @@ class APIKeyMiddleware:
         for key in self._keys:  # no early exit: time does not depend on which key matched
             matched |= hmac.compare_digest(presented, key)
         return matched
+
+
+class OpenAICORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with refused preflights answered by an OpenAI error body instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        status, body, _ = classify(InvalidRequestError(
+            "this cross-origin request is not allowed: its origin, method or headers are not permitted "
+            "(--allowed-origins)", param=None, code="cors_not_allowed"))
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith(("access-control-", "vary"))}
+        return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BodyLimitMiddleware:
@@ -86,6 +103,16 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _single_header(scope: Scope, name: bytes) -> Any:
+    """The value of a header sent exactly once, else None.
+
+    NOTE: with two Authorization headers a proxy in front may check one while we would read the other; such a
+    request is ambiguous and is refused rather than resolved by picking one.
+    """
+    values = [value for key, value in scope.get("headers", ()) if key == name]
+    return values[0] if len(values) == 1 else None
 
 
 def _header(scope: Scope, name: bytes) -> Any:
