@@ -46,6 +46,14 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
     return GenerateEngineCore(adapter, config.engine)
 
 
+def placeholder_token_ids(adapter: ModelAdapter) -> frozenset[int]:
+    """Token ids that stand for image or video features: the image token and the config's video token."""
+    config = getattr(adapter.model, "config", None)
+    candidates = [adapter.image_token_id, *(getattr(config, name, None) for name in ("video_token_id",
+                                                                                       "video_token_index"))]
+    return frozenset(t for t in candidates if isinstance(t, int) and t >= 0)
+
+
 def run(config: Config) -> int:
     """Serve until stopped; returns the process exit status."""
     from vlmserve.errors import ModelLoadError
@@ -99,7 +107,8 @@ def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngi
     engine_cfg = config.engine
     core = make_engine_core(adapter, config)
     engine = AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len,
-                         max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests)
+                         max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests,
+                         placeholder_token_ids=placeholder_token_ids(adapter))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
                               max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
     app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names())

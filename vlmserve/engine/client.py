@@ -65,10 +65,13 @@ class _Sequence:
 class AsyncEngine:
     """An `EngineClient` over an `EngineCore` running in a daemon thread."""
 
-    def __init__(self, core: EngineCore, tokenizer: Any, *, max_model_len: int, max_sequences: int) -> None:
+    def __init__(self, core: EngineCore, tokenizer: Any, *, max_model_len: int, max_sequences: int,
+                 placeholder_token_ids: frozenset[int] = frozenset()) -> None:
         self._core = core
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
+        # image/video placeholder ids: they may only appear inside a prompt's image spans (see _check_prompt)
+        self._placeholder_ids = placeholder_token_ids
         self._max_sequences = max_sequences  # running + waiting; beyond it, 429
         self._sequences: dict[str, _Sequence] = {}
         self._wakeup = threading.Event()
@@ -114,6 +117,7 @@ class AsyncEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         self._check_can_accept(request.sampling.n)
+        self._check_prompt(request)
         max_tokens = self._resolve_max_tokens(request)
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         child_ids = self._submit(request, max_tokens, queue)
@@ -155,13 +159,27 @@ class AsyncEngine:
                                  "waiting, --max-num-seqs + --max-waiting-requests); retry shortly",
                                  retry_after_s=1.0)
 
-    def _resolve_max_tokens(self, request: GenerationRequest) -> int:
-        prompt_tokens = request.prompt.num_tokens
-        if prompt_tokens < 1:
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        """Refuse prompts the core cannot run: they would fail inside a step and take the engine loop down."""
+        prompt = request.prompt
+        if prompt.num_tokens < 1:
             # NOTE: a template may render nothing (e.g. a request template of sandbox-blocked expressions, which
             # Jinja renders as empty); an empty prompt would reach the model runner and kill the engine loop.
             raise InvalidRequestError("the chat template rendered an empty prompt (0 tokens): there is nothing "
                                       "to generate from", param="messages")
+        if not self._placeholder_ids:
+            return
+        # NOTE: special tokens typed into message text ("<|image_pad|>") tokenize to the real placeholder ids;
+        # placeholders outside the images' spans have no features to fill them and crash the model's forward.
+        spans = [(span.start, span.end) for span in prompt.image_spans]
+        for position, token in enumerate(prompt.token_ids):
+            if token in self._placeholder_ids and not any(start <= position < end for start, end in spans):
+                raise InvalidRequestError(
+                    "the conversation holds an image or video placeholder token that belongs to no image sent "
+                    "(special tokens typed into message text are not allowed)", param="messages")
+
+    def _resolve_max_tokens(self, request: GenerationRequest) -> int:
+        prompt_tokens = request.prompt.num_tokens
         room = self.max_model_len - prompt_tokens
         if room < 1:
             raise ContextLengthError(
