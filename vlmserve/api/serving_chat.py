@@ -17,7 +17,15 @@ from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
-from vlmserve.types import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart, TokenDelta
+from vlmserve.types import (
+    ChatMessage,
+    GenerationRequest,
+    ImagePart,
+    PreparedPrompt,
+    SamplingParams,
+    TextPart,
+    TokenDelta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +62,20 @@ class ChatService:
         images = await self._media.load(_image_refs(request.messages))
         chat = _to_chat_messages(request.messages, images)
         template = request.chat_template
-        prompt = await asyncio.to_thread(self._renderer.render, chat, chat_template=template)
+        prompt = await asyncio.to_thread(self._render, chat, template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
         return generation, _summary(generation, images)
+
+    def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
+        """Worker thread: render the prompt."""
+        try:
+            return self._renderer.render(chat, chat_template=template)
+        except StopIteration as exc:
+            # NOTE: a StopIteration cannot cross asyncio.to_thread (the awaiting request would hang for ever).
+            # Processors raise it when the text holds more image placeholders than images were sent.
+            raise InvalidRequestError("the model's processor could not prepare this conversation (more image "
+                                      "placeholders than images)", param="messages") from exc
 
     def _check_limits(self, request: schemas.ChatCompletionRequest) -> None:
         cfg = self._config
