@@ -20,6 +20,7 @@ from vlmserve import __version__
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify, error_response
 from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware, OpenAICORSMiddleware
+from vlmserve.api.openapi import body_schema, install_openapi
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.streaming import guarded
@@ -47,9 +48,9 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     _install_error_handlers(app)
-    _install_openapi(app)
+    install_openapi(app, requires_api_key=bool(config.server.resolved_api_keys()))
 
-    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=_body_schema())
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
         started = time.monotonic()
         request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
@@ -171,32 +172,6 @@ def _log(summary: dict[str, Any], status: int, started: float, completion_tokens
     if completion_tokens is not None:
         fields["completion_tokens"] = completion_tokens
     logger.info("request %s", json.dumps(fields, default=str))
-
-
-_REF_TEMPLATE = "#/components/schemas/{model}"
-
-
-def _body_schema() -> dict[str, Any]:
-    """Declare the JSON body in OpenAPI (the route parses it itself to control errors and the body cap)."""
-    schema = schemas.ChatCompletionRequest.model_json_schema(ref_template=_REF_TEMPLATE)
-    schema.pop("$defs", None)
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def _install_openapi(app: FastAPI) -> None:
-    """Add the request body's nested models to the OpenAPI components its schema refers to."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
-            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            nested = schemas.ChatCompletionRequest.model_json_schema(ref_template=_REF_TEMPLATE).get("$defs", {})
-            document.setdefault("components", {}).setdefault("schemas", {}).update(nested)
-            app.openapi_schema = document
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 __all__ = ["build_app", "classify"]
