@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -19,7 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlmserve import __version__
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify, error_response
-from vlmserve.api.middleware import APIKeyMiddleware, BodyLimitMiddleware, OpenAICORSMiddleware
+from vlmserve.api.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    OpenAICORSMiddleware,
+    RequestLogMiddleware,
+    log_fields,
+)
 from vlmserve.api.openapi import body_schema, install_openapi
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
@@ -30,7 +35,6 @@ from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, Vlmser
 from vlmserve.multimodal.loader import MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 
-logger = logging.getLogger("vlmserve.requests")
 T = TypeVar("T")
 
 
@@ -52,18 +56,19 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
-        started = time.monotonic()
         request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
         generation, summary = await chat.prepare(request)
         if config.server.log_requests:
             summary["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
+        fields = log_fields(raw_request.scope)
+        fields.update(summary)  # the line then carries the completion's id (chatcmpl-...)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), summary, started)
+            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), fields)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
-        _log(summary, 200, started, completion.usage.completion_tokens)
+        fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 
     @app.get("/v1/models", response_model=schemas.ModelList)
@@ -104,6 +109,7 @@ def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
     if config.server.allowed_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RequestLogMiddleware)  # outermost: every request gets its line, whoever answers it
     return app
 
 
@@ -111,8 +117,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> Response:
         response = error_response(exc)
         body = json.loads(bytes(response.body))["error"]
-        logger.info("request %s", json.dumps({"path": request.url.path, "status": response.status_code,
-                                              "code": body["code"], "param": body["param"]}))
+        log_fields(request.scope).update(code=body["code"], param=body["param"])
         return response
 
     for exc_type in (VlmserveError, RequestValidationError, StarletteHTTPException, Exception):
@@ -155,23 +160,13 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def _logged(events: AsyncIterator[str], summary: dict[str, Any], started: float) -> AsyncIterator[str]:
-    status = 200
+async def _logged(events: AsyncIterator[str], fields: dict[str, Any]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
     except BaseException:
-        status = 499  # client closed the stream
+        fields["status"] = 499  # the client closed the stream (the response itself started as 200)
         raise
-    finally:
-        _log(summary, status, started, None)
-
-
-def _log(summary: dict[str, Any], status: int, started: float, completion_tokens: int | None) -> None:
-    fields = {**summary, "status": status, "ms": round((time.monotonic() - started) * 1000)}
-    if completion_tokens is not None:
-        fields["completion_tokens"] = completion_tokens
-    logger.info("request %s", json.dumps(fields, default=str))
 
 
 __all__ = ["build_app", "classify"]

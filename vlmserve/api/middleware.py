@@ -1,6 +1,6 @@
-"""Pure ASGI middleware: API-key authentication and the request body cap.
+"""Pure ASGI middleware: the request log, API-key authentication, the request body cap and CORS.
 
-Both run before routing and before the body is parsed. Authentication guards every path except exactly
+Authentication and the body cap run before routing and before the body is parsed. Authentication guards every path except exactly
 `/health` (GET/HEAD), so no spelling of a path (`//v1/...`, `%2F`, trailing slashes, case) can skip it.
 """
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import time
+import uuid
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -19,15 +22,58 @@ from vlmserve.api.errors import classify
 from vlmserve.errors import AuthenticationError, InvalidRequestError, PayloadTooLargeError
 
 _OPEN_PATHS = frozenset({"/health"})
+request_logger = logging.getLogger("vlmserve.requests")
 
 
-async def send_error(send: Send, exc: BaseException) -> None:
+def log_fields(scope: Scope) -> dict[str, Any]:
+    """The fields of this request's log line; routes and error handlers add to them."""
+    fields: dict[str, Any] = scope.setdefault("state", {}).setdefault("log_fields", {})
+    return fields
+
+
+async def send_error(send: Send, exc: BaseException, scope: Scope | None = None) -> None:
     status, body, headers = classify(exc)
+    if scope is not None:
+        log_fields(scope).update(code=body["error"]["code"], param=body["error"]["param"])
     payload = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class RequestLogMiddleware:
+    """Writes one line per HTTP request, whoever answered it: id, method, path, status, milliseconds, and what the
+    route added (prompt and image summaries, error code and param). Never bodies, keys or prompts (unless the route
+    adds them under --log-requests). The id is also sent back as `X-Request-Id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        fields = log_fields(scope)
+        fields.update(request_id=f"req-{uuid.uuid4().hex}", method=scope["method"], path=scope["path"])
+        status = 500  # if nothing is sent at all
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", str(fields["request_id"]).encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            line = {**fields, "status": fields.get("status", status), "ms": round((time.monotonic() - started) * 1000)}
+            # health probes come every few seconds from supervisors: only their failures are worth a line at INFO
+            level = logging.DEBUG if scope["path"] in _OPEN_PATHS and line["status"] == 200 else logging.INFO
+            request_logger.log(level, "request %s", json.dumps(line, default=str))
 
 
 class APIKeyMiddleware:
@@ -43,7 +89,7 @@ class APIKeyMiddleware:
             return
         if not self._authorized(_single_header(scope, b"authorization")):
             await send_error(send, AuthenticationError(
-                "missing or wrong API key: send 'Authorization: Bearer <key>' with a key given to --api-key"))
+                "missing or wrong API key: send 'Authorization: Bearer <key>' with a key given to --api-key"), scope)
             return
         await self.app(scope, receive, send)
 
@@ -89,7 +135,7 @@ class BodyLimitMiddleware:
         declared = _header(scope, b"content-length")
         too_large = PayloadTooLargeError(f"the request body exceeds {self._max} bytes (--max-request-bytes)")
         if declared is not None and (not declared.isdigit() or int(declared) > self._max):
-            await send_error(send, too_large)
+            await send_error(send, too_large, scope)
             return
         received = 0
 
