@@ -59,7 +59,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
         request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
         generation, summary = await chat.prepare(request)
         if config.server.log_requests:
-            summary["messages"] = [m.model_dump(exclude_none=True) for m in request.messages]
+            summary["messages"] = _loggable_messages(request.messages)
         fields = log_fields(raw_request.scope)
         fields.update(summary)  # the line then carries the completion's id (chatcmpl-...)
         if request.stream:
@@ -158,6 +158,18 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[str, Any]]:
+    """The conversation for --log-requests, with inline image data replaced by its length (never image bytes)."""
+    dumped = [m.model_dump(exclude_none=True) for m in messages]
+    for message in dumped:
+        for part in message["content"] if isinstance(message.get("content"), list) else ():
+            url = part.get("image_url", {}).get("url", "")
+            if url.startswith("data:"):
+                header = url.split(",", 1)[0]
+                part["image_url"]["url"] = f"{header[:64]},<{len(url)} characters>"
+    return dumped
 
 
 async def _logged(events: AsyncIterator[str], fields: dict[str, Any]) -> AsyncIterator[str]:
