@@ -63,6 +63,10 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
         fields = log_fields(raw_request.scope)
         fields.update(summary)  # the line then carries the completion's id (chatcmpl-...)
         if request.stream:
+            # Refuse with a status (429/503) while we still can: once streaming starts, only an error event is left.
+            # NOTE: a request admitted here can still lose the race for the last slot before its generator runs;
+            # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
+            engine.check_can_accept(generation.sampling.n)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             events = _logged(guarded(chat.stream(generation, request.model, include_usage)), fields)
             return StreamingResponse(events, media_type="text/event-stream",

@@ -50,6 +50,7 @@ class ChatService:
         self._media = media
         self._names = served_model_names
         self._config = server_config
+        self._num_preparing = 0  # sequences of requests admitted but still fetching images or rendering
 
     async def prepare(self, request: schemas.ChatCompletionRequest) -> tuple[GenerationRequest, dict[str, Any]]:
         """Validate against this server's limits, fetch and decode images, render the prompt (off the loop).
@@ -59,10 +60,16 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
-        images = await self._media.load(_image_refs(request.messages))
-        chat = _to_chat_messages(request.messages, images)
-        template = request.chat_template
-        prompt = await asyncio.to_thread(self._render, chat, template)
+        # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
+        # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
+        self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
+        self._num_preparing += request.n
+        try:
+            images = await self._media.load(_image_refs(request.messages))
+            chat = _to_chat_messages(request.messages, images)
+            prompt = await asyncio.to_thread(self._render, chat, request.chat_template)
+        finally:
+            self._num_preparing -= request.n
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
         return generation, _summary(generation, images)

@@ -42,6 +42,11 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
+        """Raise (QueueFullError, ServiceUnavailableError, EngineDeadError) if `num_sequences` more sequences, on
+        top of `num_reserved` the caller is still preparing, would be refused now."""
+        ...
+
     @property
     def is_dead(self) -> bool: ...
 
@@ -116,7 +121,7 @@ class AsyncEngine:
     # --- requests --------------------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        self._check_can_accept(request.sampling.n)
+        self.check_can_accept(request.sampling.n)
         self._check_prompt(request)
         max_tokens = self._resolve_max_tokens(request)
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
@@ -149,12 +154,12 @@ class AsyncEngine:
         self._wakeup.set()
         return child_ids
 
-    def _check_can_accept(self, n: int) -> None:
+    def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         if self._error is not None:
             raise EngineDeadError("the engine has stopped; the server is restarting")
         if not self._accepting:
             raise ServiceUnavailableError("the server is shutting down")
-        if len(self._sequences) + n > self._max_sequences:
+        if len(self._sequences) + num_reserved + num_sequences > self._max_sequences:
             raise QueueFullError(f"the server is at capacity ({self._max_sequences} sequences running or "
                                  "waiting, --max-num-seqs + --max-waiting-requests); retry shortly",
                                  retry_after_s=1.0)
