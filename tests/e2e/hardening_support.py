@@ -135,3 +135,29 @@ def parse_raw(answer: bytes) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), headers, body
+
+
+DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "vlmserve" / "demo" / "weights" / "model.safetensors"
+LOAD_KEY = "sk-load"
+MAX_NUM_SEQS = 4
+MAX_WAITING = 8
+
+
+def load_server(start_server: type[ServerProcess], tiny_qwen2_vl: Path) -> tuple[ServerProcess, str]:
+    """(server, model name) with a small queue: 4 running + 8 waiting. The bundled demo model when its weights are
+    present (`vlmserve serve` with no MODEL), else the tiny Qwen2-VL."""
+    is_demo = DEMO_WEIGHTS.is_file()
+    model_args = [] if is_demo else [str(tiny_qwen2_vl), "--served-model-name", MODEL]
+
+    def start() -> ServerProcess:
+        return start_server([*model_args, "--api-key", LOAD_KEY, "--max-num-seqs", str(MAX_NUM_SEQS),
+                             "--max-waiting-requests", str(MAX_WAITING)])
+
+    return shared("load", start), "vlmserve-demo" if is_demo else MODEL
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
