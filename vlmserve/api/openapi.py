@@ -27,6 +27,10 @@ _ERRORS = {
     "503": "Shutting down, or the engine died",
 }
 _OPEN_PATHS = ("/health",)
+_SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "A ChatCompletionChunk as JSON (or an ErrorResponse "
+                                                             "if the request failed mid-stream), then [DONE]"}}}
 
 
 def body_schema() -> dict[str, Any]:
@@ -68,7 +72,7 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
             _declare_errors(operation, is_open=path in _OPEN_PATHS)
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
     chat["description"] = "A chat completion, or with stream: true a server-sent event stream of chunks"
-    chat["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    chat["content"]["text/event-stream"] = {"schema": _SSE_EVENT}  # before OpenAPI 3.2: the schema of one event
     return document
 
 
