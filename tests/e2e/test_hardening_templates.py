@@ -59,27 +59,32 @@ def test_sandbox_escapes_are_a_clean_400(trusting: ServerProcess, template: str)
     assert_serves(trusting)
 
 
-@pytest.mark.parametrize("template", ["{{ messages.__class__ }}", "{{ self._TemplateReference__context }}",
-                                      "{{ raise_exception.__globals__ }}", "{% if false %}x{% endif %}"])
-def test_a_template_that_renders_nothing_is_a_400_not_a_dead_engine(trusting: ServerProcess, template: str) -> None:
-    # Sandbox-blocked attributes render as empty: an empty prompt used to reach the model runner and kill the loop.
-    assert_openai_error(post_chat(trusting, chat_body(chat_template=template)), 400, param="messages")
+@pytest.mark.parametrize(("template", "param"), [
+    # blocked attributes used to render as nothing; the sandbox now refuses them outright
+    ("{{ messages.__class__ }}", "chat_template"), ("{{ self._TemplateReference__context }}", "chat_template"),
+    ("{{ raise_exception.__globals__ }}", "chat_template"),
+    # an empty prompt used to reach the model runner and kill the loop
+    ("{% if false %}x{% endif %}", "messages")])
+def test_a_template_that_renders_nothing_is_a_400_not_a_dead_engine(trusting: ServerProcess, template: str,
+                                                                     param: str) -> None:
+    assert_openai_error(post_chat(trusting, chat_body(chat_template=template)), 400, param=param)
     assert httpx.get(f"{trusting.base_url}/health").status_code == 200
     assert_serves(trusting)
 
 
-@pytest.mark.parametrize("template", [
-    "{% for a in range(100000) %}{% for b in range(100000) %}{{ messages }}{% endfor %}{% endfor %}",
-    "{% for a in range(100000) %}{% for b in range(100000) %}xxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
-    "{{ 'x' * 10000000 }}",
+@pytest.mark.parametrize(("template", "says"), [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{{ messages }}{% endfor %}{% endfor %}", "loops"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "loops"),
+    ("{% for m in messages * 1000 %}{{ m.content * 100000 }}{% endfor %}", "characters"),
+    ("{{ 'x' * 10000000 }}", "repeats"),
+    ("{{ 'x' * 10**9 }}", "repeats"),
 ])
-def test_gigantic_output_is_a_clean_400_quickly(trusting: ServerProcess, template: str) -> None:
+def test_gigantic_work_is_a_clean_400_quickly(trusting: ServerProcess, template: str, says: str) -> None:
     started = time.monotonic()
     response = post_chat(trusting, chat_body(chat_template=template))
     assert time.monotonic() - started < 10
-    # NOTE: template.py names `messages` for output over its cap, whichever template (the model's or the request's)
-    error = assert_openai_error(response, 400, param="messages", code="invalid_chat_template")
-    assert "characters" in error["message"]
+    error = assert_openai_error(response, 400, param="chat_template", code="invalid_chat_template")
+    assert says in error["message"]
     assert_serves(trusting)
 
 

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: KV blocks on devices where memory is not profiled (CPU, MPS) unless --num-kv-blocks says otherwise
 DEFAULT_CPU_BLOCKS = 4096
+#: steps in a row in which every sequence failed before the engine counts as broken
+_MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 class PagedEngineCore:
@@ -56,6 +58,7 @@ class PagedEngineCore:
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
         self._inbox = Inbox()
         self._sequences: dict[str, Sequence] = {}
+        self._consecutive_failures = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
@@ -81,10 +84,39 @@ class PagedEngineCore:
             return
         try:
             sequences, sampled = self.runner.execute(scheduled.chunks)
-        except RuntimeError as exc:  # incl. CUDA out-of-memory: fail this step's requests, keep serving
-            emit(self._fail(scheduled.chunks, exc))
+        except Exception as exc:  # incl. CUDA out-of-memory: find the culprit, keep serving the others
+            self._recover(scheduled.chunks, exc, emit)
             return
+        self._consecutive_failures = 0
         emit(self._update(scheduled.chunks, sequences, sampled))
+
+    def _recover(self, chunks: list[ScheduledChunk], exc: Exception, emit: Emit) -> None:
+        """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
+
+        Re-running is safe: a failed step changed no sequence's progress, and a chunk rewrites the same cache
+        slots. If every sequence keeps failing, step after step, the engine itself is broken: the error then
+        propagates and the server stops (and is restarted by its supervisor).
+        """
+        logger.warning("engine step of %d sequences failed (%s); retrying them one by one", len(chunks),
+                       type(exc).__name__, exc_info=exc)
+        self.pool.reset_prefix_cache()  # blocks registered this step may hold partial KV
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        failures = 0
+        for chunk in chunks if len(chunks) > 1 else []:
+            try:
+                sequences, sampled = self.runner.execute([chunk])
+            except Exception as single:
+                failures += 1
+                emit(self._fail([chunk], single))
+            else:
+                emit(self._update([chunk], sequences, sampled))
+        if len(chunks) == 1:
+            failures = 1
+            emit(self._fail(chunks, exc))
+        self._consecutive_failures = self._consecutive_failures + 1 if failures == len(chunks) else 0
+        if self._consecutive_failures >= _MAX_CONSECUTIVE_FAILED_STEPS:
+            raise RuntimeError("every sequence failed in several consecutive steps") from exc
 
     def _take_inbox(self) -> None:
         new, aborts = self._inbox.take()
@@ -142,11 +174,8 @@ class PagedEngineCore:
             return FinishReason.LENGTH
         return None
 
-    def _fail(self, chunks: list[ScheduledChunk], exc: RuntimeError) -> list[CoreOutput]:
-        logger.exception("engine step failed for %d sequences", len(chunks), exc_info=exc)
-        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.pool.reset_prefix_cache()  # blocks registered this step may hold partial KV
+    def _fail(self, chunks: list[ScheduledChunk], exc: Exception) -> list[CoreOutput]:
+        logger.error("request failed in the engine: %s", type(exc).__name__, exc_info=exc)
         outputs = []
         for chunk in chunks:
             sequence = chunk.sequence

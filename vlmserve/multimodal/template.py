@@ -22,6 +22,8 @@ from vlmserve.errors import InvalidRequestError
 
 #: rendered prompts larger than this are refused; far above any real context window's text
 MAX_RENDERED_CHARS = 4_000_000
+#: `range()` items one render may create in all (nested loops multiply); real templates use a handful
+MAX_RANGE_ITEMS = 100_000
 
 
 class TemplateError(InvalidRequestError):
@@ -50,10 +52,45 @@ class _GenerationBlock(Extension):
         return list(parser.parse_statements(("name:endgeneration",), drop_needle=True))
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, plus: attributes it blocks raise instead of rendering as nothing, and
+    repetition (`'x' * n`, `n ** m`) is refused before it allocates beyond the output cap."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} is not allowed")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if (isinstance(sequence, (str, list, tuple)) and isinstance(count, int)
+                        and len(sequence) * count > MAX_RENDERED_CHARS):
+                    raise TemplateError("the chat template repeats a value beyond the output cap",
+                                        param="chat_template")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise TemplateError("the chat template raises a number to too large a power", param="chat_template")
+        return super().call_binop(context, operator, left, right)
+
+
+class _RangeBudget:
+    """`range()` for one render, refusing once all its ranges together exceed MAX_RANGE_ITEMS items."""
+
+    def __init__(self) -> None:
+        self._left = MAX_RANGE_ITEMS
+
+    def __call__(self, *args: int) -> range:
+        items = range(*args)
+        self._left -= len(items)
+        if self._left < 0:
+            raise TemplateError("the chat template loops too much", param="chat_template")
+        return items
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -70,11 +107,11 @@ def render_chat_template(source: str, context: dict[str, Any], *, max_chars: int
     pieces: list[str] = []
     size = 0
     try:
-        for piece in template.generate(**context):
+        for piece in template.generate(**context, range=_RangeBudget()):
             size += len(piece)
             if size > max_chars:
                 raise TemplateError(f"the chat template rendered more than {max_chars} characters",
-                                    param="messages")
+                                    param="chat_template")
             pieces.append(piece)
     except TemplateError:
         raise

@@ -319,3 +319,40 @@ def test_server_process_exits_nonzero_when_its_engine_dies(
     assert 200 not in health_after and health_after[-1] == "refused"
     log = log_path.read_text()
     assert "the engine died" in log and "InjectedFatalError" in log
+
+
+def test_a_poisoned_request_in_a_batch_fails_alone(adapter: ModelAdapter, prompts: list[PreparedPrompt],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whenever the poisoned request is in a step, the step fails; the engine isolates it and serves the rest."""
+    core = PagedEngineCore(adapter, engine_config())
+    expected = {f"ok{i}": drive(core, [request(f"ok{i}", prompts[i], max_tokens=MAX_TOKENS)])[f"ok{i}"][0]
+                for i in (1, 2)}
+    original = core.runner.execute
+
+    def execute(chunks: list[Any]) -> Any:
+        if any(c.sequence.request_id == "poison" for c in chunks):
+            raise ValueError("injected: this request breaks the model")
+        return original(chunks)
+
+    monkeypatch.setattr(core.runner, "execute", execute)
+    results = drive(core, [request("ok1", prompts[1], max_tokens=MAX_TOKENS),
+                           request("poison", prompts[0], max_tokens=MAX_TOKENS),
+                           request("ok2", prompts[2], max_tokens=MAX_TOKENS)])
+    assert results["poison"][1].finish_reason is FinishReason.ERROR and results["poison"][1].error == "ValueError"
+    for name in ("ok1", "ok2"):
+        assert results[name][1].finish_reason is FinishReason.LENGTH and results[name][0] == expected[name]
+    stats = core.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+def test_an_engine_that_fails_every_step_gives_up(adapter: ModelAdapter, prompts: list[PreparedPrompt],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    core = PagedEngineCore(adapter, engine_config())
+    fail_next_calls(monkeypatch, core.runner, "execute", RuntimeError("injected: broken device"), times=10**6)
+    for i in range(3):
+        core.add_request(request(f"r{i}", prompts[i % len(prompts)], max_tokens=MAX_TOKENS))
+    with pytest.raises(RuntimeError, match="consecutive steps"):
+        for _ in range(10):
+            core.step(lambda outputs: None)
+            for i in range(2):  # keep work coming, as clients would
+                core.add_request(request(f"more{_}-{i}", prompts[i], max_tokens=MAX_TOKENS))
