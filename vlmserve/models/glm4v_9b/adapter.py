@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -39,8 +40,11 @@ def load(path: str | Path, *, device: str, dtype: torch.dtype, max_model_len: in
         if not config.original_rope:
             raise ModelLoadError(f"{path}: original_rope=false is a different rotary layout (CogAgent-style "
                                  "checkpoints); only GLM-4V-9B's interleaved layout is implemented")
-        # NOTE: device_map streams the shards straight onto the device (28 GB in bf16 for the full model)
-        model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, device_map=device)
+        # NOTE: with accelerate installed, device_map streams the shards straight onto the device (28 GB in bf16
+        # for the full model) instead of staging them in host memory first.
+        placement = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
+        model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **placement)
+        model = model.to(device)
         processor = Glm4vProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load GLM-4V-9B from {path}: {type(exc).__name__}: {exc}") from exc
