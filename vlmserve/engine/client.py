@@ -61,10 +61,8 @@ class _Sequence:
     queue: asyncio.Queue[TokenDelta | BaseException]
     detokenizer: IncrementalDetokenizer
     num_prompt_tokens: int
-    max_tokens: int
     want_logprobs: bool
     num_generated: int = 0
-    is_finished: bool = False
 
 
 class AsyncEngine:
@@ -149,7 +147,7 @@ class AsyncEngine:
             sampling = dataclasses.replace(params, n=1, seed=seed, max_tokens=max_tokens)
             self._sequences[child_id] = _Sequence(
                 index=index, queue=queue, detokenizer=IncrementalDetokenizer(self._tokenizer, params.stop),
-                num_prompt_tokens=request.prompt.num_tokens, max_tokens=max_tokens, want_logprobs=params.logprobs)
+                num_prompt_tokens=request.prompt.num_tokens, want_logprobs=params.logprobs)
             self._core.add_request(dataclasses.replace(request, request_id=child_id, sampling=sampling))
         self._wakeup.set()
         return child_ids
