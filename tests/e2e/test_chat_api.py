@@ -99,10 +99,13 @@ def test_different_images_give_different_prompts_or_outputs(client: openai.OpenA
 
 def test_n_choices(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(model=MODEL, messages=[image_message("Hi", RED)], n=2,
-                                              max_tokens=6, temperature=1.0, seed=7)
+                                              max_tokens=6, temperature=1.0, seed=7, logprobs=True,
+                                              extra_body={"ignore_eos": True})
     assert [c.index for c in response.choices] == [0, 1]
-    assert response.usage.completion_tokens == sum(
-        len(c.logprobs.content) if c.logprobs else 0 for c in response.choices) or response.usage.completion_tokens > 0
+    assert all(c.finish_reason == "length" and len(c.logprobs.content) == 6 for c in response.choices)
+    assert response.usage.completion_tokens == 12  # both choices counted, the prompt once
+    tokens = [[t.token for t in c.logprobs.content] for c in response.choices]
+    assert tokens[0] != tokens[1]  # the choices are sampled independently
 
 
 def test_max_tokens_reached_is_length(client: openai.OpenAI) -> None:
