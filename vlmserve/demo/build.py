@@ -36,21 +36,22 @@ QWEN2_VL_CHAT_TEMPLATE = (
 #: the total vocabulary, special tokens included
 VOCAB_SIZE = 1024
 
-# NOTE: with min_pixels close to max_pixels every image is scaled to 64-104 tokens of 28x28 px whatever its size:
-# a shape (>= 15 % of the shorter side) then covers about two tokens or more across in a square image, and small
-# images are enlarged rather than reduced to a few tokens. A 512x512 image becomes 280x280: 100 image tokens.
-MIN_PIXELS = 28 * 28 * 64
-MAX_PIXELS = 28 * 28 * 100
+# NOTE: with min_pixels close to max_pixels every image is scaled to 24-36 tokens of 28x28 px whatever its size (a
+# 512x512 image becomes 168x168 px, 6x6 tokens): a shape (>= 15 % of the shorter side) is then at least ~25 px
+# wide in a square image and small images are enlarged rather than reduced to a few tokens. Few image tokens keep
+# the model cheap enough to train on a 2-core CPU (the first weights used 64-104 tokens).
+MIN_PIXELS = 28 * 28 * 24
+MAX_PIXELS = 28 * 28 * 36
 
-# Text model: 4 layers of width 256. Vision tower: 4 blocks of width 128 on 14-px patches, merged 2x2 into tokens.
-# NOTE: rope_theta is Qwen2-VL's own 1e6. The shipped weights were trained with 100 instead (their config.json says
-# so), meant to give the width axis of M-RoPE (the lowest frequencies of each head) visible turns over 30 columns.
-# That left no dimension whose rotation stays small over the 20-200 tokens between a question and the image, and
-# the model then failed at pure look-ups ("Is there a purple circle?" at chance) while it learnt counting; where a
-# shape is (its side, its rank from the left) is taught to the image tokens themselves by the auxiliary vision
-# loss (train.py), so the language model needs no fine positions. Not yet trained with 1e6: see README.md.
+# Text model: 3 layers of width 128 (2 heads of 64). Vision tower: 4 blocks of width 128 on 14-px patches, merged
+# 2x2 into tokens.
+# NOTE: rope_theta is Qwen2-VL's own 1e6. The first weights were trained with 100, meant to give the width axis of
+# M-RoPE visible turns over 30 columns; that left no dimension whose rotation stays small over the tokens between a
+# question and the image, and the model failed at pure look-ups ("Is there a purple circle?" at chance). Where a
+# shape is (its side, its rank from the left) and how many shapes there are is taught to the image tokens
+# themselves by the auxiliary vision loss (train.py), so the language model needs no fine positions.
 TEXT_CONFIG: dict[str, Any] = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
     max_position_embeddings=4096, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
 )

@@ -77,12 +77,14 @@ def _random_other_question(rng: random.Random) -> str:
 
 
 def _num_turns(rng: random.Random) -> int:
-    return rng.choices([1, 2, 3, 4], [0.45, 0.2, 0.2, 0.15])[0]
+    # Later turns are cheap (the image is already in the sequence), so most conversations ask several questions; the
+    # first turn of each is the single-turn case.
+    return rng.choices([1, 2, 3, 4], [0.25, 0.25, 0.25, 0.25])[0]
 
 
 def _system(rng: random.Random) -> list[dict]:
     # Without a system message the template inserts "You are a helpful assistant."
-    if rng.random() < 0.6:
+    if rng.random() < 0.75:
         return []
     return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}]
 

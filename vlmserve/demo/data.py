@@ -69,13 +69,18 @@ class ConversationEncoder:
         texts = [self.render(conv) for conv in convs]
         if image is None:
             ids = self.processor.tokenizer(texts)["input_ids"]
-            return [self._item(torch.tensor(row), None, None) for row in ids]
+            items = [self._item(torch.tensor(row), None, None) for row in ids]
+            for item, conv in zip(items, convs, strict=True):
+                item["answer_types"] = answer_types(item["labels"], conv.qtypes)
+            return items
         image_inputs = self.processor.image_processor(images=[image], return_tensors="pt")
         placeholder = self.processor.replace_image_token(image_inputs, 0)
         token = self.processor.image_token
         ids = self.processor.tokenizer([text.replace(token, placeholder) for text in texts])["input_ids"]
         items = [self._item(torch.tensor(row), image_inputs["pixel_values"], image_inputs["image_grid_thw"])
                  for row in ids]
+        for item, conv in zip(items, convs, strict=True):
+            item["answer_types"] = answer_types(item["labels"], conv.qtypes)
         scene = convs[0].scene
         if scene is not None:
             labels = token_labels(scene, image_inputs["image_grid_thw"], self.processor.image_processor.merge_size)
@@ -111,6 +116,19 @@ class ConversationEncoder:
                 i = j
             i += 1
         return torch.tensor(labels, dtype=torch.long)
+
+
+def answer_types(labels: torch.Tensor, qtypes: list[int]) -> torch.Tensor:
+    """The question type (0: no image) at each labelled position, -1 elsewhere: one answer span per entry of qtypes.
+
+    Training uses it to log how many answers of each type it would have generated right (greedy, teacher-forced).
+    """
+    valid = labels != IGNORE_INDEX
+    starts = valid & ~torch.cat([torch.zeros(1, dtype=torch.bool), valid[:-1]])
+    span = torch.cumsum(starts.long(), 0) - 1
+    assert int(starts.sum()) == len(qtypes), "one labelled span per assistant turn"
+    types = torch.tensor([*qtypes, -1], dtype=torch.long)
+    return torch.where(valid, types[span.clamp(min=0)], torch.full_like(span, -1))
 
 
 class _RopeIndexer:
@@ -178,14 +196,17 @@ def collate(items: list[dict[str, torch.Tensor]], pad_id: int, codec: PixelCodec
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
     position_ids = torch.zeros((3, batch, length), dtype=torch.long)
+    types = torch.full((batch, length), -1, dtype=torch.long)
     for row, item in enumerate(items):
+        if "answer_types" in item:
+            types[row, : len(item["answer_types"])] = item["answer_types"]
         n = len(item["input_ids"])
         input_ids[row, :n] = item["input_ids"]
         labels[row, :n] = item["labels"]
         attention_mask[row, :n] = 1
         position_ids[:, row, :n] = item["position_ids"]
     out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                           "position_ids": position_ids}
+                           "position_ids": position_ids, "answer_types": types}
     with_images = [item for item in items if "pixel_values" in item]
     if with_images:
         unique: dict[int, tuple[int, torch.Tensor]] = {}
@@ -260,4 +281,44 @@ class ConversationBatches(torch.utils.data.IterableDataset):
         batch_index = self.start_batch + worker
         while True:
             yield self.batch(encoder, batch_index)
+            batch_index += num_workers
+
+
+class VisionBatches(torch.utils.data.IterableDataset):
+    """An endless stream of image-only batches (pixels and per-token vision labels) for pre-training the vision tower.
+
+    Batch k holds `batch_size` random scenes, deterministic by (seed, k) whatever the number of workers.
+    """
+
+    def __init__(self, model_dir: str | Path, seed: int, batch_size: int) -> None:
+        super().__init__()
+        self.model_dir = str(model_dir)
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def batch(self, processor: Any, batch_index: int) -> dict[str, Any]:
+        from vlmserve.demo.shapes import random_scene, render
+
+        image_processor = processor.image_processor
+        codec = PixelCodec.of(image_processor)
+        rows, grids, labels = [], [], []
+        for i in range(self.batch_size):
+            scene = random_scene(random.Random(f"vision:{self.seed}:{batch_index}:{i}"))
+            inputs = image_processor(images=[render(scene)], return_tensors="pt")
+            rows.append(codec.encode(inputs["pixel_values"]))
+            grids.append(inputs["image_grid_thw"])
+            labels.append(token_labels(scene, inputs["image_grid_thw"], image_processor.merge_size))
+        pixel_rows = torch.cat(rows)
+        return {"pixel_rows": pixel_rows, "pixel_index": torch.arange(len(pixel_rows)),
+                "image_grid_thw": torch.cat(grids), "vision_labels": torch.cat(labels)}
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        processor = load_demo_processor(self.model_dir)
+        batch_index = worker
+        while True:
+            yield self.batch(processor, batch_index)
             batch_index += num_workers

@@ -23,8 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from vlmserve.demo.build import build
-from vlmserve.demo.data import ConversationBatches, PixelCodec, batch_pixel_values, load_demo_processor
-from vlmserve.demo.vision_labels import IGNORE, NUM_OBJECT_CLASSES, NUM_RANKS, NUM_SIDES
+from vlmserve.demo.data import (
+    ConversationBatches,
+    PixelCodec,
+    VisionBatches,
+    batch_pixel_values,
+    load_demo_processor,
+)
+from vlmserve.demo.vision_labels import IGNORE, LABEL_CLASSES, LABEL_GROUPS
+
+#: answer types logged: 0 (no image) and the seven question types
+NUM_TYPES = 8
 
 PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "tokenizer.json",
                    "tokenizer_config.json")
@@ -66,28 +75,61 @@ def use_padded_vision_attention(model: Any, enable: bool = True) -> None:
 
 
 class VisionProbe(torch.nn.Module):
-    """Training-only linear probe on the vision tower's output: each token's object class, side and rank.
+    """Training-only linear probe on the vision tower's output: each token's `vision_labels.LABEL_CLASSES`.
 
     See `vlmserve.demo.vision_labels`. It reads the merger's output through a forward hook, so the model runs its
-    ordinary forward; it is not part of the saved model.
+    ordinary forward; it is not part of the saved model (training keeps it beside the checkpoint, `probe_path`).
     """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(model.config.text_config.hidden_size, NUM_OBJECT_CLASSES + NUM_SIDES + NUM_RANKS)
+        self.proj = torch.nn.Linear(model.config.text_config.hidden_size, sum(LABEL_CLASSES.values()))
         self._features: list[torch.Tensor] = []
         model.model.visual.merger.register_forward_hook(lambda module, args, output: self._features.append(output))
 
     def loss(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The summed cross-entropy of every label column; accuracies per column in `self.accuracy`."""
         features, self._features = self._features, []
         if labels is None or not features:
             return None
         # Normalised first: the probe starts with logits of unit scale whatever the features' scale.
         hidden = features[-1].float()
         logits = self.proj(F.layer_norm(hidden, hidden.shape[-1:]))
-        objects, sides, ranks = logits.split([NUM_OBJECT_CLASSES, NUM_SIDES, NUM_RANKS], dim=-1)
-        return _cross_entropy(objects, labels[:, 0]) + _cross_entropy(sides, labels[:, 1]) + _cross_entropy(
-            ranks, labels[:, 2])
+        columns = logits.split(list(LABEL_CLASSES.values()), dim=-1)
+        losses, accuracy = [], []
+        for column, part in enumerate(columns):
+            if column == 0:
+                # Most tokens are background, which is learnt at once; averaged over all tokens, the shapes'
+                # tokens would weigh little beside the other columns (which count shape tokens only) and the
+                # shape (circle, square, triangle) stayed at chance. Background and shapes count as much.
+                shape = labels[:, 0] > 0
+                losses.append(_cross_entropy(part, torch.where(shape, IGNORE, labels[:, 0])) + 2 * _cross_entropy(
+                    part, torch.where(shape, labels[:, 0], IGNORE)))
+            else:
+                losses.append(_cross_entropy(part, labels[:, column]))
+            # the object column's accuracy over the shapes' tokens only (the background is learnt at once)
+            valid = labels[:, column] > 0 if column == 0 else labels[:, column] != IGNORE
+            right = (part.argmax(-1) == labels[:, column]) & valid
+            accuracy.append(right.sum().float() / valid.sum().clamp(min=1))
+        total = logits.new_zeros(())
+        group_accuracy = []
+        for members in LABEL_GROUPS.values():
+            total = total + torch.stack([losses[i] for i in members]).mean()
+            group_accuracy.append(torch.stack([accuracy[i] for i in members]).mean())
+        self.accuracy = torch.stack(group_accuracy).detach()
+        return total
+
+    def load_compatible(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a probe saved with fewer label columns: the columns it has, in the same order."""
+        with torch.no_grad():
+            for name, value in state.items():
+                target = getattr(self.proj, name.removeprefix("proj."))
+                target[: len(value)] = value
+
+
+def probe_path(out: str | Path) -> Path:
+    """Where training keeps the probe: beside the checkpoint folder, never inside it."""
+    return Path(f"{Path(out).resolve()}.probe.pt")
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -123,19 +165,28 @@ def make_model(args: argparse.Namespace) -> Any:
     return model
 
 
-def make_optimizer(modules: list[torch.nn.Module], args: argparse.Namespace, device: torch.device
+def make_optimizer(model: Any, probe: torch.nn.Module, args: argparse.Namespace, device: torch.device
                    ) -> torch.optim.Optimizer:
-    params = [p for module in modules for p in module.parameters()]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW; the vision tower and merger at `lr * vision_lr_scale`; only they and the probe with `vision_only`."""
+    visual = list(model.model.visual.parameters())
+    visual_ids = {id(p) for p in visual}
+    rest = [] if args.vision_only else [p for p in model.parameters() if id(p) not in visual_ids]
+    groups = []
+    for params, scale in ((visual, args.vision_lr_scale), (rest, 1.0), (list(probe.parameters()), 1.0)):
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": args.weight_decay if decay else 0.0,
+                               "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
 
 
-def save(model: Any, args: argparse.Namespace) -> None:
+def save(model: Any, args: argparse.Namespace, probe: torch.nn.Module | None = None) -> None:
     use_padded_vision_attention(model, enable=False)
     model.save_pretrained(args.out)
-    use_padded_vision_attention(model, enable=args.device_type == "cuda")
+    use_padded_vision_attention(model)
+    if probe is not None:
+        torch.save(probe.state_dict(), probe_path(args.out))
     if args.archive:
         tmp = f"{args.archive}.tmp"
         with tarfile.open(tmp, "w") as tar:
@@ -147,7 +198,8 @@ def save(model: Any, args: argparse.Namespace) -> None:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, codec: PixelCodec | None
               ) -> dict[str, torch.Tensor]:
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    inputs = {k: moved[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    inputs = {k: moved[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "answer_types")
+              if k in moved}
     if "pixel_rows" in moved:
         inputs["pixel_values"] = batch_pixel_values(moved, codec)
         inputs["image_grid_thw"] = moved["image_grid_thw"]
@@ -158,31 +210,72 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, codec: Pixel
 
 def train_step(model: Any, probe: VisionProbe, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor],
                lr: float, args: argparse.Namespace) -> torch.Tensor:
-    """One optimiser step; returns [answer loss, vision loss, right answer tokens, answer tokens] on the device."""
+    """One optimiser step; returns `stats_vector` on the device."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     vision_labels = inputs.pop("vision_labels", None)
+    types = inputs.pop("answer_types", None)
     with torch.autocast(args.device_type, dtype=torch.bfloat16, enabled=args.device_type == "cuda"):
-        output = model(**inputs)
+        if args.vision_only:
+            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            answers = None
+        else:
+            answers = answer_logits(model, inputs)
         vision_loss = probe.loss(vision_labels)
-    loss = output.loss
-    if vision_loss is not None and args.vision_loss_weight:
+    answer_loss = F.cross_entropy(answers[0].float(), answers[1]) if answers is not None else None
+    loss = answer_loss if answer_loss is not None else vision_loss
+    if answer_loss is not None and vision_loss is not None and args.vision_loss_weight:
         loss = loss + args.vision_loss_weight * vision_loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.parameters()), args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return stats_vector(answers, answer_loss, types, vision_loss, probe)
+
+
+def answer_logits(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the answer positions only: the output layer runs on the few tokens that are learnt."""
+    labels = inputs["labels"]
+    hidden = model.model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    valid = labels[:, 1:] != IGNORE
+    return model.lm_head(hidden[:, :-1][valid]), labels[:, 1:][valid]
+
+
+def stats_vector(answers: tuple[torch.Tensor, torch.Tensor] | None, answer_loss: torch.Tensor | None,
+                 types: torch.Tensor | None, vision_loss: torch.Tensor | None, probe: VisionProbe) -> torch.Tensor:
+    """[answer loss, vision loss, probe accuracy per label column..., right answers per type..., answers per type...].
+
+    An answer is right when every one of its tokens (and its end-of-turn token) is the argmax under teacher forcing,
+    which is exactly when greedy decoding would have produced it.
+    """
     with torch.no_grad():
-        predicted = output.logits[:, :-1].argmax(-1)
-        target = inputs["labels"][:, 1:]
-        counted = target != -100
-        correct = ((predicted == target) & counted).sum()
-        vision = vision_loss.detach() if vision_loss is not None else torch.zeros((), device=loss.device)
-    return torch.stack([output.loss.detach().float(), vision.float(), correct.float(), counted.sum().float()])
+        device = probe.proj.weight.device
+        vision = vision_loss.detach().float() if vision_loss is not None else torch.zeros((), device=device)
+        accuracy = getattr(probe, "accuracy", torch.zeros(len(LABEL_GROUPS), device=device))
+        right = torch.zeros(NUM_TYPES, device=device)
+        total = torch.zeros(NUM_TYPES, device=device)
+        loss = answer_loss.detach().float() if answer_loss is not None else torch.zeros((), device=device)
+        if answers is not None and types is not None:
+            logits, target = answers
+            full = types[:, 1:].flatten()
+            kinds = full[full >= 0]  # the answer positions, in the order of `answers`
+            starts = torch.ones_like(kinds, dtype=torch.bool)
+            positions = torch.nonzero(full >= 0).flatten()
+            starts[1:] = positions[1:] != positions[:-1] + 1
+            span = torch.cumsum(starts.long(), 0) - 1
+            wrong = torch.zeros(int(starts.sum()), device=device).index_add_(
+                0, span, (logits.argmax(-1) != target).float())
+            total = torch.bincount(kinds[starts], minlength=NUM_TYPES).float()
+            right = torch.bincount(kinds[starts], weights=(wrong == 0).float(), minlength=NUM_TYPES).float()
+        return torch.cat([loss[None], vision[None], accuracy, right, total])
 
 
 def make_loader(args: argparse.Namespace, device: torch.device) -> torch.utils.data.DataLoader:
-    dataset = ConversationBatches(args.out, args.seed, args.batch_size, group_size=args.group_size)
+    dataset: torch.utils.data.IterableDataset
+    if args.vision_only:
+        dataset = VisionBatches(args.out, args.seed, args.batch_size)
+    else:
+        dataset = ConversationBatches(args.out, args.seed, args.batch_size, group_size=args.group_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers))
@@ -196,19 +289,39 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def log_line(step: int, progress: float, lr: float, sums: list[float], window: int, args: argparse.Namespace,
+             elapsed: float, data_wait: float) -> str:
+    """One progress line: losses, the probe's accuracy per label column, right answers per question type."""
+    num_columns = len(LABEL_GROUPS)
+    loss, vision_loss = sums[0] / window, sums[1] / window
+    probe = " ".join(f"{name} {v / window:.3f}" for name, v in zip(LABEL_GROUPS, sums[2: 2 + num_columns],
+                                                                   strict=True))
+    right, total = sums[2 + num_columns: 2 + num_columns + NUM_TYPES], sums[2 + num_columns + NUM_TYPES:]
+    answers = " ".join(f"{t}:{right[t] / total[t]:.3f}" if total[t] else f"{t}:-" for t in range(NUM_TYPES))
+    unit = "images" if args.vision_only else "conv"
+    return (f"step {step:5d}  progress {progress:6.1%}  loss {loss:.4f}  vision loss {vision_loss:.4f}  "
+            f"probe [{probe}]  right answers by type [{answers}] of {int(sum(total))}  lr {lr:.2e}  "
+            f"{step * args.batch_size / max(elapsed, 1e-9):.1f} {unit}/s  "
+            f"waiting for data {data_wait / max(elapsed, 1e-9):.0%}  {elapsed:.0f}s")
+
+
 def train(args: argparse.Namespace) -> list[float]:
-    """Train and save; returns the mean loss of each logging window."""
+    """Train and save; returns the mean loss (the vision loss with `vision_only`) of each logging window."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.device_type = device.type
     model = make_model(args).to(device).train()
     card = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}{card}", flush=True)
-    use_padded_vision_attention(model, enable=device.type == "cuda")
+    use_padded_vision_attention(model)
     probe = VisionProbe(model).to(device)
-    optimizer = make_optimizer([model, probe], args, device)
+    if args.init and probe_path(args.init).is_file():
+        probe.load_compatible(torch.load(probe_path(args.init), map_location=device))
+    optimizer = make_optimizer(model, probe, args, device)
     codec = PixelCodec.of(load_demo_processor(args.out).image_processor)
     start = last_save = tick = time.monotonic()
-    totals = torch.zeros(4, device=device)  # summed on the device: see train_step
+    totals = torch.zeros(2 + len(LABEL_GROUPS) + 2 * NUM_TYPES, device=device)  # summed on the device
     window = step = 0
     losses: list[float] = []
     data_wait = 0.0
@@ -220,24 +333,20 @@ def train(args: argparse.Namespace) -> list[float]:
         totals += train_step(model, probe, optimizer, to_device(batch, device, codec), lr, args)
         window += 1
         if step % args.log_every == 0 or progress >= 1:
-            sum_loss, sum_vision_loss, num_correct, num_counted = totals.tolist()
-            losses.append(sum_loss / window)
-            print(f"step {step:5d}  progress {progress:6.1%}  loss {losses[-1]:.4f}  "
-                  f"vision loss {sum_vision_loss / window:.4f}  "
-                  f"answer-token acc {num_correct / max(num_counted, 1):.4f}  lr {lr:.2e}  "
-                  f"{step * args.batch_size / max(elapsed, 1e-9):.1f} conv/s  "
-                  f"waiting for data {data_wait / max(elapsed, 1e-9):.0%}  {elapsed:.0f}s", flush=True)
+            sums = totals.tolist()
+            losses.append(sums[1 if args.vision_only else 0] / window)
+            print(log_line(step, progress, lr, sums, window, args, elapsed, data_wait), flush=True)
             totals.zero_()
             window = 0
         if args.save_every and time.monotonic() - last_save > args.save_every:
-            save(model, args)
+            save(model, args, probe)
             last_save = time.monotonic()
         if progress >= 1:
             break
         tick = time.monotonic()
-    save(model, args)
-    print(f"trained {step} steps of {args.batch_size} conversations in {time.monotonic() - start:.0f}s; "
-          f"saved to {args.out}", flush=True)
+    save(model, args, probe)
+    print(f"trained {step} steps of {args.batch_size} {'images' if args.vision_only else 'conversations'} in "
+          f"{time.monotonic() - start:.0f}s; saved to {args.out}", flush=True)
     return losses
 
 
@@ -264,6 +373,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints (0: end only)")
     parser.add_argument("--archive", default="", help="also write the checkpoint as this .tar after each save")
     parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--vision-only", action="store_true",
+                        help="train only the vision tower, merger and probe on images with per-token labels "
+                             "(--batch-size counts images)")
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="the vision tower's and merger's learning rate relative to --lr")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the trainer (0: torch's default)")
     parser.add_argument("--tiny", action="store_true", help="a miniature model, for smoke tests of this script")
     return parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ from vlmserve.demo.data import (
     ConversationBatches,
     ConversationEncoder,
     PixelCodec,
+    VisionBatches,
     batch_pixel_values,
     collate,
     load_demo_processor,
@@ -64,6 +65,26 @@ def test_labels_cover_the_answers_and_their_end_of_turn_only(encoder: Conversati
     item = encoder.encode(no_image_conversation(random.Random(0)))
     assert tokenizer.decode([t for t in item["labels"].tolist() if t != IGNORE_INDEX]).startswith(NO_IMAGE_ANSWER)
     assert "pixel_values" not in item
+
+
+def test_answer_types_mark_each_answer_with_its_question_type(encoder: ConversationEncoder) -> None:
+    for seed in range(6):
+        convs = conversation_group(random.Random(seed), 2)
+        for conv, item in zip(convs, encoder.encode_group(convs), strict=True):
+            types = item["answer_types"]
+            assert torch.equal(types >= 0, item["labels"] != IGNORE_INDEX)
+            spans = [int(t) for i, t in enumerate(types.tolist()) if t >= 0 and (i == 0 or types[i - 1] < 0)]
+            assert spans == conv.qtypes
+
+
+def test_vision_batches_hold_pixels_and_one_label_row_per_token(model_dir: Path) -> None:
+    dataset = VisionBatches(model_dir, seed=0, batch_size=3)
+    processor = load_demo_processor(model_dir)
+    batch = dataset.batch(processor, 0)
+    tokens = int((batch["image_grid_thw"].prod(1) // 4).sum())
+    assert batch["vision_labels"].shape[0] == tokens
+    assert len(batch["pixel_rows"]) == int(batch["image_grid_thw"].prod(1).sum())
+    assert torch.equal(dataset.batch(processor, 0)["pixel_rows"], batch["pixel_rows"])
 
 
 def test_first_turn_puts_the_image_before_or_after_the_question(encoder: ConversationEncoder) -> None:
