@@ -26,6 +26,7 @@ from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
 from vlmserve.models.base import ModelAdapter
+from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,53 @@ class StepInputs:
     attention: AttentionBatch
     sample_rows: list[int]  # row index of each sampling chunk's last token
     sample_sequences: list[Sequence]
+
+
+class _Rows:
+    """A step's input rows in order: prompt slices (embeddings and positions already computed) and generated
+    tokens, whose embeddings and positions are made in one call each for the whole step (a decode step of B
+    sequences then costs a handful of kernels, not a handful per sequence)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._prompt: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first row, embeds, positions)
+        self._ids: list[int] = []
+        self._positions: list[int] = []
+        self._at: list[int] = []  # the row of each generated token
+
+    def add_prompt(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+        self._prompt.append((self.count, embeds, positions))
+        self.count += embeds.shape[0]
+
+    def add_generated(self, token_ids: list[int], first_position: int) -> None:
+        n = len(token_ids)
+        self._ids += token_ids
+        self._positions += range(first_position, first_position + n)
+        self._at += range(self.count, self.count + n)
+        self.count += n
+
+    def build(self, adapter: ModelAdapter, num_position_rows: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (rows, hidden), positions (position rows, rows))."""
+        generated = None
+        if self._ids:
+            generated = (adapter.embed_tokens(torch.tensor(self._ids, device=device)),
+                         torch.tensor(self._positions, device=device).expand(num_position_rows, -1))
+            if not self._prompt:
+                return generated
+        if len(self._prompt) == 1 and generated is None:
+            return self._prompt[0][1], self._prompt[0][2]
+        first = self._prompt[0][1]
+        embeds = first.new_empty(self.count, first.shape[-1])
+        positions = torch.empty(num_position_rows, self.count, dtype=torch.long, device=device)
+        for row, part_embeds, part_positions in self._prompt:
+            embeds[row:row + part_embeds.shape[0]] = part_embeds
+            positions[:, row:row + part_embeds.shape[0]] = part_positions
+        if generated is not None:
+            at = torch.tensor(self._at, device=device)
+            embeds[at] = generated[0].to(embeds.dtype)
+            positions[:, at] = generated[1]
+        return embeds, positions
 
 
 class ModelRunner:
@@ -61,43 +109,70 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run one step; returns the sequences that got a new token and the sampler's choices for them."""
-        step = self._prepare(chunks)
-        if self._is_graphable(step, len(chunks)):
-            assert self._graphs is not None
-            positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
-            logits = self._graphs.run(step.inputs_embeds[0], positions, step.attention)
-        else:
+        """Run one step; returns the sequences that got a new token and the sampler's choices for them.
+
+        With CUDA graphs, the step's single-token chunks replay a captured decode graph and only the prefill chunks
+        run eagerly, so a prompt joining the batch does not turn everyone's decode into an eager, launch-bound
+        forward. The eager part runs first: a sequence in the graph part may read prefix-cache blocks that a
+        prefill chunk of this same step writes (a sibling of an `n > 1` request, say).
+        """
+        graphed, eager = self._partition(chunks)
+        sequences: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        if eager:
+            step = self._prepare(eager)
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
                                                  use_cache=False)
-            if not step.sample_rows:
-                return [], None
-            logits = self.adapter.compute_logits(output.last_hidden_state[0, step.sample_rows])
-        return step.sample_sequences, self.sampler(logits, [s.sampling for s in step.sample_sequences])
+            if step.sample_rows:
+                sequences += step.sample_sequences
+                logits.append(self.adapter.compute_logits(output.last_hidden_state[0, step.sample_rows]))
+        if graphed:
+            assert self._graphs is not None
+            step = self._prepare(graphed)
+            positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
+            sequences += step.sample_sequences
+            logits.append(self._graphs.run(step.inputs_embeds[0], positions, step.attention))
+        if not sequences:
+            return [], None
+        batch_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return sequences, self.sampler(batch_logits, [s.sampling for s in sequences])
 
-    def _is_graphable(self, step: StepInputs, num_chunks: int) -> bool:
-        """A pure decode step: one token per sequence, every one sampled, within the captured sizes."""
-        return (self._graphs is not None and step.attention.max_q_len == 1
-                and len(step.sample_rows) == num_chunks <= self._graphs.max_batch)
+    def _partition(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+        """(chunks for the decode graph, chunks to run eagerly)."""
+        if self._graphs is None:
+            return [], chunks
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples]
+        if not graphed or len(graphed) > self._graphs.max_batch:
+            return [], chunks
+        return graphed, [c for c in chunks if not (c.num_tokens == 1 and c.samples)]
 
     # --- packing ---------------------------------------------------------------------------------------------
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
-        embeds: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
+        size = self.cache.block_size
+        rows = _Rows()
         slots: list[int] = []
         cu_seqlens = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_sequences: list[Sequence] = []
-        size = self.cache.block_size
+        starting = [c.sequence for c in chunks
+                    if c.start < c.sequence.num_prompt_tokens and c.sequence.prompt_embeds is None]
+        if starting:
+            self._embed_prompts(starting)
         for chunk in chunks:
             sequence = chunk.sequence
-            chunk_embeds, chunk_positions = self._chunk_inputs(chunk)
-            embeds.append(chunk_embeds)
-            positions.append(chunk_positions)
-            slots.extend(sequence.block_ids[i // size] * size + i % size for i in range(chunk.start, chunk.end))
+            num_prompt = sequence.num_prompt_tokens
+            if chunk.start < num_prompt:
+                assert sequence.prompt_embeds is not None and sequence.prompt_positions is not None
+                end = min(chunk.end, num_prompt)
+                rows.add_prompt(sequence.prompt_embeds[chunk.start:end], sequence.prompt_positions[:, chunk.start:end])
+            generated_start = max(chunk.start, num_prompt)
+            if chunk.end > generated_start:
+                rows.add_generated(sequence.tokens(generated_start, chunk.end), generated_start + sequence.rope_delta)
+            blocks = sequence.block_ids
+            slots.extend(blocks[i // size] * size + i % size for i in range(chunk.start, chunk.end))
             cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
             seq_lens.append(chunk.end)
             if chunk.samples:
@@ -112,53 +187,39 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
             max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
-        position_ids = torch.cat(positions, dim=1)
+        embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
-        return StepInputs(inputs_embeds=torch.cat(embeds).unsqueeze(0), position_ids=position_ids,
+        return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
                           attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences)
 
-    def _chunk_inputs(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (tokens, hidden) and positions (rows, tokens) of one chunk."""
-        sequence = chunk.sequence
-        num_prompt = sequence.num_prompt_tokens
-        parts_e: list[torch.Tensor] = []
-        parts_p: list[torch.Tensor] = []
-        if chunk.start < num_prompt:
-            if sequence.prompt_embeds is None:
-                self._embed_prompt(sequence)
-            assert sequence.prompt_embeds is not None and sequence.prompt_positions is not None
-            end = min(chunk.end, num_prompt)
-            parts_e.append(sequence.prompt_embeds[chunk.start:end])
-            parts_p.append(sequence.prompt_positions[:, chunk.start:end])
-        generated_start = max(chunk.start, num_prompt)
-        if chunk.end > generated_start:
-            ids = torch.tensor(sequence.tokens(generated_start, chunk.end), device=self.device)
-            parts_e.append(self.adapter.embed_tokens(ids))
-            index = torch.arange(generated_start, chunk.end, device=self.device) + sequence.rope_delta
-            parts_p.append(index.unsqueeze(0).expand(self._rows, -1))
-        embeds = parts_e[0] if len(parts_e) == 1 else torch.cat(parts_e)
-        positions = parts_p[0] if len(parts_p) == 1 else torch.cat(parts_p, dim=1)
-        return embeds, positions
+    def _embed_prompts(self, sequences: list[Sequence]) -> None:
+        """Prompt embeddings and positions of the sequences whose prefill starts this step. Their images come
+        from the embedding cache, or from one vision-tower call over all the images it lacks."""
+        features: dict[int, list[torch.Tensor]] = {}  # by id of the prompt (n > 1 siblings share one)
+        missing: dict[int, PreparedPrompt] = {}
+        for sequence in sequences:
+            prompt = sequence.request.prompt
+            if id(prompt) in features or id(prompt) in missing:
+                continue
+            cached = self.image_cache.get_all(prompt.image_hashes) if _one_feature_per_image(prompt) else None
+            if not prompt.image_hashes or cached is not None:
+                features[id(prompt)] = cached or []
+            else:
+                missing[id(prompt)] = prompt
+        if missing:
+            encoded = self.adapter.encode_image_batch(list(missing.values()))
+            for prompt, prompt_features in zip(missing.values(), encoded, strict=True):
+                features[id(prompt)] = prompt_features
+                if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):
+                    for image_hash, feature in zip(prompt.image_hashes, prompt_features, strict=True):
+                        self.image_cache.put(image_hash, feature)
+        for sequence in sequences:
+            embedding = self.adapter.embed_prompt(sequence.request.prompt, features[id(sequence.request.prompt)])
+            sequence.prompt_embeds = embedding.inputs_embeds
+            sequence.prompt_positions = embedding.positions.to(self.device)
+            sequence.rope_delta = embedding.rope_delta
 
-    def _embed_prompt(self, sequence: Sequence) -> None:
-        prompt = sequence.request.prompt
-        image_embeds: list[torch.Tensor] = []
-        if prompt.image_hashes:
-            image_embeds = self._image_embeds(sequence)
-        embedding = self.adapter.embed_prompt(prompt, image_embeds)
-        sequence.prompt_embeds = embedding.inputs_embeds
-        sequence.prompt_positions = embedding.positions.to(self.device)
-        sequence.rope_delta = embedding.rope_delta
 
-    def _image_embeds(self, sequence: Sequence) -> list[torch.Tensor]:
-        """Per-image features from the embedding cache, else from the vision tower (then cached)."""
-        prompt = sequence.request.prompt
-        one_per_image = len(prompt.image_spans) == len(prompt.image_hashes)
-        cached = self.image_cache.get_all(prompt.image_hashes) if one_per_image else None
-        if cached is not None:
-            return cached
-        features = self.adapter.encode_images(prompt)
-        if one_per_image and len(features) == len(prompt.image_hashes):
-            for image_hash, feature in zip(prompt.image_hashes, features, strict=True):
-                self.image_cache.put(image_hash, feature)
-        return features
+def _one_feature_per_image(prompt: PreparedPrompt) -> bool:
+    """Whether the prompt's image runs pair one-to-one with its images (what the embedding cache needs)."""
+    return len(prompt.image_spans) == len(prompt.image_hashes)

@@ -110,6 +110,11 @@ class ModelAdapter(ABC):
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
         """Run the vision tower: one (tokens_i, hidden) tensor per image of the prompt, in prompt order."""
 
+    def encode_image_batch(self, prompts: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
+        """`encode_images` of several prompts. Adapters whose vision tower can take all their images in one call
+        override this: a tower over one image is launch-bound on a GPU, so batching is most of its speed."""
+        return [self.encode_images(prompt) for prompt in prompts]
+
     @abstractmethod
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
         """Text embeddings with `image_embeds` merged at the image-token positions, and positions."""

@@ -108,21 +108,38 @@ class HFAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
-        kwargs = _matching_kwargs(self._base.get_image_features, prompt.model_inputs, self.device, self.dtype)
+        flat = self._image_features(prompt.model_inputs)
+        sizes = [span.end - span.start for span in prompt.image_spans]
+        if len(sizes) == len(prompt.image_hashes) and sum(sizes) == flat.shape[0]:
+            return list(flat.split(sizes))
+        # NOTE: image runs could not be matched one-to-one with images; keep the features as one piece.
+        return [flat]
+
+    @torch.inference_mode()
+    def encode_image_batch(self, prompts: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
+        """One vision-tower call for the images of all `prompts` where their inputs pack along the first axis
+        (patch-packed towers: Qwen2-VL, Qwen2.5-VL, GLM-4.1V; fixed-size towers: LLaVA); else one call each."""
+        merged = _packed_image_inputs([p.model_inputs for p in prompts]) if len(prompts) > 1 else None
+        sizes = [[span.end - span.start for span in p.image_spans] for p in prompts]
+        if merged is None or any(len(s) != len(p.image_hashes) for s, p in zip(sizes, prompts, strict=True)):
+            return super().encode_image_batch(prompts)
+        flat = self._image_features(merged)
+        if sum(map(sum, sizes)) != flat.shape[0]:
+            return super().encode_image_batch(prompts)
+        per_prompt = flat.split([sum(s) for s in sizes])
+        return [list(features.split(s)) for features, s in zip(per_prompt, sizes, strict=True)]
+
+    def _image_features(self, model_inputs: dict[str, Any]) -> torch.Tensor:
+        """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden)."""
+        kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
         elif hasattr(output, "last_hidden_state"):
             output = output.last_hidden_state
-        sizes = [span.end - span.start for span in prompt.image_spans]
         if isinstance(output, torch.Tensor):
-            flat = output.reshape(-1, output.shape[-1])
-        else:
-            flat = torch.cat([t.reshape(-1, t.shape[-1]) for t in output])
-        if len(sizes) == len(prompt.image_hashes) and sum(sizes) == flat.shape[0]:
-            return list(flat.split(sizes))
-        # NOTE: image runs could not be matched one-to-one with images; keep the features as one piece.
-        return [flat]
+            return output.reshape(-1, output.shape[-1])
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in output])
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
@@ -183,6 +200,30 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if value.is_floating_point():
         return value.to(device=device, dtype=dtype)
     return value.to(device)
+
+
+#: image inputs whose first axis runs over patches (with a grid per image) or over whole same-size images
+_PACKABLE_IMAGE_KEYS = {"pixel_values", "image_grid_thw"}
+
+
+def _packed_image_inputs(inputs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The image inputs of several prompts as one, concatenated along the first axis, or None where that would
+    not mean "these images, one after another": keys beyond pixels and grids (sizes, masks, patch counts), pixels of
+    different shapes without a grid to tell them apart, or prompts without images."""
+    keys = {k for model_inputs in inputs for k in model_inputs if k not in {*_PER_TOKEN_KEYS, "input_ids"}}
+    if not keys or not keys <= _PACKABLE_IMAGE_KEYS or "pixel_values" not in keys:
+        return None
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [model_inputs.get(key) for model_inputs in inputs]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            return None
+        if len({tuple(v.shape[1:]) for v in values}) != 1:
+            return None
+        merged[key] = torch.cat(values)
+    if "image_grid_thw" not in keys and merged["pixel_values"].dim() != 4:
+        return None  # without a grid, only (images, channels, height, width) pixels are plainly image after image
+    return merged
 
 
 def _matching_kwargs(fn: Any, inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.engine.conftest import (
     ENGINE_FAMILIES,
@@ -19,7 +20,9 @@ from tests.integration.engine.conftest import (
     user_turn,
 )
 from vlmserve.config import ModelConfig
+from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.core import PagedEngineCore
+from vlmserve.models.base import ModelAdapter
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import ChatMessage, TextPart
@@ -57,6 +60,46 @@ def test_chunked_prefill_and_no_prefix_cache_give_the_same_tokens(family: Loaded
     got = run_core(core, [request(f"r{i}", p, max_tokens=MAX_TOKENS) for i, p in enumerate(prompts)])
     assert [got[f"r{i}"] for i in range(8)] == reference
     assert core.stats().prefix_cache_hits == 0
+
+
+class EagerDecodeGraphs:
+    """Stands in for `DecodeGraphs` on the CPU: the same call, run eagerly; records the batch of each call."""
+
+    max_batch = 64
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.batches: list[int] = []
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionBatch) -> torch.Tensor:
+        self.batches.append(embeds.shape[0])
+        position_ids = positions.unsqueeze(1) if self.adapter.num_position_rows > 1 else positions
+        with attention.active():
+            output = self.adapter.text_model(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
+                                             use_cache=False)
+        return self.adapter.compute_logits(output.last_hidden_state[0])
+
+
+def test_decode_rows_split_from_prefill_rows_give_the_same_tokens(family: Loaded, expected: tuple) -> None:
+    """With decode graphs, a step that mixes prefill chunks and decode tokens runs as two forwards (see
+    `ModelRunner.execute`); the tokens must not change."""
+    prompts, reference = expected
+    core = PagedEngineCore(family.adapter, engine_config(max_num_batched_tokens=24))
+    graphs = EagerDecodeGraphs(family.adapter)
+    core.runner._graphs = graphs  # type: ignore[assignment]
+    split_steps = []
+    partition = core.runner._partition
+
+    def recording_partition(chunks: list) -> tuple[list, list]:
+        graphed, eager = partition(chunks)
+        split_steps.append(bool(graphed) and bool(eager))
+        return graphed, eager
+
+    core.runner._partition = recording_partition  # type: ignore[method-assign]
+    got = run_core(core, [request(f"r{i}", p, max_tokens=MAX_TOKENS) for i, p in enumerate(prompts)])
+    assert [got[f"r{i}"] for i in range(8)] == reference
+    assert any(split_steps), "no step mixed prefill and decode"
+    assert max(graphs.batches) > 1
 
 
 def test_preemption_keeps_outputs_identical(family: Loaded, expected: tuple) -> None:
