@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,19 @@ def check_tiny_on_cuda() -> dict[str, Any]:
                                        eos_token_id=None, pad_token_id=0)
         expected.append(out[0, inputs["input_ids"].shape[1]:].tolist())
     results = {}
-    for name, cfg in {"graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8),
-                      "eager-chunked": EngineConfig(max_num_batched_tokens=19, enable_cuda_graphs=False)}.items():
+    # A fixed pool: a profiled one takes most of the card, and the first core's would still be held when the
+    # second one profiles. The 7-B part below sizes its pool by profiling.
+    for name, cfg in {"graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8, num_kv_blocks=256),
+                      "graphs-mixed-steps": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256),
+                      "eager-chunked": EngineConfig(max_num_batched_tokens=19, enable_cuda_graphs=False,
+                                                    num_kv_blocks=256)}.items():
         core = PagedEngineCore(engine_adapter, cfg)
         reqs = [GenerationRequest(f"t{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(prompts)]
         got, _, _ = run_all(core, reqs)
         results[name] = sum(got[f"t{i}"] == expected[i] for i in range(8))
+        del core
+        torch.cuda.empty_cache()
     return {"tiny_fp32_cuda_matches_of_8": results}
 
 
@@ -116,6 +123,170 @@ def decode_step_ms(core: PagedEngineCore, renderer: PromptRenderer, batch: int, 
     return decode[len(decode) // 2] * 1000
 
 
+class StepTimers:
+    """Wall time of engine pieces, each call bracketed by CUDA synchronisation (which itself costs a little: the
+    instrumented run is separate from the clean one)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _sync()
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+    def report(self) -> dict[str, Any]:
+        return {name: {"total_ms": round(1000 * self.seconds[name], 1), "calls": self.calls[name],
+                       "mean_ms": round(1000 * self.seconds[name] / self.calls[name], 3)} for name in self.seconds}
+
+
+def closed_loop(core: PagedEngineCore, prompts: list[Any], concurrency: int, *, max_steps: int | None = None
+                ) -> dict[str, Any]:
+    """W1 through the core alone: `concurrency` requests in flight, a new one as soon as one finishes."""
+    pending = list(enumerate(prompts))
+    in_flight: set[str] = set()
+    generated = 0
+    kinds = {"graph_only": 0, "mixed": 0, "eager_only": 0}
+    partition = core.runner._partition
+
+    def counting_partition(chunks: list[Any]) -> tuple[list[Any], list[Any]]:
+        graphed, eager = partition(chunks)
+        kinds["mixed" if graphed and eager else "graph_only" if graphed else "eager_only"] += 1
+        return graphed, eager
+
+    def emit(outputs: list[CoreOutput]) -> None:
+        nonlocal generated
+        for o in outputs:
+            generated += len(o.new_token_ids)
+            if o.finish_reason is not None:
+                in_flight.discard(o.request_id)
+
+    def top_up() -> None:
+        while pending and len(in_flight) < concurrency:
+            i, prompt = pending.pop(0)
+            core.add_request(GenerationRequest(f"cl-{id(prompts)}-{i}", prompt,
+                                               SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)))
+            in_flight.add(f"cl-{id(prompts)}-{i}")
+
+    core.runner._partition = counting_partition  # type: ignore[method-assign]
+    top_up()
+    _sync()
+    started, steps = time.perf_counter(), 0
+    while core.has_work() and (max_steps is None or steps < max_steps):
+        core.step(emit)
+        steps += 1
+        top_up()
+    _sync()
+    seconds = time.perf_counter() - started
+    core.runner._partition = partition  # type: ignore[method-assign]
+    return {"requests": len(prompts) - len(pending), "seconds": round(seconds, 2), "steps": steps,
+            "output_tokens": generated, "output_tok_per_s": round(generated / seconds, 1),
+            "mean_step_ms": round(1000 * seconds / steps, 2), "steps_by_kind": kinds}
+
+
+def drain(core: PagedEngineCore) -> None:
+    while core.has_work():
+        core.step(lambda outputs: None)
+
+
+def instrumented_closed_loop(core: PagedEngineCore, prompts: list[Any], concurrency: int) -> dict[str, Any]:
+    """The closed loop again, with a synchronised timer around each piece of a step."""
+    timers = StepTimers()
+    runner, adapter = core.runner, core.runner.adapter
+    originals = {"schedule": core.scheduler.schedule, "execute": runner.execute, "prepare": runner._prepare,
+                 "encode_images": adapter.encode_images, "embed_prompt": adapter.embed_prompt}
+    core.scheduler.schedule = timers.wrap("schedule", originals["schedule"])  # type: ignore[method-assign]
+    runner.execute = timers.wrap("execute (all GPU work)", originals["execute"])  # type: ignore[method-assign]
+    runner._prepare = timers.wrap("prepare (incl. vision + prompt embedding)", originals["prepare"])  # type: ignore[method-assign]
+    adapter.encode_images = timers.wrap("vision tower", originals["encode_images"])  # type: ignore[method-assign]
+    adapter.embed_prompt = timers.wrap("prompt embedding + positions", originals["embed_prompt"])  # type: ignore[method-assign]
+    graphs = runner._graphs
+    if graphs is not None:
+        graph_run = graphs.run
+        graphs.run = timers.wrap("decode graph replay", graph_run)  # type: ignore[method-assign]
+    sampler = runner.sampler
+    runner.sampler = timers.wrap("sampler", sampler)  # type: ignore[assignment]
+    step = core.step
+    core.step = timers.wrap("step (total)", step)  # type: ignore[method-assign]
+    try:
+        result = closed_loop(core, prompts, concurrency)
+    finally:
+        core.scheduler.schedule = originals["schedule"]  # type: ignore[method-assign]
+        runner.execute, runner._prepare = originals["execute"], originals["prepare"]  # type: ignore[method-assign]
+        adapter.encode_images, adapter.embed_prompt = originals["encode_images"], originals["embed_prompt"]  # type: ignore[method-assign]
+        if graphs is not None:
+            graphs.run = graph_run  # type: ignore[method-assign]
+        runner.sampler = sampler
+        core.step = step  # type: ignore[method-assign]
+    result["timers"] = timers.report()
+    return result
+
+
+def profiled_steps(core: PagedEngineCore, prompts: list[Any], concurrency: int, out_dir: Path) -> str:
+    """torch.profiler over a window of steady-state closed-loop steps; the top operators by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    closed_loop(core, prompts[:concurrency], concurrency, max_steps=40)  # fill the batch first
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        closed_loop(core, prompts[concurrency:], concurrency, max_steps=60)
+    drain(core)
+    averages = prof.key_averages()
+    tables = []
+    for key in ("device_time_total", "cpu_time_total"):
+        try:
+            tables.append(f"## sorted by {key}\n" + averages.table(sort_by=key, row_limit=30, max_name_column_width=60))
+        except Exception as exc:  # sort keys differ across torch versions
+            tables.append(f"## sorted by {key}: {exc!r}")
+    text = "\n\n".join(tables)
+    (out_dir / "profile.txt").write_text(text)
+    return text[:3000]
+
+
+def gil_during_gpu_wait() -> dict[str, float]:
+    """How far another Python thread gets while this one waits for the GPU: with `tolist()` and with the engine's
+    event wait (`sampler._to_host_list`). Iterations per ms of a spinning thread; near zero means the GIL is held."""
+    import threading
+
+    from vlmserve.engine.sampler import _to_host_list
+
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    counter = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    rates: dict[str, float] = {}
+    waits: dict[str, Callable[[torch.Tensor], list[int]]] = {
+        "tolist": lambda y: y.argmax(-1).tolist(), "event_wait": lambda y: _to_host_list(y.argmax(-1))}
+    for name, wait in waits.items():
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            before, started = counter[0], time.perf_counter()
+            y = x
+            for _ in range(30):
+                y = x @ x
+            wait(y)
+            samples.append((counter[0] - before) / (1000 * (time.perf_counter() - started)))
+        rates[name] = round(sorted(samples)[2], 1)
+    stop.set()
+    thread.join()
+    return rates
+
+
 def bench_7b(out_dir: Path) -> dict[str, Any]:
     from bench.models import build_qwen25_vl
 
@@ -126,18 +297,20 @@ def bench_7b(out_dir: Path) -> dict[str, Any]:
     adapter = load_model(ModelConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id, max_model_len=4096)
     started = time.perf_counter()
-    core = PagedEngineCore(adapter, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096))
-    report: dict[str, Any] = {"engine_init_s": time.perf_counter() - started, "meta": meta,
-                              "prompt_tokens": render(renderer, 0).num_tokens}
-    report["decode_step_ms"] = {b: decode_step_ms(core, renderer, b, 1000 * b) for b in (1, 8, 64)}
-    for concurrency in (64,):
-        reqs = [GenerationRequest(f"w1-{i}", render(renderer, 5000 + i),
-                                  SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
-                for i in range(concurrency)]
-        tokens, seconds, steps = run_all(core, reqs)
-        generated = sum(len(t) for t in tokens.values())
-        report[f"w1_core_c{concurrency}"] = {"seconds": seconds, "steps": steps, "output_tokens": generated,
-                                             "output_tok_per_s": generated / seconds}
+    core = PagedEngineCore(adapter, EngineConfig())  # the server's defaults
+    report: dict[str, Any] = {"engine_init_s": round(time.perf_counter() - started, 1), "meta": meta,
+                              "prompt_tokens": render(renderer, 0).num_tokens,
+                              "gil_spin_iterations_per_ms": gil_during_gpu_wait()}
+    print(json.dumps(report, default=str), flush=True)
+    report["decode_step_ms"] = {b: round(decode_step_ms(core, renderer, b, 1000 * b), 3) for b in (1, 8, 64)}
+    print(json.dumps(report["decode_step_ms"]), flush=True)
+    # Fresh images in each phase: a repeated one would hit the image and prefix caches.
+    prompts = [render(renderer, 5000 + i) for i in range(64 * 9)]
+    report["w1_core_closed_loop_c64"] = closed_loop(core, prompts[:256], 64)
+    print(json.dumps(report["w1_core_closed_loop_c64"]), flush=True)
+    report["w1_core_closed_loop_c64_timed"] = instrumented_closed_loop(core, prompts[256:448], 64)
+    print(json.dumps(report["w1_core_closed_loop_c64_timed"]), flush=True)
+    report["profile_head"] = profiled_steps(core, prompts[448:], 64, out_dir)
     report["stats"] = core.stats().__dict__
     return report
 
