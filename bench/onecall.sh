@@ -3,11 +3,7 @@
 # run_all with ours (prefix cache on and off), transformers serve and the seed server (preset "onecall").
 #   run(command="bash bench/onecall.sh", carry=[".whl"], timeout_s=595)
 set -o pipefail
-OUT="${OUT:-/tmp/bench-out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source bench/device_env.sh
 timeout 100 python3 -m bench.engine_direct --out "$OUT" --skip-7b > "$OUT/engine_direct.log" 2>&1
 echo "engine_direct exit $?"
 tail -c 400 "$OUT/engine_direct.log"

@@ -5,11 +5,7 @@
 # server alone through HTTP (W1/W2/W3, preset onecall) to compare.
 #   run(command="bash bench/profile.sh", carry=[".whl"], timeout_s=590)
 set -o pipefail
-OUT="${OUT:-/tmp/bench-out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source bench/device_env.sh
 timeout 300 python3 -m bench.engine_direct --out "$OUT" 2>&1 | grep -v -e "Loading weights" -e "Writing model" \
     > "$OUT/engine_direct.log"
 echo "engine_direct exit $?"
