@@ -20,10 +20,6 @@ import pytest
 from tests.conftest import ServerProcess
 from vlmserve.demo.shapes import encode, is_correct, sample_qa
 
-#: NOTE: the shipped weights do not reach the issue's accuracy yet (see vlmserve/demo/README.md); these tests then
-#: fail as expected. strict: once good weights land they pass, and this marker must go.
-ACCURACY_PENDING = pytest.mark.xfail(strict=True, reason="demo weights below the target accuracy "
-                                     "(vlmserve/demo/README.md)")
 FIRST_SEED = 7_000_000  # far from training's and evaluate.py's seed streams
 
 
@@ -80,7 +76,6 @@ def test_concurrent_answers_equal_answers_alone(base_url: str) -> None:
     assert together == alone
 
 
-@ACCURACY_PENDING
 def test_fresh_questions_are_answered_right(base_url: str) -> None:
     cases = [question(FIRST_SEED + i) for i in range(105)]
     assert {qtype for _, _, qtype in cases} == set(range(1, 8))
@@ -100,7 +95,6 @@ def test_fresh_questions_are_answered_right(base_url: str) -> None:
     assert right / len(cases) >= 0.95, f"{right}/{len(cases)} right"
 
 
-@ACCURACY_PENDING
 def test_thirty_two_simultaneous_images_each_get_their_own_answer(base_url: str) -> None:
     cases = [question(FIRST_SEED + 1000 + i) for i in range(32)]
 

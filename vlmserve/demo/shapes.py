@@ -269,7 +269,7 @@ def word_answer(word: str) -> str:
 def describe(scene: Scene) -> str:
     """One sentence naming every shape with its colour, left to right: "A red circle and a blue square."."""
     ordered = sorted(scene.shapes, key=lambda s: (s.center_x, s.center_y))
-    items = [f"a {s.color} {s.kind}" for s in ordered]
+    items = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.kind}" for s in ordered]
     text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return text[0].upper() + text[1:] + "."
 

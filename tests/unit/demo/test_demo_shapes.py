@@ -177,6 +177,8 @@ def test_descriptions_name_shapes_left_to_right() -> None:
     assert describe(one) == "A black square."
     assert describe(two) == "A red circle and a blue square."
     assert describe(three) == "A red circle, a green triangle and a blue square."
+    orange_first = _scene(_shape("triangle", "orange", 10, 50), _shape("circle", "orange", 300, 50))
+    assert describe(orange_first) == "An orange triangle and an orange circle."
 
 
 def test_grader() -> None:

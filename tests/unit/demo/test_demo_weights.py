@@ -10,8 +10,8 @@ from vlmserve.demo.shapes import NO_IMAGE_ANSWER, is_correct, sample_qa
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / "model.safetensors").is_file(), reason="demo weights not built")
 
 # Seeds far from the evaluation's (seed * 1_000_000 + i) and never used in training (training draws its own
-# string-seeded streams): fresh questions, two per type on average.
-FRESH_SEEDS = range(987_000, 987_014)
+# string-seeded streams): fresh questions, about nine per type.
+FRESH_SEEDS = range(987_000, 987_064)
 
 
 def test_weights_fit_the_size_caps() -> None:
@@ -46,9 +46,10 @@ def _answer(loaded, messages: list[dict], images: list | None) -> str:  # type: 
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
-# NOTE: the shipped weights are partially trained (67 % over the seven types, see vlmserve/demo/README.md); strict,
+# NOTE: the shipped weights are partially trained (95.6 % over the seven types and below 97 % on
+# three of them, see vlmserve/demo/README.md); strict,
 # so that weights which pass make this test fail until the marker is removed.
-@pytest.mark.xfail(strict=True, reason="shipped demo weights are partially trained (README: 67 % overall)")
+@pytest.mark.xfail(strict=True, reason="shipped demo weights are below 97 % on some types (README)")
 def test_answers_fresh_questions_about_images(loaded) -> None:  # type: ignore[no-untyped-def]
     right = 0
     misses = []
@@ -59,8 +60,8 @@ def test_answers_fresh_questions_about_images(loaded) -> None:  # type: ignore[n
         right += is_correct(got, answer, qtype)
         if not is_correct(got, answer, qtype):
             misses.append((question, answer, got))
-    # The target is >= 97 % per type on 2,000 samples; 13 of 14 leaves room for one miss.
-    assert right >= len(FRESH_SEEDS) - 1, misses
+    # The target is >= 97 % per type on 2,000 samples; 62 of 64 is that rate with room for one unlucky miss.
+    assert right >= len(FRESH_SEEDS) - 2, misses
 
 
 def test_answers_without_an_image(loaded) -> None:  # type: ignore[no-untyped-def]
