@@ -37,13 +37,15 @@ def free_port() -> int:
 class ServerProcess:
     """A real `vlmserve serve` subprocess on 127.0.0.1."""
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, ready_timeout_s: float = 120.0):
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, ready_timeout_s: float = 120.0,
+                 program: list[str] | None = None):
+        """`program` replaces `python -m vlmserve` (a launcher script that patches the server first, say)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vlmserve-test-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vlmserve", "serve", *args, "--port", str(self.port)],
+            [*(program or [sys.executable, "-m", "vlmserve"]), "serve", *args, "--port", str(self.port)],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
         self._wait_ready(ready_timeout_s)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -24,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, ServerProcess
 from tests.integration.engine.conftest import engine_config, image, request, user_turn
 from vlmserve.config import Config, MediaConfig, ModelConfig
 from vlmserve.engine.client import AsyncEngine
@@ -240,43 +238,19 @@ LAUNCHER = textwrap.dedent("""
 
 
 @pytest.fixture
-def dying_server(tiny_qwen2_vl: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def dying_server(tiny_qwen2_vl: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     launcher = tmp_path / "launcher.py"
     launcher.write_text(LAUNCHER)
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(launcher), "serve", str(tiny_qwen2_vl), "--served-model-name", "tiny",
-             "--api-key", "k", "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(process, base_url, log_path)
-            yield process, base_url, log_path
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    server = ServerProcess([str(tiny_qwen2_vl), "--served-model-name", "tiny", "--api-key", "k"],
+                           program=[sys.executable, str(launcher)], env={"PYTHONPATH": str(REPO)})
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
-def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready:\n{log_path.read_text()}")
-
-
-def test_server_process_exits_nonzero_when_its_engine_dies(
-        dying_server: tuple[subprocess.Popen[bytes], str, Path]) -> None:
-    process, base_url, log_path = dying_server
+def test_server_process_exits_nonzero_when_its_engine_dies(dying_server: ServerProcess) -> None:
+    process, base_url = dying_server.process, dying_server.base_url
     headers = {"Authorization": "Bearer k"}
     long = {"model": "tiny", "max_tokens": 500, "ignore_eos": True, "temperature": 0,
             "messages": [{"role": "user", "content": "Talk for a long time."}]}
@@ -317,7 +291,7 @@ def test_server_process_exits_nonzero_when_its_engine_dies(
     # NOTE: the process closes its socket within ~0.1 s of the death, so a 503 from /health is rarely seen here;
     # test_a_fatal_error_kills_the_engine_and_health_turns_503 checks the 503 itself, in process.
     assert 200 not in health_after and health_after[-1] == "refused"
-    log = log_path.read_text()
+    log = dying_server.log()
     assert "the engine died" in log and "InjectedFatalError" in log
 
 
