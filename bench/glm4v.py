@@ -73,13 +73,13 @@ def write_glm_tokenizer(out: Path, ranks: dict[bytes, int], image_size: int) -> 
     return specials
 
 
-def _suppress_outputs(model: Any, token_ids: list[int]) -> None:
+def suppress_outputs(model: Any, token_ids: list[int]) -> None:
     """Make the random model (practically) never emit `token_ids` (lone bytes >= 0x80, padded rows).
 
     NOTE: a tiktoken vocabulary must hold all 256 bytes, and a random model could stream bytes that are not
     UTF-8, or the 209 padded embedding rows that decode to nothing. Hidden coordinate 0 is held at a constant
-    through the residual stream and those output rows read it with a large negative weight (the same trick as
-    the tiny test fixture); everything else stays random.
+    through the residual stream and those output rows read it with a large negative weight (the tiny test
+    checkpoint uses this too); everything else stays random.
     """
     import torch
 
@@ -94,7 +94,9 @@ def _suppress_outputs(model: Any, token_ids: list[int]) -> None:
         output[rows, 0] = -50.0
 
 
-def _write_shards(out: Path, model: Any, kv_channels: int) -> None:
+def write_shards(out: Path, model: Any, kv_channels: int, num_shards: int = NUM_SHARDS) -> None:
+    """The state dict as the original lays it out: sharded safetensors, an index, and the rotary `inv_freq`
+    buffer the original keeps in its state dict."""
     import torch
     from safetensors.torch import save_file
 
@@ -102,10 +104,10 @@ def _write_shards(out: Path, model: Any, kv_channels: int) -> None:
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     tensors = {"transformer.rotary_pos_emb.inv_freq": inv_freq, **model.state_dict()}
     names = list(tensors)
-    bounds = [round(i * len(names) / NUM_SHARDS) for i in range(NUM_SHARDS + 1)]
+    bounds = [round(i * len(names) / num_shards) for i in range(num_shards + 1)]
     weight_map, total = {}, 0
-    for shard in range(NUM_SHARDS):
-        filename = f"model-{shard + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
+    for shard in range(num_shards):
+        filename = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
         part = {name: tensors[name].detach().contiguous().cpu() for name in names[bounds[shard]:bounds[shard + 1]]}
         save_file(part, str(out / filename), metadata={"format": "pt"})
         for name, tensor in part.items():
@@ -132,9 +134,9 @@ def build_glm4v_9b(out: Path, *, scale: str = "full", device: str = "cuda", seed
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(ChatGLMConfig(**config), dtype=torch.bfloat16).eval()
     padded = range(len(ranks) + len(specials), config["padded_vocab_size"])
-    _suppress_outputs(model, [*range(0x80, 0x100), *padded])
+    suppress_outputs(model, [*range(0x80, 0x100), *padded])
     built = time.perf_counter()
-    _write_shards(out, model, config["kv_channels"])
+    write_shards(out, model, config["kv_channels"])
     meta = _decode_meta(model, config)
     meta.update(model="glm-4v-9b", name="GLM-4V-9B (random bf16)" if scale == "full" else "GLM-4V-9B (tiny layers)", scale=scale,
                 init_s=round(built - started, 2), save_s=round(time.perf_counter() - built, 2))
