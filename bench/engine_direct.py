@@ -12,6 +12,7 @@ Writes $OUT/engine_direct.json. Speed here excludes HTTP, media decoding and det
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from PIL import Image
@@ -177,17 +179,16 @@ def closed_loop(core: PagedEngineCore, prompts: list[Any], concurrency: int, *, 
                                                SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)))
             in_flight.add(f"cl-{id(prompts)}-{i}")
 
-    core.runner._partition = counting_partition  # type: ignore[method-assign]
-    top_up()
-    _sync()
-    started, steps = time.perf_counter(), 0
-    while core.has_work() and (max_steps is None or steps < max_steps):
-        core.step(emit)
-        steps += 1
+    with mock.patch.object(core.runner, "_partition", counting_partition):
         top_up()
-    _sync()
-    seconds = time.perf_counter() - started
-    core.runner._partition = partition  # type: ignore[method-assign]
+        _sync()
+        started, steps = time.perf_counter(), 0
+        while core.has_work() and (max_steps is None or steps < max_steps):
+            core.step(emit)
+            steps += 1
+            top_up()
+        _sync()
+        seconds = time.perf_counter() - started
     return {"requests": len(prompts) - len(pending), "seconds": round(seconds, 2), "steps": steps,
             "output_tokens": generated, "output_tok_per_s": round(generated / seconds, 1),
             "mean_step_ms": round(1000 * seconds / steps, 2), "steps_by_kind": kinds}
@@ -202,31 +203,17 @@ def instrumented_closed_loop(core: PagedEngineCore, prompts: list[Any], concurre
     """The closed loop again, with a synchronised timer around each piece of a step."""
     timers = StepTimers()
     runner, adapter = core.runner, core.runner.adapter
-    originals = {"schedule": core.scheduler.schedule, "execute": runner.execute, "prepare": runner._prepare,
-                 "encode_images": adapter.encode_images, "embed_prompt": adapter.embed_prompt}
-    core.scheduler.schedule = timers.wrap("schedule", originals["schedule"])  # type: ignore[method-assign]
-    runner.execute = timers.wrap("execute (all GPU work)", originals["execute"])  # type: ignore[method-assign]
-    runner._prepare = timers.wrap("prepare (incl. vision + prompt embedding)", originals["prepare"])  # type: ignore[method-assign]
-    adapter.encode_images = timers.wrap("vision tower", originals["encode_images"])  # type: ignore[method-assign]
-    adapter.embed_prompt = timers.wrap("prompt embedding + positions", originals["embed_prompt"])  # type: ignore[method-assign]
-    graphs = runner._graphs
-    if graphs is not None:
-        graph_run = graphs.run
-        graphs.run = timers.wrap("decode graph replay", graph_run)  # type: ignore[method-assign]
-    sampler = runner.sampler
-    runner.sampler = timers.wrap("sampler", sampler)  # type: ignore[assignment]
-    step = core.step
-    core.step = timers.wrap("step (total)", step)  # type: ignore[method-assign]
-    try:
+    pieces: list[tuple[Any, str, str]] = [
+        (core, "step", "step (total)"), (core.scheduler, "schedule", "schedule"),
+        (runner, "execute", "execute (all GPU work)"), (runner, "_prepare", "prepare (incl. vision + prompt embedding)"),
+        (runner, "sampler", "sampler"), (adapter, "encode_image_batch", "vision tower"),
+        (adapter, "embed_prompt", "prompt embedding + positions")]
+    if runner._graphs is not None:
+        pieces.append((runner._graphs, "run", "decode graph replay"))
+    with contextlib.ExitStack() as patches:
+        for owner, attribute, label in pieces:
+            patches.enter_context(mock.patch.object(owner, attribute, timers.wrap(label, getattr(owner, attribute))))
         result = closed_loop(core, prompts, concurrency)
-    finally:
-        core.scheduler.schedule = originals["schedule"]  # type: ignore[method-assign]
-        runner.execute, runner._prepare = originals["execute"], originals["prepare"]  # type: ignore[method-assign]
-        adapter.encode_images, adapter.embed_prompt = originals["encode_images"], originals["embed_prompt"]  # type: ignore[method-assign]
-        if graphs is not None:
-            graphs.run = graph_run  # type: ignore[method-assign]
-        runner.sampler = sampler
-        core.step = step  # type: ignore[method-assign]
     result["timers"] = timers.report()
     return result
 
