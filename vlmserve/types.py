@@ -10,7 +10,7 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class FinishReason(str, enum.Enum):
@@ -20,6 +20,23 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context window reached
     ABORT = "abort"  # client went away, or the server shut down before it finished
     ERROR = "error"  # this request failed inside the engine; others carry on
+
+
+StructuredKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A constraint on the generated text, enforced on the logits every step by the engine's grammar matcher.
+
+    `value` by kind: "json_schema" → the schema as JSON text; "json_object" → None (any JSON object);
+    "regex" → the pattern; "choice" → the allowed strings; "grammar" → a Lark grammar in llguidance's dialect
+    (which may embed JSON schemas with `%json {...}`). The API layer builds these; the engine never sees OpenAI
+    field names. Specs are hashable so compiled grammars can be cached by spec.
+    """
+
+    kind: StructuredKind
+    value: str | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    structured: StructuredOutputSpec | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -126,6 +144,9 @@ class GenerationRequest:
     prompt: PreparedPrompt
     sampling: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    # NOTE: folded into the first prefix-cache block hash, so requests with different salts (different API keys,
+    # by default) never share cached KV or learn from `cached_tokens` what another client sent.
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
