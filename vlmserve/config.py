@@ -188,6 +188,9 @@ class ServerConfig:
     shutdown_timeout_s: float = option(30.0, "On SIGTERM, how long in-flight requests may finish.",
                                        metavar="SECONDS", example="--shutdown-timeout-s 10")
     log_requests: bool = option(False, "Log prompts (never keys or image bytes).", example="--log-requests")
+    enable_playground: bool = option(
+        True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
+        "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

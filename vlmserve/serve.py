@@ -115,6 +115,13 @@ def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngi
     return app, engine
 
 
+def _browsable_host(host: str) -> str:
+    """A host a browser can open: listening on every interface means this machine is reachable at 127.0.0.1."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 async def _serve(adapter: ModelAdapter, config: Config) -> int:
     import uvicorn
 
@@ -136,6 +143,9 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     watcher = asyncio.create_task(watch_engine())
     logger.info("serving %s at http://%s:%d/v1 (model name%s: %s)", adapter.family, config.server.host,
                 config.server.port, "s" if len(names) > 1 else "", ", ".join(names))
+    if config.server.enable_playground:
+        logger.info("playground: http://%s:%d/playground (turn it off with --no-playground)",
+                    _browsable_host(config.server.host), config.server.port)
     try:
         await server.serve()
     finally:
