@@ -171,7 +171,8 @@ class ServerConfig:
     port: int = option(8000, "TCP port to listen on.", metavar="PORT", example="--port 8888")
     api_key: tuple[str, ...] = option(
         (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health and the playground "
-        "page's files). Several may be given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY", example="--api-key sk-local")
+        "page's files). Several may be given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY",
+        example="--api-key sk-local")
     api_key_file: str | None = option(None, "A file with one accepted API key per line.", metavar="FILE",
                                       example="--api-key-file /etc/vlmserve/keys")
     allowed_origins: tuple[str, ...] = option((), "Origins allowed by CORS; CORS is off unless given.",

@@ -99,7 +99,7 @@ class Page:
 
     def enter_key(self) -> None:
         self.page.fill("#api-key", API_KEY)
-        self.page.dispatch_event("#api-key", "change")
+        self.page.press("#api-key", "Enter")  # submits the key form
         sync_api.expect(self.page.locator("#model option")).to_have_text(["vlmserve-demo"])
 
 

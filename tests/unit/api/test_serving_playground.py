@@ -101,3 +101,11 @@ def test_no_playground_flag_turns_every_route_off() -> None:
         for path in ("/", "/playground", "/playground/app.js", "/playground/sample.png"):
             response: Any = client.get(path)
             assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path
+
+
+def test_page_obeys_the_cors_settings() -> None:
+    for client in client_for(ServerConfig(api_key=(KEY,), allowed_origins=("https://app.example",))):
+        allowed = client.get("/playground/app.js", headers={"Origin": "https://app.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/playground/app.js", headers={"Origin": "https://elsewhere.example"})
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers

@@ -185,9 +185,14 @@ function wire() {
     }
   });
   ui.apiKey.value = apiKey();
-  ui.apiKey.addEventListener("change", () => {
+  const useKey = () => {
     sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value.trim());
     loadModels();
+  };
+  ui.apiKey.addEventListener("change", useKey);
+  ui.keyPanel.addEventListener("submit", (event) => {
+    event.preventDefault(); // nothing is posted anywhere: the key stays in this tab
+    useKey();
   });
   if (apiKey()) ui.keyPanel.hidden = false;
   wireFiles();
