@@ -76,6 +76,9 @@ class Page:
         self.errors: list[str] = []
         self.context.on("request", lambda request: self.requests.append(request))
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        # A request the CSP blocks never shows as a request: the console is where it would show.
+        self.page.on("console", lambda message: self.errors.append(message.text)
+                     if "Content Security Policy" in message.text else None)
         self.page.goto(server.base_url + "/")  # the index redirects to the page
 
     def check_every_request_was_local(self) -> None:
