@@ -251,6 +251,13 @@ def test_stop_aborts_the_request_in_the_engine(demo_page: Page) -> None:
                            lambda s: s["num_aborted"] > before["num_aborted"] and s["num_running"] == 0)
     assert after["num_aborted"] == before["num_aborted"] + 1 and after["num_finished"] == before["num_finished"]
     assert after["num_generated_tokens"] - before["num_generated_tokens"] < 1000
+
+    page.click("#new-chat")  # the stopped turn stays behind: the next request starts a new conversation
+    sync_api.expect(page.locator(".msg")).to_have_count(0)
+    demo_page.ask("Once more [markup]")
+    demo_page.answer(0)
+    first_turn, next_turn = demo_page.chat_bodies()
+    assert [m["role"] for m in first_turn["messages"]] == ["user"] == [m["role"] for m in next_turn["messages"]]
     demo_page.check_every_request_was_local()
 
 

@@ -58,9 +58,9 @@ function extraRequestFields() {
   return {};
 }
 
-function requestBody() {
+function requestBody(history) {
   const body = {
-    model: ui.model.value, messages, stream: true, stream_options: { include_usage: true },
+    model: ui.model.value, messages: history, stream: true, stream_options: { include_usage: true },
     ...extraRequestFields(),
   };
   const temperature = Number.parseFloat(ui.temperature.value);
@@ -86,25 +86,27 @@ async function sendTurn() {
   clearError();
   const images = attachments.take();
   ui.prompt.value = "";
-  messages.push({ role: "user", content: userContent(text, images, ui.detail.value) });
+  // "New chat" replaces `messages`: a turn still finishing then lands in the conversation it belongs to
+  const history = messages;
+  history.push({ role: "user", content: userContent(text, images, ui.detail.value) });
   const turn = showUserTurn(ui.log, text, images);
   const answer = new AnswerView(ui.log);
   controller = new AbortController();
   setBusy(true);
   try {
-    await streamChat(requestBody(), apiKey(), controller.signal, {
+    await streamChat(requestBody(history), apiKey(), controller.signal, {
       onContent: (piece) => answer.append(piece),
       onUsage: (usage) => { answer.usage = usage; },
       onFinish: (reason) => { answer.finishReason = reason; },
     });
     answer.finish("done");
-    messages.push({ role: "assistant", content: answer.content });
+    history.push({ role: "assistant", content: answer.content });
   } catch (err) {
     if (err.name === "AbortError") {
       answer.finish("stopped", "stopped");
-      messages.push({ role: "assistant", content: answer.content });
+      history.push({ role: "assistant", content: answer.content });
     } else {
-      failTurn(err, turn, answer, text, images);
+      failTurn(err, { history, turn, answer, text, images });
     }
   } finally {
     controller = null;
@@ -113,8 +115,8 @@ async function sendTurn() {
 }
 
 /** A turn the server refused: out of the history, back into the composer to fix and send again. */
-function failTurn(err, turn, answer, text, images) {
-  messages.pop();
+function failTurn(err, { history, turn, answer, text, images }) {
+  history.pop();
   turn.classList.add("failed");
   answer.finish("error", "not answered");
   ui.prompt.value = text;
