@@ -231,6 +231,10 @@ class RayConfig:
         example="--num-gpus-per-replica 1")
     num_cpus_per_replica: float = option(1.0, "CPUs Ray reserves per engine replica.", metavar="N",
                                          example="--num-cpus-per-replica 4")
+    router: str = option(
+        "image-aware", "How the ingress picks a replica: 'image-aware' (prefix affinity on token and image hashes, "
+        "then least load) or 'power-of-two' (Ray Serve's default: the less loaded of two random replicas).",
+        choices=("image-aware", "power-of-two"), example="--router power-of-two")
     affinity_imbalance_threshold: int = option(
         8, "Prefix affinity gives way once the affine replica has this many more queued requests than the least "
         "loaded one.", metavar="N", example="--affinity-imbalance-threshold 16")

@@ -42,7 +42,6 @@ class Ingress:
 def build_application(config: Config, *, app_name: str = APP_NAME) -> Any:
     """The bound Ray Serve application for `config` (replicas, autoscaling and router from `config.ray`)."""
     from ray import serve
-    from ray.serve.config import RequestRouterConfig
 
     from vlmserve.ray.replica import EngineReplica
 
@@ -52,14 +51,22 @@ def build_application(config: Config, *, app_name: str = APP_NAME) -> Any:
         max_ongoing_requests=config.engine.max_num_seqs + config.engine.max_waiting_requests,
         ray_actor_options={"num_gpus": _gpus_per_replica(config), "num_cpus": scale.num_cpus_per_replica},
         health_check_period_s=2, health_check_timeout_s=30,
-        request_router_config=RequestRouterConfig(
-            request_router_class="vlmserve.ray.router:ImageAwarePrefixRouter",  # type: ignore[arg-type]
-            request_router_kwargs={"block_size": config.engine.block_size,
-                                   "imbalance_threshold": scale.affinity_imbalance_threshold}),
+        **_router(config),
     ).bind(config, app_name)
     ingress = serve.deployment(name="Ingress")(serve.ingress()(Ingress)).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(engine, config, app_name)
     return ingress
+
+
+def _router(config: Config) -> dict[str, Any]:
+    from ray.serve.config import RequestRouterConfig
+
+    if config.ray.router == "power-of-two":
+        return {}  # Ray Serve's default router
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="vlmserve.ray.router:ImageAwarePrefixRouter",  # type: ignore[arg-type]
+        request_router_kwargs={"block_size": config.engine.block_size,
+                               "imbalance_threshold": config.ray.affinity_imbalance_threshold})}
 
 
 def _gpus_per_replica(config: Config) -> float:

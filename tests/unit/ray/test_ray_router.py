@@ -98,3 +98,14 @@ def test_ray_config_is_validated() -> None:
         RayConfig(replicas=0)
     with pytest.raises(ConfigError, match="between"):
         RayConfig(replicas=5, max_replicas=4)
+
+
+def test_the_serve_config_builder_takes_vlmserve_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmserve.ray.app as ray_app
+
+    monkeypatch.setattr(ray_app, "build_application", lambda config: config)
+    config = ray_app.build({"model": "some/model", "replicas": 3, "max_num_seqs": 16, "router": "power-of-two",
+                            "trust_remote_code": True, "api_key": ["k1", "k2"]})
+    assert config.model.model == "some/model" and config.model.trust_remote_code
+    assert (config.ray.replicas, config.ray.router, config.engine.max_num_seqs) == (3, "power-of-two", 16)
+    assert config.server.api_key == ("k1", "k2")
