@@ -102,7 +102,11 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         snapshot = engine.stats()
-        return {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        body = {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        by_replica = getattr(engine, "stats_by_replica", None)  # engines spread over replicas (vlmserve.ray)
+        if by_replica is not None:
+            body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
+        return body
 
     open_paths: frozenset[str] = frozenset()
     if config.server.enable_playground:
