@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright import sync_api  # a test dependency: missing, it fails rather than skips
 
 from tests.conftest import REPO, ServerProcess
 from vlmserve.demo.shapes import (
@@ -37,7 +38,6 @@ from vlmserve.demo.shapes import (
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
-sync_api = pytest.importorskip("playwright.sync_api")
 
 API_KEY = "sk-playground-test"
 MARKUP = "<img src=x onerror=\"document.title='pwned'\"> <b>bold</b> & <script>document.title='pwned'</script>"
@@ -209,28 +209,25 @@ def test_markup_in_an_answer_or_a_file_name_renders_as_text(demo_page: Page) -> 
     demo_page.check_every_request_was_local()
 
 
+_DISPATCH_FILE = """([png, name, kind]) => {
+    const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    const init = { bubbles: true, cancelable: true };
+    const event = kind === "drop" ? new DragEvent("drop", { ...init, dataTransfer: transfer })
+                                  : new ClipboardEvent("paste", { ...init, clipboardData: transfer });
+    document.getElementById("prompt").dispatchEvent(event);
+}"""
+
+
 def attach_three_ways(page: Any) -> None:
     """One image through the file picker (with a name made of markup), one dropped, one pasted."""
     page.set_input_files("#file-input", [png_file(EVIL_NAME, counting_scene())])
     sync_api.expect(page.locator("#attachments figure")).to_have_count(1)
     png = base64.b64encode(encode(render(counting_scene()))).decode()
-    page.evaluate("""([png, name, kind]) => {
-        const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
-        const transfer = new DataTransfer();
-        transfer.items.add(new File([bytes], name, { type: "image/png" }));
-        const event = kind === "drop"
-            ? new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true })
-            : new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true });
-        document.getElementById("prompt").dispatchEvent(event);
-    }""", [png, "dropped.png", "drop"])
+    page.evaluate(_DISPATCH_FILE, [png, "dropped.png", "drop"])
     sync_api.expect(page.locator("#attachments figure")).to_have_count(2)
-    page.evaluate("""([png, name, kind]) => {
-        const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
-        const transfer = new DataTransfer();
-        transfer.items.add(new File([bytes], name, { type: "image/png" }));
-        document.getElementById("prompt").dispatchEvent(
-            new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }));
-    }""", [png, "pasted.png", "paste"])
+    page.evaluate(_DISPATCH_FILE, [png, "pasted.png", "paste"])
 
 
 def test_stop_aborts_the_request_in_the_engine(demo_page: Page) -> None:
