@@ -3,6 +3,12 @@
 transformers' video processors need torchvision, which is often absent (and does not import beside some torch
 builds). We serve images only, so when `AutoProcessor` fails for that reason we assemble the same processor class
 from its image processor (falling back to the Pil variant), its tokenizer and a placeholder video processor.
+
+Checkpoints come in every layout transformers 5 reads, and the fallback must read them all as transformers does:
+the Hub's flat `preprocessor_config.json` (+ `video_preprocessor_config.json`), or one `processor_config.json`
+with each sub-processor's settings nested under its attribute name (what `ProcessorMixin.save_pretrained` writes
+since transformers 5); the chat template in `chat_template.jinja`, `chat_template.json` or only in
+`tokenizer_config.json`.
 """
 
 from __future__ import annotations
@@ -82,7 +88,9 @@ def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
         else:
             raise ImportError(f"{cls.__name__} needs a {attribute}, which cannot be built here")
     accepted = inspect.signature(cls.__init__).parameters
-    settings = {k: v for k, v in _read_json(path / "processor_config.json").items() if k in accepted}
+    # Sub-processor settings nested under their attribute names were consumed building the parts above.
+    settings = {k: v for k, v in _read_json(path / "processor_config.json").items()
+                if k in accepted and k not in parts}
     settings["chat_template"] = _saved_chat_template(path)
     return _accepting_placeholder_video(cls)(**parts, **settings)
 
@@ -96,7 +104,7 @@ def _image_processor(path: Path, trust_remote_code: bool) -> Any:
     except (ImportError, ValueError) as exc:
         if "torchvision" not in str(exc).lower():
             raise
-        declared = str(_read_json(path / "preprocessor_config.json").get("image_processor_type", ""))
+        declared = _declared_image_processor_type(path)
         model_type = str(_read_json(path / "config.json").get("model_type", ""))
         name = declared.removesuffix("Fast").removesuffix("Pil") + "Pil"
         module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
@@ -104,6 +112,15 @@ def _image_processor(path: Path, trust_remote_code: bool) -> Any:
         if pil_cls is None:
             raise
         return pil_cls.from_pretrained(path)
+
+
+def _declared_image_processor_type(path: Path) -> str:
+    """The image processor class the checkpoint names: nested in processor_config.json (transformers 5's own
+    save) or flat in preprocessor_config.json (the Hub's layout); transformers prefers the nested one."""
+    nested = _read_json(path / "processor_config.json").get("image_processor")
+    if isinstance(nested, dict) and nested.get("image_processor_type"):
+        return str(nested["image_processor_type"])
+    return str(_read_json(path / "preprocessor_config.json").get("image_processor_type", ""))
 
 
 def _read_json(file: Path) -> dict[str, Any]:
