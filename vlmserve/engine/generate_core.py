@@ -38,6 +38,9 @@ class _Row:
     sampling: SequenceSampling
     finish_reason: FinishReason | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    #: tokens the current `generate` call has produced for this row; fewer than `output_token_ids` while a
+    #: retried row replays what it had already streamed
+    num_replayed: int = 0
 
     @property
     def is_done(self) -> bool:
@@ -86,16 +89,36 @@ class GenerateEngineCore:
             return
         try:
             self._generate(rows, emit)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            # A failure inside one batch fails its requests only; the engine keeps serving.
-            logger.exception("generate failed for a batch of %d", len(rows))
-            emit([CoreOutput(r.request.request_id, [], FinishReason.ERROR, error=type(exc).__name__)
-                  for r in rows if not r.is_done])
-            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        except _BATCH_ERRORS as exc:
+            self._recover(rows, exc, emit)
         finally:
             self._aborted.clear()
             self._running = []
+
+    def _recover(self, rows: list[_Row], exc: Exception, emit: Emit) -> None:
+        """After a failed batch, run its unfinished rows one at a time: only the rows that fail alone are failed.
+
+        A row that had already streamed tokens is re-run with those tokens forced (see `_advance`): nothing is
+        sent twice, and its sampler state (generator, penalties, grammar) simply continues. An error from a single
+        row is that row's failure; the engine keeps serving.
+        """
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pending = [r for r in rows if not r.is_done]
+        if len(rows) == 1:
+            logger.error("generate failed for request %s", rows[0].request.request_id, exc_info=exc)
+            emit(_failed(pending, exc))
+            return
+        logger.warning("generate failed for a batch of %d (%s); retrying its requests one by one", len(rows),
+                       type(exc).__name__, exc_info=exc)
+        for row in pending:
+            try:
+                self._generate([row], emit)
+            except _BATCH_ERRORS as single:
+                logger.error("generate failed for request %s", row.request.request_id, exc_info=single)
+                if isinstance(single, torch.OutOfMemoryError) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                emit(_failed([row], single))
 
     def _drain_inbox(self) -> None:
         """Queue new requests; drop aborted waiting ones; remember aborted running ones for `_advance`."""
@@ -127,6 +150,8 @@ class GenerateEngineCore:
 
     @torch.inference_mode()
     def _generate(self, rows: list[_Row], emit: Emit) -> None:
+        for row in rows:
+            row.num_replayed = 0
         inputs = self._adapter.collate([r.request.prompt for r in rows])
         self._counters["prompt"] += sum(r.request.prompt.num_tokens for r in rows)
         max_new = max(int(r.request.sampling.max_tokens or 1) for r in rows)
@@ -148,6 +173,12 @@ class GenerateEngineCore:
                 self._counters["aborted"] += 1
         forced = torch.full_like(scores, float("-inf"))
         forced[:, 0] = 0.0  # rows already done: any token; they are ignored
+        replaying = [i for i in live if rows[i].num_replayed < len(rows[i].output_token_ids)]
+        for i in replaying:  # a retried row: its streamed tokens again, neither sampled nor emitted
+            forced[i, 0] = float("-inf")
+            forced[i, rows[i].output_token_ids[rows[i].num_replayed]] = 0.0
+            rows[i].num_replayed += 1
+        live = [i for i in live if i not in replaying]
         if not live:
             return forced
         drawn = self._sampler(scores[live], [rows[i].sampling for i in live])
@@ -155,6 +186,7 @@ class GenerateEngineCore:
         for j, i in enumerate(live):
             row, token = rows[i], drawn.token_ids[j]
             row.output_token_ids.append(token)
+            row.num_replayed += 1
             row.finish_reason = self._finish_reason(row, token)
             if row.is_done:
                 self._counters["finished"] += 1
@@ -175,6 +207,14 @@ class GenerateEngineCore:
         if len(row.output_token_ids) >= int(params.max_tokens or 0):
             return FinishReason.LENGTH
         return None
+
+
+#: errors a batch's inputs or size can cause (shape mismatches, out of memory); anything else is an engine bug
+_BATCH_ERRORS = (RuntimeError, ValueError, IndexError)
+
+
+def _failed(rows: list[_Row], exc: Exception) -> list[CoreOutput]:
+    return [CoreOutput(r.request.request_id, [], FinishReason.ERROR, error=type(exc).__name__) for r in rows]
 
 
 class _DrawTokens(LogitsProcessor):
