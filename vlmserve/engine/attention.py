@@ -22,6 +22,7 @@ import torch
 
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.paged_attention import paged_attention, write_kv
+from vlmserve.models.hf_compat import register_attention, use_attention
 
 ATTENTION_NAME = "vlmserve_paged"
 
@@ -74,8 +75,5 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 def install(text_model: torch.nn.Module) -> None:
     """Register our attention and switch the decoder (only the decoder) to it."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, paged_attention_forward)
-    config: Any = text_model.config
-    config._attn_implementation = ATTENTION_NAME
+    register_attention(ATTENTION_NAME, paged_attention_forward)
+    use_attention(text_model.config, ATTENTION_NAME)

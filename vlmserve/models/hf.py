@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.types import PreparedPrompt
 
@@ -161,9 +162,7 @@ class HFAdapter(ModelAdapter):
         inputs = dict(prompt.model_inputs)
         inputs["input_ids"] = ids.unsqueeze(0)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-        kwargs = _matching_kwargs(self._base.get_rope_index, inputs, self.device, self.dtype)
-        position_ids, deltas = self._base.get_rope_index(**kwargs)
-        return position_ids[:, 0, :], int(deltas.reshape(-1)[0])
+        return hf_compat.rope_index(self._base, {k: _to_device(v, self.device, self.dtype) for k, v in inputs.items()})
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)

@@ -13,12 +13,13 @@ since transformers 5); the chat template in `chat_template.jinja`, `chat_templat
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from vlmserve.models import hf_compat
 
 logger = logging.getLogger(__name__)
 
@@ -47,40 +48,26 @@ def load_processor(path: str | Path, *, chat_template: str | None = None, trust_
 
 
 def _processor_class(path: Path) -> Any:
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         declared = _read_json(path / name).get("processor_class")
         if declared:
-            return _real_class(str(declared))
+            return hf_compat.transformers_class(str(declared))
     model_type = _read_json(path / "config.json")["model_type"]
-    class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    class_name = hf_compat.processor_class_name(model_type)
     if not class_name:
         raise ImportError(f"no processor class known for model type {model_type!r}")
-    return _real_class(class_name)
-
-
-def _real_class(name: str) -> Any:
-    """A transformers class by name, imported from its own module: without torchvision the top-level lazy
-    names of some classes resolve to import stubs even when the class itself needs no torchvision."""
-    import transformers
-
-    module_name = getattr(transformers, "_class_to_module", {}).get(name)
-    if module_name is None:
-        raise ImportError(f"transformers has no class {name}")
-    return getattr(importlib.import_module(f"transformers.{module_name}"), name)
+    return hf_compat.transformers_class(class_name)
 
 
 def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
-    from transformers.video_processing_utils import BaseVideoProcessor
 
     cls = _processor_class(path)
     parts: dict[str, Any] = {}
     for attribute in cls.get_attributes():
         if "video" in attribute:
             # NOTE: a placeholder; prompts with videos are refused before they reach the processor.
-            parts[attribute] = BaseVideoProcessor()
+            parts[attribute] = hf_compat.placeholder_video_processor()
         elif "image" in attribute:
             parts[attribute] = _image_processor(path, trust_remote_code)
         elif "tokenizer" in attribute:
@@ -106,9 +93,7 @@ def _image_processor(path: Path, trust_remote_code: bool) -> Any:
             raise
         declared = _declared_image_processor_type(path)
         model_type = str(_read_json(path / "config.json").get("model_type", ""))
-        name = declared.removesuffix("Fast").removesuffix("Pil") + "Pil"
-        module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
-        pil_cls = getattr(module, name, None)
+        pil_cls = hf_compat.pil_image_processor_class(model_type, declared)
         if pil_cls is None:
             raise
         return pil_cls.from_pretrained(path)

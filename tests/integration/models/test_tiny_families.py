@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tests.fixtures.tiny.registry import FAMILIES, TinyFamily
+from vlmserve.models import hf_compat
 
 pytestmark = [
     # torch's Tensor.__array__/__array_wrap__ predate numpy 2's keywords; transformers' processors call np.array
@@ -124,15 +125,16 @@ def _recipe_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         embeds = inner.get_input_embeddings()(input_ids)
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         if hasattr(inner, "get_rope_index"):
-            positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                image_grid_thw=inputs.get("image_grid_thw"))
+            positions = hf_compat.rope_index(inner, dict(inputs))[0][:, None, :]
         else:
             positions = torch.arange(input_ids.shape[1])[None]
         extras: dict[str, Any] = {}
-        if getattr(output, "deepstack_features", None) is not None:
-            extras = {"visual_pos_masks": is_image, "deepstack_visual_embeds": output.deepstack_features}
+        deepstack = hf_compat.deepstack_features(output)
+        if deepstack is not None:
+            extras = {"visual_pos_masks": is_image, "deepstack_visual_embeds": deepstack}
         hidden = decoder(inputs_embeds=embeds, position_ids=positions, **extras).last_hidden_state
-        return model.lm_head(hidden)
+        scale = hf_compat.logit_scale(model)
+        return model.lm_head(hidden) * (scale if scale is not None else 1.0)
 
 
 def _runs(mask: torch.Tensor) -> int:

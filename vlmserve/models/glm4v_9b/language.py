@@ -24,10 +24,9 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlmserve.models import hf_compat
 from vlmserve.models.glm4v_9b.config import ChatGLMConfig
 
 
@@ -125,7 +124,7 @@ class SelfAttention(nn.Module):
         query, key = apply_glm_rotary(query, cos, sin), apply_glm_rotary(key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = hf_compat.attention_function(self.config, eager_attention_forward)
         dropout = self.config.attention_dropout if self.training else 0.0
         output, _ = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
                               **kwargs)
@@ -189,6 +188,7 @@ class GLMTransformer(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: Any = None, past_key_values: Any = None, **kwargs: Any) -> BaseModelOutputWithPast:
         kwargs.pop("use_cache", None)  # the cache object itself says whether to cache
+        past_key_values = hf_compat.cache_argument(past_key_values, kwargs)
         if position_ids is None:
             # NOTE: plain positions are right only without images before; image prompts always pass positions
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -200,8 +200,9 @@ class GLMTransformer(nn.Module):
         else:
             # NOTE: positions are not passed: image tokens share one position, which would look like packed
             # sequences to the mask builder; the mask here is causal by token index.
-            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      past_key_values=past_key_values, position_ids=None)
+            mask = hf_compat.causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                         attention_mask=attention_mask, cache_value=past_key_values,
+                                         position_ids=None)
         position_embeddings = self.rotary(position_ids, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         for layer in self.layers:
@@ -211,5 +212,5 @@ class GLMTransformer(nn.Module):
                                   past_key_values=past_key_values, **kwargs)
         if self.config.post_layer_norm:
             hidden_states = self.final_layernorm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=cast(torch.FloatTensor, hidden_states),
-                                       past_key_values=past_key_values)
+        return hf_compat.with_cache(BaseModelOutputWithPast, past_key_values,
+                                    last_hidden_state=cast(torch.FloatTensor, hidden_states))

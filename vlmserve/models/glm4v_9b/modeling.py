@@ -24,6 +24,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlmserve.models import hf_compat
 from vlmserve.models.glm4v_9b.config import ChatGLMConfig
 from vlmserve.models.glm4v_9b.language import GLMBlock, GLMTransformer
 from vlmserve.models.glm4v_9b.positions import batch_positions, image_runs
@@ -147,6 +148,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds,
                                                           self.get_image_features(pixel_values))
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
+        past_key_values = hf_compat.cache_argument(past_key_values, kwargs)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         is_prefill = past_key_values is None or past_key_values.get_seq_length() == 0
@@ -159,7 +161,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
+        return hf_compat.with_cache(CausalLMOutputWithPast, past_key_values if use_cache else None, logits=logits)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor,
                                              model_kwargs: dict[str, Any]) -> torch.Tensor:

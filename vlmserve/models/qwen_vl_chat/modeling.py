@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlmserve.models import hf_compat
 from vlmserve.models.qwen_vl_chat.config import QwenVLChatConfig
 from vlmserve.models.qwen_vl_chat.visual import Resampler, VisionTransformer, sincos_2d_table
 
@@ -137,7 +136,7 @@ class QwenAttention(nn.Module):
             query = query * query_scale[:, None, :, None].to(query.dtype)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        attention = hf_compat.attention_function(self.config, eager_attention)
         output, _ = attention(self, query, key, value, attention_mask,
                               dropout=self.config.attn_dropout_prob if self.training else 0.0,
                               scaling=self.scaling, **kwargs)
@@ -241,6 +240,7 @@ class QwenVLChatModel(QwenVLChatPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
+        past_key_values = hf_compat.cache_argument(past_key_values, kwargs)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         positions: torch.Tensor
@@ -249,8 +249,8 @@ class QwenVLChatModel(QwenVLChatPreTrainedModel):
             positions = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
         else:  # (rows, batch, tokens) has a single row in this family
             positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=positions)
+        mask = hf_compat.causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     cache_value=past_key_values, position_ids=positions)
         rows = positions.expand(inputs_embeds.shape[0], -1)
         position_embeddings = self.rotary_emb(rows, ntk_alphas)
         query_scale = logn_scale(rows, self.config.seq_length) if self.config.use_logn_attn else None
@@ -259,7 +259,7 @@ class QwenVLChatModel(QwenVLChatPreTrainedModel):
             hidden = block(hidden, position_embeddings=position_embeddings, query_scale=query_scale,
                            attention_mask=mask, past_key_values=past_key_values, position_ids=positions,
                            **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), past_key_values=past_key_values)
+        return hf_compat.with_cache(BaseModelOutputWithPast, past_key_values, last_hidden_state=self.ln_f(hidden))
 
 
 class QwenVLChatForCausalLM(QwenVLChatPreTrainedModel, GenerationMixin):
@@ -309,6 +309,7 @@ class QwenVLChatForCausalLM(QwenVLChatPreTrainedModel, GenerationMixin):
             inputs_embeds = self.transformer.wte(input_ids)
             if pixel_values is not None:
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+        past_key_values = hf_compat.cache_argument(past_key_values, kwargs)
         output = self.transformer(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                                   ntk_alphas=self._ntk_factors(inputs_embeds, attention_mask, past_key_values),
@@ -316,7 +317,7 @@ class QwenVLChatForCausalLM(QwenVLChatPreTrainedModel, GenerationMixin):
         hidden = output.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden), past_key_values=output.past_key_values)
+        return hf_compat.with_cache(CausalLMOutputWithPast, hf_compat.output_cache(output), logits=self.lm_head(hidden))
 
     def _ntk_factors(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                      past_key_values: Cache | None) -> list[float] | None:

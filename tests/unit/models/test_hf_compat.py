@@ -1,0 +1,167 @@
+"""Each transformers internal vlmserve relies on (vlmserve/models/hf_compat.py), checked on the installed version.
+
+CI runs this file on both ends of the supported transformers range; a failure here names the internal that moved.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from vlmserve.models import hf_compat
+
+
+def _tiny_llama(**overrides: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_registered_attention_receives_the_calls_and_can_reproduce_sdpa() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = _tiny_llama(attn_implementation="sdpa")
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def recording(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append((int(module.layer_idx), tuple(query.shape)))
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    hf_compat.register_attention("vlmserve_test_recording", recording)
+    hf_compat.use_attention(model.model.config, "vlmserve_test_recording")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert calls == [(0, (1, 4, 5, 8)), (1, (1, 4, 5, 8))]  # (batch, heads, tokens, head_dim), per layer
+    torch.testing.assert_close(got, expected)
+    assert hf_compat.attention_function(model.config, sdpa_attention_forward) is recording
+
+
+def test_attention_function_falls_back_to_eager() -> None:
+    def eager(*args: Any) -> None:
+        return None
+
+    assert hf_compat.attention_function(SimpleNamespace(_attn_implementation="eager"), eager) is eager
+
+
+def test_the_cache_travels_under_this_versions_name() -> None:
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = _tiny_llama()
+    with torch.no_grad():
+        output = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    cache = hf_compat.output_cache(output)
+    assert isinstance(cache, Cache) and cache.get_seq_length() == 3  # a real model's output, under cache_name()
+    built = hf_compat.with_cache(CausalLMOutputWithPast, cache, logits=output.logits)
+    assert hf_compat.output_cache(built) is cache and built.logits is output.logits
+    kwargs: dict[str, Any] = {"cache": cache, "other": 1}
+    assert hf_compat.cache_argument(None, kwargs) is cache and kwargs == {"other": 1}
+    assert hf_compat.cache_argument(cache, {}) is cache
+
+
+def test_generate_hands_a_port_its_cache_under_either_name() -> None:
+    """A model forward taking `past_key_values` still gets the cache `generate` passes (as `cache` from 5.25)."""
+    model = _tiny_llama()
+    seen: list[int] = []
+    original = model.forward
+
+    def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        cache = hf_compat.cache_argument(past_key_values, kwargs)
+        seen.append(0 if cache is None else cache.get_seq_length())
+        return original(*args, **{hf_compat.cache_name(): cache}, **kwargs)
+
+    forward.__signature__ = __import__("inspect").signature(original)  # type: ignore[attr-defined]
+    model.forward = forward  # type: ignore[method-assign]
+    with torch.no_grad():
+        model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen == [0, 3, 4]  # prefill, then each decode step sees the growing cache
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_causal_mask_takes_the_cache_under_its_name(implementation: str) -> None:
+    from transformers.cache_utils import DynamicCache
+
+    model = _tiny_llama(attn_implementation=implementation)
+    config = model.config
+    cache = DynamicCache(config=config)
+    embeds = torch.zeros(1, 4, config.hidden_size)
+    mask = hf_compat.causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                 cache_value=cache, position_ids=torch.arange(4)[None])
+    if mask is None:  # sdpa may skip the mask and use is_causal
+        assert implementation == "sdpa"
+        return
+    allowed = mask[0, 0] == 0 if mask.dtype != torch.bool else mask[0, 0]
+    assert torch.equal(allowed, torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_rope_index_gives_mrope_rows_and_the_decode_delta() -> None:
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    base = Qwen2VLModel(config).eval()
+    ids = torch.tensor([[1, 2, 62, 60, 60, 60, 60, 63, 3]])  # a 4x4-patch image: 2x2 tokens after merging
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": torch.tensor([[1, 4, 4]]),
+              "mm_token_type_ids": (ids == 60).long(), "pixel_values": torch.zeros(16, 3 * 2 * 14 * 14)}
+    positions, delta = hf_compat.rope_index(base, inputs)
+    assert positions.shape == (3, 9)
+    assert positions[:, :3].tolist() == [[0, 1, 2]] * 3  # text: the same position on every row
+    assert positions[:, 3:7].tolist() == [[3, 3, 3, 3], [3, 3, 4, 4], [3, 4, 3, 4]]  # t, h, w of the 2x2 grid
+    assert positions[:, 7:].tolist() == [[5, 6]] * 3
+    assert delta == int(positions.max()) + 1 - ids.shape[1]
+
+
+def test_deepstack_features_are_one_tensor_per_layer() -> None:
+    a, b = torch.ones(2, 4), torch.zeros(3, 4)
+    per_image = SimpleNamespace(deepstack_features=[(a, b), (b, a)])  # 5.25: per layer, one tensor per image
+    per_layer = SimpleNamespace(deepstack_features=[torch.cat([a, b]), torch.cat([b, a])])  # 5.17
+    for output in (per_image, per_layer):
+        layers = hf_compat.deepstack_features(output)
+        assert layers is not None and [t.shape for t in layers] == [(5, 4), (5, 4)]
+        assert torch.equal(layers[0], torch.cat([a, b]))
+    assert hf_compat.deepstack_features(SimpleNamespace(pooler_output=a)) is None
+
+
+def test_logit_scale_follows_the_installed_forward() -> None:
+    class Scaled:
+        config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(logit_scale=0.5))
+
+        def forward(self, hidden: Any) -> Any:
+            return hidden * self.config.get_text_config().logit_scale
+
+    class Unscaled(Scaled):
+        def forward(self, hidden: Any) -> Any:
+            return hidden
+
+    assert hf_compat.logit_scale(Scaled()) == 0.5
+    assert hf_compat.logit_scale(Unscaled()) is None
+    assert hf_compat.logit_scale(_tiny_llama()) is None  # no logit_scale in the config
+
+
+def test_processor_internals() -> None:
+    processor_cls = hf_compat.transformers_class("Qwen2VLProcessor")
+    assert processor_cls.__name__ == "Qwen2VLProcessor" and "image_processor" in processor_cls.get_attributes()
+    with pytest.raises(ImportError):
+        hf_compat.transformers_class("NoSuchProcessor")
+    assert hf_compat.processor_class_name("qwen2_vl") == "Qwen2VLProcessor"
+    assert hf_compat.processor_class_name("no_such_model") is None
+    pil = hf_compat.pil_image_processor_class("qwen2_vl", "Qwen2VLImageProcessorFast")
+    assert pil is not None and pil.__name__ == "Qwen2VLImageProcessorPil"
+    assert hf_compat.pil_image_processor_class("no_such_model", "X") is None
+    video = hf_compat.placeholder_video_processor()
+    assert type(video).__name__ == "BaseVideoProcessor"

@@ -1,0 +1,181 @@
+"""The one place vlmserve relies on transformers internals: private names, calling conventions, renamed arguments.
+
+Everything here moved or may move between transformers minor releases; each helper is checked by
+tests/unit/models/test_hf_compat.py on the installed version, and CI runs those tests at both ends of the
+supported range (pyproject.toml). Public, stable API (`AutoModel*`, `GenerationConfig`, `LogitsProcessor` ...) is
+imported where it is used.
+
+What changed inside the range (5.17 -> 5.25, read and run):
+- 5.25 renamed the KV cache argument and output field `past_key_values` -> `cache` (models, `generate`,
+  `create_causal_mask`, the `*OutputWithPast` classes); the old name warns (FutureWarning, an error in our tests).
+- 5.25 returns Qwen3-VL's deepstack features per layer as one tensor per image, not one tensor per layer.
+- 5.25's Aya Vision applies Cohere's `logit_scale` in its forward; 5.17's does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+
+#: versions the whole engine and model suite was run on (pyproject.toml's range is drawn from these)
+VERIFIED_VERSIONS = ("5.17.0", "5.25.0")
+
+
+# --- attention ---------------------------------------------------------------------------------------------------
+
+def register_attention(name: str, function: Callable[..., Any]) -> None:
+    """Make `function` an attention implementation transformers' modules can dispatch to by `name`.
+
+    The calling convention we rely on: `function(module, query, key, value, attention_mask, scaling=...,
+    dropout=..., sliding_window=..., softcap=..., **kwargs)` with (batch, heads, tokens, head_dim) tensors after
+    rotary and `module.layer_idx` set; it returns (output (batch, tokens, heads, head_dim), weights or None).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(name, function)
+
+
+def attention_function(config: Any, eager: Callable[..., Any]) -> Callable[..., Any]:
+    """The attention function the modules built from `config` dispatch to (`eager` for "eager"): how a native
+    port's attention lets the paged engine (or sdpa) take over without knowing the architecture."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+
+
+def use_attention(config: Any, name: str) -> None:
+    """Switch the modules built from `config` (and only those) to the registered attention `name`.
+
+    NOTE: `_attn_implementation` is read by every attention module at call time; the public
+    `set_attn_implementation` would switch the whole model (vision tower included) and validate the name
+    against the built-in ones.
+    """
+    config._attn_implementation = name
+
+
+# --- the KV cache argument ----------------------------------------------------------------------------------------
+
+@cache
+def cache_name() -> str:
+    """What this transformers calls the KV cache in model arguments and outputs: `cache` (5.25+) or
+    `past_key_values` (earlier)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def cache_argument(past_key_values: Any, kwargs: dict[str, Any]) -> Any:
+    """The cache a model's forward was given, under either name (`generate` passes `cache=` from 5.25 on)."""
+    renamed = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else renamed
+
+
+def with_cache(output_cls: type, cache_value: Any, **fields: Any) -> Any:
+    """`output_cls(**fields)` (a transformers `*OutputWithPast`) carrying the cache under this version's name."""
+    return output_cls(**fields, **{cache_name(): cache_value})
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a transformers model output carries, under either name."""
+    return getattr(output, cache_name(), None)
+
+
+def causal_mask(*, config: Any, inputs_embeds: torch.Tensor, attention_mask: Any, cache_value: Any,
+                position_ids: torch.Tensor | None) -> Any:
+    """`transformers.masking_utils.create_causal_mask`, with the cache under the name this version takes."""
+    from transformers.masking_utils import create_causal_mask
+
+    parameters = inspect.signature(create_causal_mask).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              position_ids=position_ids, **{name: cache_value})
+
+
+# --- model pieces the paged engine calls -------------------------------------------------------------------------
+
+def rope_index(base: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """An M-RoPE model's prompt positions (rows, tokens) and its decode delta, from its own `get_rope_index`.
+
+    `inputs` holds one prompt's processor outputs (`input_ids` (1, tokens), grids, `mm_token_type_ids` ...);
+    only the arguments this version's `get_rope_index` names are passed.
+    """
+    accepted = inspect.signature(base.get_rope_index).parameters
+    position_ids, deltas = base.get_rope_index(**{k: v for k, v in inputs.items() if k in accepted})
+    return position_ids[:, 0, :], int(torch.as_tensor(deltas).reshape(-1)[0])
+
+
+def deepstack_features(output: Any) -> list[torch.Tensor] | None:
+    """Qwen3-VL's deepstack features from `get_image_features`: one (image tokens, hidden) tensor per decoder
+    layer they are added to, all images concatenated; None for models without deepstack."""
+    layers = getattr(output, "deepstack_features", None)
+    if layers is None:
+        return None
+    return [torch.cat(list(layer)) if isinstance(layer, (list, tuple)) else layer for layer in layers]
+
+
+def logit_scale(model: Any) -> float | None:
+    """The factor this version's model multiplies its logits by beyond `lm_head` (Cohere's `logit_scale`, used by
+    Aya Vision), or None where its forward applies none.
+
+    NOTE: read from the forward's source because 5.17's Aya Vision ignores the config's `logit_scale` and 5.25's
+    applies it; the paged engine must agree with `generate` on the installed version.
+    """
+    scale = getattr(model.config.get_text_config(), "logit_scale", None)
+    if scale is None:
+        return None
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return float(scale)
+    return float(scale) if "logit_scale" in source else None
+
+
+# --- processor loading --------------------------------------------------------------------------------------------
+
+def transformers_class(name: str) -> Any:
+    """A transformers class by name, imported from its own module.
+
+    NOTE: without torchvision the top-level lazy names of some classes resolve to import stubs even when the
+    class itself needs no torchvision; `_class_to_module` is transformers' private name -> module table.
+    """
+    import transformers
+
+    module_name = getattr(transformers, "_class_to_module", {}).get(name)
+    if module_name is None:
+        raise ImportError(f"transformers has no class {name}")
+    return getattr(importlib.import_module(f"transformers.{module_name}"), name)
+
+
+def processor_class_name(model_type: str) -> str | None:
+    """The processor class transformers' AutoProcessor maps `model_type` to."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    return PROCESSOR_MAPPING_NAMES.get(model_type)
+
+
+def pil_image_processor_class(model_type: str, declared: str) -> Any:
+    """The Pil (torchvision-free) variant of the image processor class `declared` for `model_type`, or None.
+
+    NOTE: transformers 5 keeps it in `models/<model_type>/image_processing_pil_<model_type>.py`, named
+    `<Base>Pil`; its top-level lazy name refuses to load without torchvision in some versions.
+    """
+    name = declared.removesuffix("Fast").removesuffix("Pil") + "Pil"
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.image_processing_pil_{model_type}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def placeholder_video_processor() -> Any:
+    """A bare `BaseVideoProcessor`, built without torchvision, to fill a processor's video slot."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    return BaseVideoProcessor()
