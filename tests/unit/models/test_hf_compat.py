@@ -5,6 +5,7 @@ CI runs this file on both ends of the supported transformers range; a failure he
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -79,7 +80,7 @@ def test_generate_hands_a_port_its_cache_under_either_name() -> None:
         seen.append(0 if cache is None else cache.get_seq_length())
         return original(*args, **{hf_compat.cache_name(): cache}, **kwargs)
 
-    forward.__signature__ = __import__("inspect").signature(original)  # type: ignore[attr-defined]
+    forward.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]  # generate checks kwargs
     model.forward = forward  # type: ignore[method-assign]
     with torch.no_grad():
         model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
