@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlmserve.models import hf_compat
+
 VISION_ATTENTION_NAME = "vlmserve_varlen_flash_compatible"
 
 #: families whose vision tower passes cu_seqlens through the flash path (checked in their modeling code)
@@ -45,8 +47,6 @@ def install_vision_attention(model: torch.nn.Module, family: str) -> bool:
     vision_config = getattr(model.config, "vision_config", None)
     if vision_config is None:
         return False
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ALL_ATTENTION_FUNCTIONS.register(VISION_ATTENTION_NAME, varlen_attention_forward)
-    vision_config._attn_implementation = VISION_ATTENTION_NAME
+    hf_compat.register_attention(VISION_ATTENTION_NAME, varlen_attention_forward)
+    hf_compat.use_attention(vision_config, VISION_ATTENTION_NAME)
     return True
