@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vlmserve.errors import ModelLoadError
+from vlmserve.models import hf_compat
 from vlmserve.models.qwen_vl_chat.config import QwenVLChatConfig
 from vlmserve.models.qwen_vl_chat.modeling import QwenVLChatForCausalLM
 
@@ -54,7 +55,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device, dtype: torc
     """Build the model from config.json and fill it with the checkpoint's tensors, cast to `dtype`."""
     path = Path(path)
     config = QwenVLChatConfig.from_pretrained(path)
-    config._attn_implementation = attn_implementation
+    hf_compat.use_attention(config, attn_implementation)
     with torch.device("meta"):
         model = QwenVLChatForCausalLM(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
