@@ -22,9 +22,10 @@ from PIL import Image
 from tests.fixtures.tiny.layouts import LAYOUTS, VIDEO_PROCESSOR_SETTINGS, make_layout
 from tests.fixtures.tiny.registry import FAMILIES
 
-# Qwen2-VL: a video family (nested video settings, separate video config); LLaVA: image-only, with
-# processor-level settings (patch_size, feature strategy) that must survive every layout.
-LAYOUT_FAMILIES = ("qwen2_vl", "llava")
+# Qwen2-VL and GLM-4.1V: video families (nested video settings, separate video config; GLM's Hub layout already
+# carries one); LLaVA: image-only, with processor-level settings (patch_size, feature strategy) that must survive
+# every layout.
+LAYOUT_FAMILIES = ("qwen2_vl", "glm4v", "llava")
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
