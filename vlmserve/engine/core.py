@@ -25,6 +25,7 @@ from vlmserve.engine.sampler import SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import EngineStats, FinishReason, GenerationRequest
@@ -60,6 +61,7 @@ class PagedEngineCore:
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
+        self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
         self._refused: list[CoreOutput] = []  # requests refused on arrival, reported by the next step
         self._sequences: dict[str, Sequence] = {}
@@ -151,7 +153,8 @@ class PagedEngineCore:
 
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
         sampling = make_sampling(request, eos_token_ids=self._adapter.eos_token_ids, device=self._adapter.device,
-                                 tokenizer=self._adapter.tokenizer, structured=self.structured)
+                                 tokenizer=self._adapter.tokenizer, text_policy=self._text_policy,
+                                 structured=self.structured)
         sequence = Sequence(request=request, sampling=sampling)
         sampling.output_token_ids = sequence.output_token_ids  # the sampler sees tokens as they are appended
         self._counters["prompt"] += request.prompt.num_tokens

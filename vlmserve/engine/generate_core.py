@@ -28,6 +28,7 @@ from vlmserve.engine.protocol import CoreOutput, Emit
 from vlmserve.engine.sampler import Sampler, SequenceSampling
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import EngineStats, FinishReason, GenerationRequest
@@ -58,6 +59,7 @@ class GenerateEngineCore:
         self._max_batch = config.max_generate_batch
         self._sampler = Sampler(adapter.device)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
+        self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
         self._waiting: deque[GenerationRequest] = deque()  # engine thread only, like the two below
         self._aborted: set[str] = set()  # ids of running rows whose clients went away
@@ -129,7 +131,8 @@ class GenerateEngineCore:
 
     def _make_row(self, request: GenerationRequest) -> _Row:
         sampling = make_sampling(request, eos_token_ids=self._adapter.eos_token_ids, device=self._adapter.device,
-                                 tokenizer=self._adapter.tokenizer, structured=self.structured)
+                                 tokenizer=self._adapter.tokenizer, text_policy=self._text_policy,
+                                 structured=self.structured)
         row = _Row(request=request, sampling=sampling)
         row.sampling.output_token_ids = row.output_token_ids
         return row

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.sampler import SequenceSampling, make_generator
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.types import FinishReason, GenerationRequest
 
 if TYPE_CHECKING:
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def make_sampling(request: GenerationRequest, *, eos_token_ids: frozenset[int], device: torch.device,
-                  tokenizer: Any, structured: StructuredOutputs | None) -> SequenceSampling:
+                  tokenizer: Any, text_policy: TextPolicy | None,
+                  structured: StructuredOutputs | None) -> SequenceSampling:
     """A new sequence's sampling setup. Raises InvalidRequestError when its structured output cannot compile."""
     params = request.sampling
     end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_token_ids)
@@ -36,7 +38,12 @@ def make_sampling(request: GenerationRequest, *, eos_token_ids: frozenset[int], 
             raise UnsupportedFeatureError("structured outputs are not available on this engine",
                                           param="response_format")
         grammar = structured.matcher(params.structured)
-    stop_strings = IncrementalDetokenizer(tokenizer, params.stop) if params.stop and tokenizer is not None else None
+    stop_strings = None
+    if params.stop and tokenizer is not None:
+        # the same text the client's detokenizer makes (same policy and options), so both see the same match
+        stop_strings = IncrementalDetokenizer(tokenizer, params.stop, policy=text_policy,
+                                              skip_special_tokens=params.skip_special_tokens,
+                                              spaces_between_special_tokens=params.spaces_between_special_tokens)
     return SequenceSampling(params=params, prompt_token_ids=request.prompt.token_ids, output_token_ids=[],
                             generator=make_generator(params.seed, device), end_token_ids=end_ids,
                             grammar=grammar, stop_strings=stop_strings)
