@@ -134,10 +134,11 @@ class Sampler:
         tokens = self._choose(logits, sequences, plan, state, slots)
         state.record(slots, tokens)
         token_list = tokens.tolist()
-        for i in plan.grammar:
-            grammar = sequences[i].grammar
-            assert grammar is not None
-            grammar.accept(token_list[i])
+        if plan.grammar:
+            from vlmserve.engine.structured import accept_tokens
+
+            accept_tokens([sequences[i].grammar for i in plan.grammar],  # type: ignore[misc]
+                          [token_list[i] for i in plan.grammar])
         return SamplerOutput(token_ids=token_list, logprobs=_logprobs(raw, tokens, token_list, sequences, plan))
 
     def _state(self, vocab_size: int) -> SamplingState:

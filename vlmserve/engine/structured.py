@@ -192,6 +192,17 @@ def fill_bitmask(matchers: list[GrammarMatcher], vocab_size: int) -> torch.Tenso
     return bitmask
 
 
+def accept_tokens(matchers: list[GrammarMatcher], token_ids: list[int]) -> None:
+    """Advance each matcher on its sampled token (in llguidance's threads when there are several)."""
+    if len(matchers) == 1:
+        matchers[0].accept(token_ids[0])
+        return
+    accepted = _shared_executor().consume_token_par([(m.matcher, t) for m, t in zip(matchers, token_ids,
+                                                                                      strict=True)])
+    for matcher, ok in zip(matchers, accepted, strict=True):
+        matcher.num_accepted += bool(ok)
+
+
 _BITS: dict[torch.device, torch.Tensor] = {}
 
 
