@@ -15,6 +15,7 @@ from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine
 from vlmserve.engine.protocol import EngineCore
 from vlmserve.models.base import ModelAdapter
+from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger("vlmserve")
 
@@ -33,17 +34,49 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
         logger.info("engine: generate (batched model.generate), as requested with --engine generate")
         return GenerateEngineCore(adapter, config.engine)
     if reason is None:
-        try:
-            from vlmserve.engine.core import PagedEngineCore
-        except ImportError:  # NOTE: the paged engine lands in its own change; until then everything falls back
-            reason = "the continuous-batching engine is not available in this build"
-        else:
-            logger.info("engine: paged (continuous batching over a paged KV cache)")
-            return PagedEngineCore(adapter, config.engine)
+        reason = _paged_self_check(adapter, config)
+    if reason is None:
+        from vlmserve.engine.core import PagedEngineCore
+
+        logger.info("engine: paged (continuous batching over a paged KV cache)")
+        return PagedEngineCore(adapter, config.engine)
     if choice == "paged":
         raise SystemExit(f"--engine paged: {adapter.family} cannot run on the paged engine: {reason}")
     logger.warning("engine: generate fallback for %s: %s", adapter.family, reason)
     return GenerateEngineCore(adapter, config.engine)
+
+
+def _paged_self_check(adapter: ModelAdapter, config: Config) -> str | None:
+    """None when the paged engine reproduces the model's own generate on a short image prompt; else why not."""
+    from vlmserve.engine.paged_check import check_paged_engine
+
+    if not config.engine.enable_paged_self_check:
+        logger.warning("paged self-check skipped (--no-enable-paged-self-check)")
+        return None
+    result = check_paged_engine(adapter, self_check_prompt(adapter), config.engine)
+    logger.info("paged self-check: %d positions, largest logprob difference %.3g, %.2fs%s", result.num_positions,
+                result.max_error, result.seconds, "" if result.reason is None else " — FAILED")
+    return result.reason
+
+
+def self_check_prompt(adapter: ModelAdapter) -> PreparedPrompt:
+    """A short prompt for the paged self-check: two small generated images (one where the model takes only one,
+    none where it takes none) and a few words, through the model's own template and processor."""
+    from PIL import Image
+
+    from vlmserve.multimodal.decode import image_hash
+    from vlmserve.multimodal.prompt import PromptRenderer
+    from vlmserve.types import ChatMessage, ImagePart, TextPart
+
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=adapter.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
+    count = 0 if adapter.image_token_id is None else min(2, adapter.max_images_per_prompt or 2)
+    images = []
+    for index in range(count):
+        gradient = Image.linear_gradient("L").resize((64 - 16 * index, 48 + 16 * index))
+        image = Image.merge("RGB", (gradient, gradient.rotate(90 * (index + 1)), gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+        images.append(ImagePart(image, image_hash(image)))
+    return renderer.render([ChatMessage("user", (*images, TextPart("What is in these pictures?")))])
 
 
 def placeholder_token_ids(adapter: ModelAdapter) -> frozenset[int]:
