@@ -45,6 +45,8 @@ NUM_CHECK_TOKENS = 3
 #: alternatives compared at each position besides the chosen token
 NUM_TOP_LOGPROBS = 8
 
+_NO_TOKEN = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class PagedCheckResult:
@@ -88,13 +90,16 @@ def check_paged_engine(adapter: ModelAdapter, prompt: PreparedPrompt, config: En
 @torch.inference_mode()
 def reference_logprobs(adapter: ModelAdapter, prompt: PreparedPrompt, num_tokens: int
                        ) -> tuple[list[int], torch.Tensor]:
-    """Greedy `model.generate` of `num_tokens` tokens (end tokens ignored): (tokens, (num_tokens, vocab) raw
+    """Greedy `model.generate` of `num_tokens` tokens (end tokens neither stop nor are masked): (tokens, (num_tokens, vocab) raw
     log-softmax in float32), from the model's unprocessed logits."""
     from transformers import GenerationConfig
 
     inputs = adapter.collate([prompt])
-    generation = GenerationConfig(max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False,
-                                  eos_token_id=None, pad_token_id=int(getattr(adapter, "pad_token_id", 0)),
+    # NOTE: an end token no vocabulary reaches, rather than eos_token_id=None + min_new_tokens: generate fills a
+    # None from the model's own generation config, and min_new_tokens then masks the real end tokens, so its
+    # choices would differ from an engine that ignores (but does not mask) them.
+    generation = GenerationConfig(max_new_tokens=num_tokens, do_sample=False, eos_token_id=_NO_TOKEN,
+                                  pad_token_id=int(getattr(adapter, "pad_token_id", 0)),
                                   output_logits=True, return_dict_in_generate=True)
     output = adapter.model.generate(**inputs, generation_config=generation)
     tokens = output.sequences[0, inputs["input_ids"].shape[1]:].tolist()
