@@ -31,7 +31,14 @@ from vlmserve.models.families import FAMILY_SPECS
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.serve import self_check_prompt
-from vlmserve.types import ChatMessage, GenerationRequest, PositionLogprobs, PreparedPrompt, SamplingParams, TextPart
+from vlmserve.types import (
+    ChatMessage,
+    GenerationRequest,
+    PositionLogprobs,
+    PreparedPrompt,
+    SamplingParams,
+    TextPart,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
