@@ -3,7 +3,9 @@
 The paged engine runs a transformers VLM without a port by splitting its forward pass at the seams every
 decoder-only VLM in transformers shares: the vision tower (`get_image_features`), the text embeddings with image
 features scattered over the image placeholder tokens, the model's own position helper (`get_rope_index` for
-M-RoPE families), the decoder (`model.model.language_model`) and `lm_head`.
+M-RoPE families), the decoder (`model.model.language_model`) and the model's own output head. Which of these a
+family needs, and whether it may run paged at all, is its `FamilySpec` on the allow-list in `models/families.py`;
+families without one are served by the generate engine.
 """
 
 from __future__ import annotations
