@@ -82,7 +82,7 @@ class HFAdapter(ModelAdapter):
         if reason is not None or self.spec is None:
             return reason or "no paged spec"
         if self._decoder is None or not hasattr(self.model, "lm_head"):
-            return f"the model has no decoder at .model.{self.spec.decoder} and no lm_head"
+            return f"the model has no decoder at .model.{self.spec.decoder} or no lm_head"
         if self.spec.positions == "rope_index" and not hasattr(self._base, "get_rope_index"):
             return "the spec asks for get_rope_index positions but the model has no get_rope_index"
         if not hasattr(self._base, "get_image_features"):
