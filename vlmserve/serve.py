@@ -16,6 +16,7 @@ from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine, EngineClient
 from vlmserve.engine.protocol import EngineCore
 from vlmserve.engine.text_policy import TextPolicy
+from vlmserve.errors import VlmserveError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import PreparedPrompt
 
@@ -50,20 +51,30 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
 
 def _paged_self_check(adapter: ModelAdapter, config: Config) -> str | None:
     """None when the paged engine reproduces the model's own generate on a short image prompt; else why not."""
-    from vlmserve.engine.paged_check import check_paged_engine
+    from vlmserve.engine.paged_check import NUM_CHECK_TOKENS, check_paged_engine
 
     if not config.engine.enable_paged_self_check:
         logger.warning("paged self-check skipped (--no-enable-paged-self-check)")
         return None
-    result = check_paged_engine(adapter, self_check_prompt(adapter), config.engine)
-    logger.info("paged self-check: %d positions, largest logprob difference %.3g, %.2fs%s", result.num_positions,
-                result.max_error, result.seconds, "" if result.reason is None else " — FAILED")
+    prompt = self_check_prompt(adapter, max_tokens=adapter.max_model_len - NUM_CHECK_TOKENS)
+    if prompt is None:
+        return (f"no self-check prompt fits the {adapter.max_model_len}-token context (--max-model-len), so the "
+                "paged engine could not be checked against this model")
+    try:
+        result = check_paged_engine(adapter, prompt, config.engine)
+    except Exception as exc:  # the reference generate failed: fail closed for the paged engine, say why
+        logger.debug("paged self-check failed", exc_info=exc)
+        return f"the paged self-check could not run ({type(exc).__name__}: {exc})"
+    logger.info("paged self-check: %d positions, %d prompt tokens, largest logprob difference %.3g, %.2fs%s",
+                result.num_positions, prompt.num_tokens, result.max_error, result.seconds,
+                "" if result.reason is None else " — FAILED")
     return result.reason
 
 
-def self_check_prompt(adapter: ModelAdapter) -> PreparedPrompt:
-    """A short prompt for the paged self-check: two small generated images (one where the model takes only one,
-    none where it takes none) and a few words, through the model's own template and processor."""
+def self_check_prompt(adapter: ModelAdapter, *, max_tokens: int | None = None) -> PreparedPrompt | None:
+    """A short prompt for the paged self-check, through the model's own template and processor: a few words and
+    two small generated images — fewer where the model takes fewer, or where the prompt would exceed
+    `max_tokens`; None if not even a text-only prompt fits (or renders)."""
     from PIL import Image
 
     from vlmserve.multimodal.decode import image_hash
@@ -71,14 +82,23 @@ def self_check_prompt(adapter: ModelAdapter) -> PreparedPrompt:
     from vlmserve.types import ChatMessage, ImagePart, TextPart
 
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
-                              max_model_len=adapter.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
-    count = 0 if adapter.image_token_id is None else min(2, adapter.max_images_per_prompt or 2)
+                              max_model_len=2**31, max_images_per_prompt=adapter.max_images_per_prompt)
     images = []
-    for index in range(count):
+    for index in range(0 if adapter.image_token_id is None else min(2, adapter.max_images_per_prompt or 2)):
         gradient = Image.linear_gradient("L").resize((64 - 16 * index, 48 + 16 * index))
-        image = Image.merge("RGB", (gradient, gradient.rotate(90 * (index + 1)), gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+        flipped = gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = Image.merge("RGB", (gradient, gradient.rotate(90 * (index + 1)), flipped))
         images.append(ImagePart(image, image_hash(image)))
-    return renderer.render([ChatMessage("user", (*images, TextPart("What is in these pictures?")))])
+    while True:
+        try:
+            prompt = renderer.render([ChatMessage("user", (*images, TextPart("What is in these pictures?")))])
+        except VlmserveError:  # e.g. a model that needs an image in every prompt, asked without one
+            prompt = None
+        if prompt is not None and (max_tokens is None or prompt.num_tokens <= max_tokens):
+            return prompt
+        if not images:
+            return None
+        images.pop()
 
 
 def placeholder_token_ids(adapter: ModelAdapter) -> frozenset[int]:

@@ -96,3 +96,18 @@ def test_a_passing_check_serves_paged_and_leaves_nothing_behind(fresh: Callable[
     core = make_engine_core(adapter, Config(engine=engine_config()))
     assert isinstance(core, PagedEngineCore)
     assert core.stats().num_finished == 0 and core.stats().num_generated_tokens == 0
+
+
+def test_a_short_context_checks_with_fewer_images(fresh: Callable[[str], HFAdapter]) -> None:
+    from vlmserve.engine.core import PagedEngineCore
+
+    adapter = fresh("llava")
+    full = self_check_prompt(adapter)
+    assert full is not None and len(full.image_hashes) == 2
+    adapter.max_model_len = full.num_tokens  # two images no longer leave room for the generated tokens
+    shorter = self_check_prompt(adapter, max_tokens=adapter.max_model_len - 3)
+    assert shorter is not None and len(shorter.image_hashes) == 1
+    assert isinstance(make_engine_core(adapter, Config(engine=engine_config())), PagedEngineCore)
+    adapter.max_model_len = 4
+    with pytest.raises(SystemExit, match="no self-check prompt fits"):
+        make_engine_core(adapter, Config(engine=EngineConfig(engine="paged")))
