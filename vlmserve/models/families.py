@@ -87,10 +87,14 @@ class FamilySpec:
     image_layout: ImageLayout = "one_run"
     #: "varlen": the vision tower packs images as cu_seqlens segments (one varlen attention call per layer)
     vision_attention: Literal["default", "varlen"] = "default"
-    #: per-token decoder inputs beyond embeddings and positions (e.g. "deepstack"); any entry refuses paged until
-    #: the engine packs it per step
+    #: per-token decoder inputs beyond embeddings and positions; entries outside IMPLEMENTED_EXTRAS refuse paged.
+    #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
+    #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
     extras: tuple[str, ...] = ()
 
+
+#: extras the model runner packs per step
+IMPLEMENTED_EXTRAS = frozenset({"deepstack"})
 
 _GRID = frozenset({"pixel_values", "image_grid_thw"})
 _PIXELS = frozenset({"pixel_values"})
@@ -103,6 +107,9 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("glm4v",), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
                vision_attention="varlen"),
     FamilySpec(("glm4v_moe", "glm46v"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID),
+    # get_rope_index gives the 3 M-RoPE rows; the decoder derives its text row itself when given 3
+    FamilySpec(("qwen3_vl", "qwen3_vl_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               extras=("deepstack",)),
     FamilySpec(("llava", "vipllava", "internvl", "janus", "got_ocr2"), packable_image_keys=_PIXELS),
     # DeepSeek-VL's template puts consecutive images' placeholder runs side by side
     FamilySpec(("deepseek_vl",), packable_image_keys=_PIXELS, image_layout="touching"),
@@ -123,8 +130,6 @@ FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.
 REFUSED: dict[str, str] = {
     "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
     "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
-    "qwen3_vl": "deepstack visual features are injected after early decoder layers (not packed per step yet)",
-    "qwen3_vl_moe": "deepstack visual features are injected after early decoder layers (not packed per step yet)",
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
     "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
@@ -144,6 +149,7 @@ def refusal(model_type: str) -> str | None:
     if spec is None:
         return REFUSED.get(model_type) or (f"model type {model_type!r} is not on the paged engine's allow-list "
                                            "(vlmserve/models/families.py)")
-    if spec.extras:
-        return f"per-token decoder inputs the paged engine does not pack yet: {', '.join(spec.extras)}"
+    missing = [extra for extra in spec.extras if extra not in IMPLEMENTED_EXTRAS]
+    if missing:
+        return f"per-token decoder inputs the paged engine does not pack yet: {', '.join(missing)}"
     return None

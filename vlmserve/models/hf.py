@@ -138,27 +138,41 @@ class HFAdapter(ModelAdapter):
         """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden)."""
         kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
+        deepstack = getattr(output, "deepstack_features", None) if self._has_deepstack else None
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
         elif hasattr(output, "last_hidden_state"):
             output = output.last_hidden_state
-        if isinstance(output, torch.Tensor):
-            return output.reshape(-1, output.shape[-1])
-        return torch.cat([t.reshape(-1, t.shape[-1]) for t in output])
+        pieces = [output] if isinstance(output, torch.Tensor) else list(output)
+        features = torch.cat([t.reshape(-1, t.shape[-1]) for t in pieces])
+        if deepstack:
+            # NOTE: one row per image token, [features | layer-1 deepstack | layer-2 …] side by side, so the
+            # per-image split and the image-embedding cache carry the deepstack features with the image.
+            features = torch.cat([features, *(d.reshape(features.shape[0], -1) for d in deepstack)], dim=-1)
+        return features
+
+    @property
+    def _has_deepstack(self) -> bool:
+        return self.spec is not None and "deepstack" in self.spec.extras
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
+        extras = None
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"
             mask = ids.eq(self.image_token_id)
             features = torch.cat(image_embeds).to(embeds.dtype)
             if int(mask.sum()) != features.shape[0]:
                 raise RuntimeError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features")
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
+            hidden = embeds.shape[-1]
+            if self._has_deepstack:
+                deepstack = features[:, hidden:].reshape(features.shape[0], -1, hidden).transpose(0, 1)
+                extras = {"visual_mask": mask, "deepstack": deepstack.contiguous()}
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[:, :hidden])
         positions, delta = self._prompt_positions(prompt, ids)
-        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta)
+        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
 
     def _prompt_positions(self, prompt: PreparedPrompt, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.spec is None or self.spec.positions == "arange":

@@ -26,13 +26,15 @@ def test_every_tiny_family_with_a_blocker_or_extras_is_off_the_allow_list() -> N
 def test_an_unknown_family_is_refused_with_a_reason() -> None:
     assert "allow-list" in (refusal("some_new_vlm") or "")
     assert refusal("qwen2_vl") is None
-    assert "deepstack" in (refusal("qwen3_vl") or "")
+    assert refusal("qwen3_vl") is None  # deepstack is packed per step
+    assert "deepstack" in (refusal("granite4_vision") or "")
 
 
 def test_a_spec_with_unimplemented_extras_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = dataclasses.replace(FAMILY_SPECS["llava"], extras=("deepstack",))
+    spec = dataclasses.replace(FAMILY_SPECS["llava"], extras=("deepstack", "visual_indicators"))
     monkeypatch.setitem(FAMILY_SPECS, "llava", spec)
-    assert "deepstack" in (refusal("llava") or "")
+    reason = refusal("llava") or ""
+    assert "visual_indicators" in reason and "deepstack" not in reason
 
 
 @pytest.fixture(scope="module")
