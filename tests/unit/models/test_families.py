@@ -41,14 +41,16 @@ def test_a_spec_with_unimplemented_extras_is_refused(monkeypatch: pytest.MonkeyP
 def granite4_vision() -> Any:
     from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
 
+    # NOTE: vision and Q-Former widths of 64: transformers 5.25 derives the Q-Former's heads as vision width // 64
+    # (5.17 takes the given config), so narrower towers give it zero heads.
     config = Granite4VisionConfig(
-        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 64,
                        "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
         text_config={"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "num_key_value_heads": 2, "logits_scaling": 8.0,
                      "embedding_multiplier": 12.0},
         qformer_config={"model_type": "blip_2_qformer", "num_hidden_layers": 1, "intermediate_size": 64,
-                        "hidden_size": 32, "num_attention_heads": 2, "encoder_hidden_size": 32,
+                        "hidden_size": 64, "num_attention_heads": 1, "encoder_hidden_size": 64,
                         "use_qformer_text_input": False, "cross_attention_frequency": 1},
         image_token_index=95, deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1],
         downsample_rate="1/2")
