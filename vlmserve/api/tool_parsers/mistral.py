@@ -61,8 +61,9 @@ def _parse_region(region: str) -> list[ParsedToolCall]:
             return []
         if not isinstance(items, list):
             return []
-        calls = [parse_call_object(json.dumps(item)) for item in items]
-        return [c for c in calls if c is not None] if all(c is not None for c in calls) else []
+        parsed = [parse_call_object(json.dumps(item)) for item in items]
+        calls = [c for c in parsed if c is not None]
+        return calls if len(calls) == len(parsed) else []
     calls = []
     for piece in region.split(TOOL_CALLS):
         name, sep, raw = piece.partition(ARGS)
