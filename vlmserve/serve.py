@@ -111,7 +111,8 @@ def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngi
                          placeholder_token_ids=placeholder_token_ids(adapter))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
                               max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
-    app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names())
+    app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
+                    model_family=adapter.family)
     return app, engine
 
 

@@ -8,10 +8,34 @@ text once with `final=True` and so gets exactly what the stream would have carri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from vlmserve.api.reasoning import ThinkParser
+from vlmserve.api.reasoning import REASONING_PARSERS, ThinkParser
+from vlmserve.api.tool_parsers import make_parser
 from vlmserve.api.tool_parsers.base import ToolCallParser
 from vlmserve.api.tool_parsers.streaming import EmittedToolCall, ToolCallStreamer
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How a request's output is read: which tool-call and reasoning parsers apply."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_parser: str | None = None
+    max_calls: int | None = None
+    is_legacy: bool = False
+    reasoning_parser: str | None = None
+    starts_in_reasoning: bool = False
+
+    @property
+    def is_plain(self) -> bool:
+        return self.tool_parser is None and self.reasoning_parser is None
+
+    def new_parser(self) -> OutputParser:
+        reasoning = (REASONING_PARSERS[self.reasoning_parser](starts_in_reasoning=self.starts_in_reasoning)
+                     if self.reasoning_parser else None)
+        tools = make_parser(self.tool_parser, self.tools or []) if self.tool_parser else None
+        return OutputParser(reasoning, tools, max_calls=self.max_calls)
 
 
 @dataclass
@@ -27,9 +51,10 @@ class OutputDelta:
 class OutputParser:
     """Per-choice incremental parser; without a reasoning or tool parser the text is passed through."""
 
-    def __init__(self, reasoning: ThinkParser | None, tools: ToolCallParser | None) -> None:
+    def __init__(self, reasoning: ThinkParser | None, tools: ToolCallParser | None, *,
+                 max_calls: int | None = None) -> None:
         self._reasoning = reasoning
-        self._tools = ToolCallStreamer(tools) if tools is not None else None
+        self._tools = ToolCallStreamer(tools, max_calls=max_calls) if tools is not None else None
         self._text = ""
         self._num_reasoning_chars = 0
         self._num_answer_chars = 0

@@ -36,8 +36,10 @@ class ToolStreamDelta:
 class ToolCallStreamer:
     """Feeds one choice's text to its parser and returns the new content and newly complete calls."""
 
-    def __init__(self, parser: ToolCallParser) -> None:
+    def __init__(self, parser: ToolCallParser, *, max_calls: int | None = None) -> None:
+        """`max_calls`: calls beyond this many are dropped (parallel_tool_calls: false)."""
         self._parser = parser
+        self._max_calls = max_calls
         self._text = ""
         self._num_content_chars = 0
         self.calls: list[EmittedToolCall] = []
@@ -50,7 +52,7 @@ class ToolCallStreamer:
         if len(result.content) > sent and (final or result.content.strip()):
             delta.content = result.content[sent:]
             self._num_content_chars = len(result.content)
-        for call in result.calls[len(self.calls):]:
+        for call in result.calls[len(self.calls):self._max_calls]:
             emitted = EmittedToolCall(len(self.calls), self._parser.new_call_id(), call.name, call.arguments)
             self.calls.append(emitted)
             delta.tool_calls.append(emitted)
