@@ -14,6 +14,7 @@ from typing import Any
 from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine
 from vlmserve.engine.protocol import EngineCore
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.models.base import ModelAdapter
 
 logger = logging.getLogger("vlmserve")
@@ -101,6 +102,7 @@ class _GracefulServer:
 def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:
     """The HTTP application and its engine for a loaded model (the engine still has to be started)."""
     from vlmserve.api.app import build_app
+    from vlmserve.grounding import format_for_family
     from vlmserve.multimodal.loader import MediaLoader
     from vlmserve.multimodal.prompt import PromptRenderer
 
@@ -108,11 +110,13 @@ def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngi
     core = make_engine_core(adapter, config)
     engine = AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len,
                          max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests,
-                         placeholder_token_ids=placeholder_token_ids(adapter))
+                         placeholder_token_ids=placeholder_token_ids(adapter),
+                         text_policy=TextPolicy.from_tokenizer(adapter.tokenizer,
+                                                               strip_whitespace=adapter.strip_answer_whitespace))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
                               max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
     app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
-                    model_family=adapter.family)
+                    grounding_format=format_for_family(adapter.family), model_family=adapter.family)
     return app, engine
 
 

@@ -41,7 +41,8 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...], *, model_family: str = "unknown") -> FastAPI:
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None,
+              model_family: str = "unknown") -> FastAPI:
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`).
 
     `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
@@ -49,7 +50,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
                        model_family=model_family,
                        tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
                        reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser))
-    models = ModelsService(served_model_names, created=int(time.time()))
+    models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
