@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+from vlmserve.api.tool_parsers.grammar import json_rule
 from vlmserve.types import StructuredOutputSpec
 
 _START = re.compile(r"^start(\s*):", re.MULTILINE)
@@ -17,10 +18,10 @@ _START = re.compile(r"^start(\s*):", re.MULTILINE)
 
 def as_grammar(spec: StructuredOutputSpec) -> str | None:
     """The spec as a Lark grammar with a `start` rule; None for a user grammar (whose rules we do not rewrite)."""
-    if spec.kind == "json_schema":
-        return f"start: %json {spec.value}\n"
+    if spec.kind == "json_schema" and isinstance(spec.value, str):
+        return f"start: {json_rule(json.loads(spec.value))}\n"
     if spec.kind == "json_object":
-        return 'start: %json {"type": "object"}\n'
+        return f"start: {json_rule({'type': 'object'})}\n"
     if spec.kind == "regex" and isinstance(spec.value, str):
         return "start: /" + spec.value.replace("/", "\\/") + "/\n"
     if spec.kind == "choice" and isinstance(spec.value, tuple):

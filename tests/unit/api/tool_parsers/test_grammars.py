@@ -73,3 +73,19 @@ def test_parallel_grammar_allows_several_calls_only_when_asked() -> None:
     two = GOOD["hermes"] + '\n<tool_call>\n{"name": "count_shapes", "arguments": {}}\n</tool_call>'
     assert accepts(parser.grammar(tool_functions(TOOLS), parallel=True), two)
     assert not accepts(parser.grammar(tool_functions(TOOLS), parallel=False), two)
+
+
+def test_forced_json_has_no_free_whitespace_to_loop_on() -> None:
+    grammar = make_parser("hermes", TOOLS).grammar(tool_functions(TOOLS), parallel=False)
+    assert not accepts(grammar, GOOD["hermes"].replace('{"name"', '{\n\n"name"'))
+    assert not accepts(grammar, GOOD["hermes"].replace('"city": ', '"city":'))
+
+
+def test_undeclared_argument_keys_are_refused_unless_the_schema_allows_them() -> None:
+    grammar = make_parser("hermes", TOOLS).grammar(tool_functions(TOOLS), parallel=False)
+    extra = GOOD["hermes"].replace('"days": 2}', '"days": 2, "extra": 1}')
+    assert not accepts(grammar, extra)
+    open_tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "additionalProperties": True}}}]
+    assert accepts(make_parser("hermes", open_tools).grammar(tool_functions(open_tools), parallel=False),
+                   '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "x": 1}}\n</tool_call>')
