@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from vlmserve.api import schemas
+from vlmserve.api.output_constraint import output_constraint
 from vlmserve.api.output_parsing import OutputDelta, OutputPlan
 from vlmserve.api.reasoning import prompt_opens_reasoning
-from vlmserve.api.reasoning_grammar import OWNED_GRAMMAR_PREFIX, after_reasoning
 from vlmserve.api.streaming import ChunkWriter
+from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
 from vlmserve.api.tool_parsers.streaming import EmittedToolCall
 from vlmserve.api.tools import ToolPlan, message_tool_fields, plan_tools
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.errors import InvalidRequestError, ModelNotFoundError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import (
@@ -29,7 +30,6 @@ from vlmserve.types import (
     ImagePart,
     PreparedPrompt,
     SamplingParams,
-    StructuredOutputSpec,
     TextPart,
     TokenDelta,
 )
@@ -94,9 +94,10 @@ class ChatService:
             self._num_preparing -= request.n
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         sampling = self._sampling(request)
-        structured = self._structured(tool_plan, prompt)
+        structured = self._output_constraint(request, tool_plan, prompt)
         if structured is not None:
-            sampling = dataclasses.replace(sampling, structured=structured)
+            await self._compile(structured)
+            sampling = dataclasses.replace(sampling, structured=structured.spec)
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling)
         return generation, _summary(generation, images)
 
@@ -114,14 +115,26 @@ class ChatService:
         tail = self._renderer.tokenizer.decode(prompt.token_ids[-8:])
         return prompt_opens_reasoning(str(tail))
 
-    def _structured(self, tool_plan: ToolPlan, prompt: PreparedPrompt) -> StructuredOutputSpec | None:
-        """The grammar a forced tool call needs, composed after the think block for reasoning models."""
-        if tool_plan.forced_grammar is None:
+    def _output_constraint(self, request: schemas.ChatCompletionRequest, tool_plan: ToolPlan,
+                           prompt: PreparedPrompt) -> RequestedStructure | None:
+        """One spec from the tool choice, the response format and the reasoning parser (see output_constraint)."""
+        structure = resolve_structured_output(request)
+        spec = output_constraint(tool_plan.call_grammar, is_forced=tool_plan.is_forced,
+                                 structure=structure.spec if structure is not None else None,
+                                 reasoning=self._reasoning_parser is not None,
+                                 starts_in_reasoning=self._starts_in_reasoning(prompt))
+        if spec is None:
             return None
-        spec = StructuredOutputSpec(kind="grammar", value=OWNED_GRAMMAR_PREFIX + tool_plan.forced_grammar)
-        if self._reasoning_parser is None:
-            return spec
-        return after_reasoning(spec, starts_in_reasoning=self._starts_in_reasoning(prompt))
+        # NOTE: when tools and a response format merge, a compile error blames the response format's field
+        param = structure.param if structure is not None and not tool_plan.is_forced else "tools"
+        return RequestedStructure(spec, param)
+
+    async def _compile(self, structure: RequestedStructure) -> None:
+        """Compile the grammar before generation starts, so a spec the engine cannot enforce is a 400."""
+        try:
+            await self._engine.compile_structured(structure.spec)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, param=structure.param) from exc
 
     def _render(self, chat: list[ChatMessage], template: str | None, tools: list[dict[str, Any]] | None,
                 template_kwargs: dict[str, Any]) -> PreparedPrompt:
@@ -149,8 +162,6 @@ class ChatService:
         if request.chat_template is not None and not cfg.trust_request_chat_template:
             raise InvalidRequestError("chat_template in a request is refused unless the server runs with "
                                       "--trust-request-chat-template", param="chat_template")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise UnsupportedFeatureError("only response_format type 'text' is supported", param="response_format")
 
     def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())

@@ -23,7 +23,8 @@ class ToolPlan:
 
     tools: list[dict[str, Any]] | None = None  # rendered into the template's tools section
     parser_name: str | None = None  # reads calls out of the output
-    forced_grammar: str | None = None  # Lark grammar forcing a call (required / named)
+    call_grammar: str | None = None  # Lark grammar of the calls this request allows
+    is_forced: bool = False  # required / named: the output must be a call
     max_calls: int | None = None  # 1 when parallel_tool_calls is false, and for legacy function_call
     is_legacy: bool = False  # answer with `function_call` instead of `tool_calls`
 
@@ -45,17 +46,16 @@ def plan_tools(request: schemas.ChatCompletionRequest, parser_name: str | None, 
     functions = [tool["function"] for tool in tools]
     parallel = request.parallel_tool_calls is not False and not is_legacy
     max_calls = None if parallel else 1
-    if choice == "auto":
-        return ToolPlan(tools, parser_name, None, max_calls, is_legacy)
     parser = make_parser(parser_name, tools)
-    if choice == "required":
-        return ToolPlan(tools, parser_name, parser.grammar(functions, parallel=parallel), max_calls, is_legacy)
+    if choice in ("auto", "required"):
+        return ToolPlan(tools, parser_name, parser.grammar(functions, parallel=parallel), choice == "required",
+                        max_calls, is_legacy)
     named = [f for f in functions if f["name"] == choice]
     if not named:
         raise InvalidRequestError(f"tool_choice names the function {choice!r}, which is not among the tools "
                                   f"({', '.join(f['name'] for f in functions)})",
                                   param="function_call" if is_legacy else "tool_choice")
-    return ToolPlan(tools, parser_name, parser.grammar(named, parallel=False), 1, is_legacy)
+    return ToolPlan(tools, parser_name, parser.grammar(named, parallel=False), True, 1, is_legacy)
 
 
 def _tools_and_choice(request: schemas.ChatCompletionRequest) -> tuple[list[dict[str, Any]], str | None, bool]:

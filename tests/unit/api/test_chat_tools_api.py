@@ -19,7 +19,7 @@ from vlmserve.demo import WEIGHTS_DIR
 from vlmserve.models.hf_processor import load_processor
 from vlmserve.multimodal.loader import MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, TokenDelta
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, StructuredOutputSpec, TokenDelta
 
 TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "count_shapes", "parameters": {
@@ -54,6 +54,9 @@ class ScriptedEngine:
         return EngineStats()
 
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
+        pass
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
         pass
 
     async def shutdown(self, timeout_s: float) -> None:
