@@ -74,15 +74,23 @@ class Glm45Parser(ToolCallParser):
 def _call_rule(function: dict[str, Any]) -> str:
     """NAME, then each declared parameter in order (required ones always, optional ones maybe), then a newline.
 
-    NOTE: string values are `[^<]*` (a value cannot contain '<', which would open a tag), other values JSON by
-    their schema; parameters come in schema order, and undeclared ones are not allowed."""
+    NOTE: string values are raw text without '<' (which would open a tag), within the schema's length limits or
+    enum; other values JSON by their schema. Parameters come in schema order; undeclared ones are not allowed."""
     schema = parameters_schema(function)
     required = set(schema.get("required", []))
     pieces = [literal(function["name"])]
     for key, prop in (schema.get("properties") or {}).items():
-        value = '/[^<]*/' if isinstance(prop, dict) and prop.get("type") == "string" else json_rule(
-            prop if isinstance(prop, dict) else {})
+        value = _value_rule(prop if isinstance(prop, dict) else {})
         pair = f'{literal(chr(10) + KEY_OPEN + key + KEY_CLOSE + chr(10) + VALUE_OPEN)} {value} {literal(VALUE_CLOSE)}'
         pieces.append(pair if key in required else f"({pair})?")
     pieces.append(literal("\n"))
     return " ".join(pieces)
+
+
+def _value_rule(prop: dict[str, Any]) -> str:
+    if prop.get("type") != "string":
+        return json_rule(prop)
+    if isinstance(prop.get("enum"), list) and all(isinstance(v, str) for v in prop["enum"]):
+        return "(" + " | ".join(literal(v) for v in prop["enum"]) + ")"
+    low, high = int(prop.get("minLength", 0)), prop.get("maxLength")
+    return f"/[^<]{{{low},{int(high)}}}/" if high is not None else f"/[^<]{{{low},}}/"
