@@ -73,7 +73,7 @@ class PromptRenderer:
         candidates = [override] if override else [
             t for t in (own, getattr(self.tokenizer, "chat_template", None)) if isinstance(t, str)]
         if not override and own is None:
-            if tools:
+            if tools and not getattr(self._processor, "renders_tools", False):
                 raise UnsupportedFeatureError("this model's prompt format cannot present tools", param="tools")
             return None
         needs_turns = any(m.role == "tool" or m.tool_calls for m in messages)
@@ -100,8 +100,9 @@ class PromptRenderer:
                      tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]) -> str:
         if template is None:
             # Native processors without a Jinja template format conversations themselves.
+            extra = {"tools": tools} if tools else {}
             return str(self._processor.apply_chat_template(conversation, add_generation_prompt=True,
-                                                             tokenize=False))
+                                                             tokenize=False, **extra))
         tokenizer = self.tokenizer
         context = {**template_kwargs, "messages": conversation, "add_generation_prompt": True,
                    **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token",
