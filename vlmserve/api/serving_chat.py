@@ -208,7 +208,7 @@ class ChatService:
                 index=i, message=_message(c, plan), finish_reason=_finish_reason(c.finish_reason, plan, c.calls),
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
 
     async def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
                      plan: OutputPlan | None = None) -> AsyncIterator[str]:
@@ -231,7 +231,7 @@ class ChatService:
                 calls = parsers[delta.index].tool_calls
                 yield writer.finish(delta.index, _finish_reason(delta.finish_reason.value, plan, calls) or "stop")
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
         yield writer.done()
 
 
@@ -277,10 +277,11 @@ def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return dict(kwargs or {})
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt.num_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt.num_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached,
+                                                                           image_tokens=prompt.num_image_tokens))
 
 
 def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:

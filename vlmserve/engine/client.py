@@ -115,6 +115,11 @@ class AsyncEngine:
     def is_accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def max_sequences(self) -> int:
+        """Sequences this engine holds at once (running + waiting) before it answers 429."""
+        return self._max_sequences
+
     def stats(self) -> EngineStats:
         return self._core.stats()
 
