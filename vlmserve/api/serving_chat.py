@@ -79,6 +79,7 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
+        resolve_structured_output(request)  # refuse conflicting constraints before any image is fetched
         tool_plan = plan_tools(request, self._tool_parser, self._family)
         template_kwargs = _template_kwargs(request.chat_template_kwargs)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request

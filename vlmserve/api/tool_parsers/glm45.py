@@ -92,5 +92,8 @@ def _value_rule(prop: dict[str, Any]) -> str:
         return json_rule(prop)
     if isinstance(prop.get("enum"), list) and all(isinstance(v, str) for v in prop["enum"]):
         return "(" + " | ".join(literal(v) for v in prop["enum"]) + ")"
-    low, high = int(prop.get("minLength", 0)), prop.get("maxLength")
-    return f"/[^<]{{{low},{int(high)}}}/" if high is not None else f"/[^<]{{{low},}}/"
+    low, high = prop.get("minLength", 0), prop.get("maxLength")
+    low = low if isinstance(low, int) and low >= 0 else 0
+    if isinstance(high, int) and high >= low:
+        return f"/[^<]{{{low},{high}}}/"
+    return f"/[^<]{{{low},}}/"
