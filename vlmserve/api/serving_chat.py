@@ -132,13 +132,8 @@ class ChatService:
 
     async def _compile(self, structure: RequestedStructure) -> None:
         """Compile the grammar before generation starts, so a spec the engine cannot enforce is a 400."""
-        compile_structured = getattr(self._engine, "compile_structured", None)
-        if compile_structured is None:
-            # NOTE: engine clients without a compile hook (the Ray client today) compile in the replica; a spec it
-            # cannot enforce then fails the request there instead of being a 400 here
-            return
         try:
-            await compile_structured(structure.spec)
+            await self._engine.compile_structured(structure.spec)
         except InvalidRequestError as exc:
             raise InvalidRequestError(exc.message, param=structure.param) from exc
 

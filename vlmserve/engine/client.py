@@ -106,6 +106,9 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"vlmserve-{self._core.name}-engine", daemon=True)
         self._thread.start()
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.warm_up()
 
     @property
     def is_dead(self) -> bool:
@@ -135,6 +138,9 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10.0)
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.shutdown()
 
     # --- requests --------------------------------------------------------------------------------------------
 

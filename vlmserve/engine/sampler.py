@@ -122,9 +122,11 @@ class Sampler:
         state = self._state(logits.shape[1])
         slot_list = state.slots_for(sequences)
         slots = torch.tensor(slot_list, device=self.device)
-        logits = logits.float()
-        raw = logits.log_softmax(dim=-1) if plan.logprobs else None
-        logits = self._process(logits.clone(), plan, state, slots, slot_list)
+        work = logits.float()
+        raw = work.log_softmax(dim=-1) if plan.logprobs else None
+        if work is logits and (plan.has_bias or plan.min_tokens or plan.grammar):
+            work = work.clone()  # the steps below write in place; the caller's logits stay as they were
+        logits = self._process(work, plan, state, slots, slot_list)
         if bitmask is not None:
             from vlmserve.engine.structured import apply_bitmask
 
@@ -132,10 +134,11 @@ class Sampler:
         tokens = self._choose(logits, sequences, plan, state, slots)
         state.record(slots, tokens)
         token_list = tokens.tolist()
-        for i in plan.grammar:
-            grammar = sequences[i].grammar
-            assert grammar is not None
-            grammar.accept(token_list[i])
+        if plan.grammar:
+            from vlmserve.engine.structured import accept_tokens
+
+            accept_tokens([sequences[i].grammar for i in plan.grammar],  # type: ignore[misc]
+                          [token_list[i] for i in plan.grammar])
         return SamplerOutput(token_ids=token_list, logprobs=_logprobs(raw, tokens, token_list, sequences, plan))
 
     def _state(self, vocab_size: int) -> SamplingState:

@@ -120,6 +120,11 @@ class StructuredOutputs:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=eos)
             return self._tokenizer
 
+    def warm_up(self) -> None:
+        """Build the llguidance tokenizer in the background now (seconds for a 150k vocabulary), so the first
+        constrained request does not wait for it."""
+        self._pool.submit(lambda: self.tokenizer)
+
     async def compile(self, spec: StructuredOutputSpec) -> None:
         """Compile `spec` off the event loop and the engine thread; raises InvalidRequestError if it cannot be."""
         await asyncio.get_running_loop().run_in_executor(self._pool, self._compiled, spec)
@@ -187,14 +192,31 @@ def fill_bitmask(matchers: list[GrammarMatcher], vocab_size: int) -> torch.Tenso
     return bitmask
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+def accept_tokens(matchers: list[GrammarMatcher], token_ids: list[int]) -> None:
+    """Advance each matcher on its sampled token (in llguidance's threads when there are several)."""
+    if len(matchers) == 1:
+        matchers[0].accept(token_ids[0])
+        return
+    accepted = _shared_executor().consume_token_par([(m.matcher, t) for m, t in zip(matchers, token_ids,
+                                                                                      strict=True)])
+    for matcher, ok in zip(matchers, accepted, strict=True):
+        matcher.num_accepted += bool(ok)
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    if device not in _BITS:
+        _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    return _BITS[device]
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Set to -inf the logits of tokens the grammar forbids, in place, for the batch rows `rows`."""
     vocab = logits.shape[1]
     mask = bitmask.to(logits.device, non_blocking=True)
-    allowed = ((mask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).bool().flatten(1)  # (rows, words * 32)
+    allowed = ((mask.unsqueeze(-1) >> _bits(logits.device)) & 1).bool().flatten(1)  # (rows, words * 32)
     if allowed.shape[1] < vocab:
         allowed = torch.cat([allowed, allowed.new_zeros(len(rows), vocab - allowed.shape[1])], dim=1)
     at = torch.tensor(rows, device=logits.device)

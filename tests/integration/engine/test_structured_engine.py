@@ -153,3 +153,32 @@ def test_a_spec_that_does_not_compile_fails_only_its_request(family: Loaded) -> 
         constrained("good", prompt, StructuredOutputSpec("choice", ("ok",)))])
     assert outputs["bad"][-1].finish_reason is FinishReason.ERROR and not outputs["bad"][-1].new_token_ids
     assert text_of(family, outputs["good"]) == "ok"
+
+
+def test_a_tool_call_grammar_with_an_embedded_schema(family: Loaded) -> None:
+    """The shape the tool-calling layer builds for tool_choice "required": a Hermes tag around a JSON call whose
+    arguments follow the tool's schema (Lark with `%json`)."""
+    arguments = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                                  "unit": {"enum": ["c", "f"]}},
+                 "required": ["city", "unit"], "additionalProperties": False}
+    lark = ('start: "<tool_call>" "{\\"name\\":\\"weather\\",\\"arguments\\":" args "}" "</tool_call>"\n'
+            f"args: %json {json.dumps(arguments)}")
+    prompt = prompts_with_images(family.renderer, 1)[0]
+    outputs = run_all(PagedEngineCore(family.adapter, engine_config()),
+                      [constrained(f"t{seed}", prompt, StructuredOutputSpec("grammar", lark), temperature=1.0,
+                                   seed=seed) for seed in range(3)])
+    for outs in outputs.values():
+        text = text_of(family, outs)
+        assert text.startswith("<tool_call>") and text.endswith("</tool_call>"), text
+        call = json.loads(text[len("<tool_call>"):-len("</tool_call>")])
+        assert call["name"] == "weather"
+        jsonschema.validate(call["arguments"], arguments)
+
+
+def test_min_tokens_under_a_grammar_still_ends_where_the_grammar_ends(family: Loaded) -> None:
+    prompt = prompts_with_images(family.renderer, 1)[0]
+    outputs = run_all(PagedEngineCore(family.adapter, engine_config()),
+                      [constrained("short", prompt, StructuredOutputSpec("regex", "ab?"), temperature=0.0,
+                                   min_tokens=6)])
+    assert text_of(family, outputs["short"]) in ("a", "ab")
+    assert outputs["short"][-1].finish_reason is FinishReason.STOP
