@@ -25,6 +25,7 @@ import torch
 from vlmserve.config import EngineConfig
 from vlmserve.engine.protocol import CoreOutput
 from vlmserve.models.base import ModelAdapter
+from vlmserve.models.hf_compat import attention_name, use_attention
 from vlmserve.types import FinishReason, GenerationRequest, PositionLogprobs, PreparedPrompt, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def check_paged_engine(adapter: ModelAdapter, prompt: PreparedPrompt, config: En
     started = time.monotonic()
     expected_tokens, expected = reference_logprobs(adapter, prompt, num_tokens)  # before paged attention installs
     text_config: Any = adapter.text_model.config
-    attention_before = getattr(text_config, "_attn_implementation", None)
+    attention_before = attention_name(text_config)
     try:
         got = paged_logprobs(adapter, prompt, config, num_tokens=num_tokens, top_logprobs=NUM_TOP_LOGPROBS)
     except Exception as exc:  # any failure of the paged path on this model means: do not serve it paged
@@ -74,7 +75,7 @@ def check_paged_engine(adapter: ModelAdapter, prompt: PreparedPrompt, config: En
     finally:
         # The engine switched the decoder to paged attention; the generate engine (or the real paged engine,
         # which installs it again) must find the model as it was loaded.
-        text_config._attn_implementation = attention_before
+        use_attention(text_config, attention_before)
         if adapter.device.type == "cuda":
             torch.cuda.empty_cache()
     atol, rtol = TOLERANCES.get(adapter.dtype, TOLERANCES[torch.bfloat16])

@@ -49,7 +49,12 @@ def attention_function(config: Any, eager: Callable[..., Any]) -> Callable[..., 
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
 
 
-def use_attention(config: Any, name: str) -> None:
+def attention_name(config: Any) -> str | None:
+    """The attention implementation the modules built from `config` use now (to put it back after a switch)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def use_attention(config: Any, name: str | None) -> None:
     """Switch the modules built from `config` (and only those) to the registered attention `name`.
 
     NOTE: `_attn_implementation` is read by every attention module at call time; the public

@@ -38,7 +38,9 @@ def test_a_registered_attention_receives_the_calls_and_can_reproduce_sdpa() -> N
         return sdpa_attention_forward(module, query, *args, **kwargs)
 
     hf_compat.register_attention("vlmserve_test_recording", recording)
+    assert hf_compat.attention_name(model.model.config) == "sdpa"
     hf_compat.use_attention(model.model.config, "vlmserve_test_recording")
+    assert hf_compat.attention_name(model.model.config) == "vlmserve_test_recording"
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert calls == [(0, (1, 4, 5, 8)), (1, (1, 4, 5, 8))]  # (batch, heads, tokens, head_dim), per layer
