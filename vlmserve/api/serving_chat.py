@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from vlmserve.api import schemas
+from vlmserve.api.admission import Admission
 from vlmserve.api.streaming import ChunkWriter
-from vlmserve.config import ServerConfig
-from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.config import Config, ServerConfig
+from vlmserve.engine.client import EngineClient, model_input_bytes
+from vlmserve.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnsupportedFeatureError,
+)
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import (
@@ -28,6 +34,9 @@ from vlmserve.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: temperatures below this sample greedily: 1e-45 is 0 in float32 and logits / 0 are NaN (vLLM uses the same bound)
+_GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -44,35 +53,59 @@ class ChatService:
     """Turns chat completion requests into engine requests and engine output into OpenAI responses."""
 
     def __init__(self, engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, *,
-                 served_model_names: tuple[str, ...], server_config: ServerConfig) -> None:
+                 served_model_names: tuple[str, ...], server_config: ServerConfig,
+                 admission: Admission | None = None) -> None:
         self._engine = engine
         self._renderer = renderer
         self._media = media
         self._names = served_model_names
         self._config = server_config
-        self._num_preparing = 0  # sequences of requests admitted but still fetching images or rendering
+        self._admission = admission or Admission(engine, Config(server=server_config))
+        self._salt_caches = server_config.enable_cache_salt and bool(server_config.resolved_api_keys())
 
-    async def prepare(self, request: schemas.ChatCompletionRequest) -> tuple[GenerationRequest, dict[str, Any]]:
+    async def prepare(self, request: schemas.ChatCompletionRequest, *, client_id: str | None = None,
+                      api_key_id: str | None = None) -> tuple[GenerationRequest, dict[str, Any]]:
         """Validate against this server's limits, fetch and decode images, render the prompt (off the loop).
 
-        Returns the engine request and a loggable summary of it (never prompts, image bytes or keys)."""
+        `client_id` names the sender for quotas and fair scheduling; `api_key_id` (the digest of the key used, when
+        keys are configured) salts the prefix cache. Returns the engine request and a loggable summary of it
+        (never prompts, image bytes or keys)."""
         if request.model not in self._names:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
+        # Every cheap check before the expensive part (fetch, decode, render).
         self._check_limits(request)
+        sampling = self._sampling(request)
+        self._check_text_size(request.messages)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
-        self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
-        self._num_preparing += request.n
+        max_tokens = sampling.max_tokens or self._renderer.max_model_len
+        ticket = self._admission.admit(client_id, request.n, max_tokens * request.n)
         try:
             images = await self._media.load(_image_refs(request.messages))
+            self._admission.hold_bytes(ticket, sum(3 * part.image.width * part.image.height for part in images))
             chat = _to_chat_messages(request.messages, images)
             prompt = await asyncio.to_thread(self._render, chat, request.chat_template)
+            self._admission.hold_bytes(ticket, model_input_bytes(prompt.model_inputs))
         finally:
-            self._num_preparing -= request.n
+            self._admission.release(ticket)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling, client_id=client_id,
+                                       cache_salt=api_key_id if self._salt_caches else None)
         return generation, _summary(generation, images)
+
+    def _check_text_size(self, messages: list[schemas.ChatMessageParam]) -> None:
+        """The renderer's length bound, applied before any image is fetched."""
+        num_chars = 0
+        for message in messages:
+            if isinstance(message.content, str):
+                num_chars += len(message.content)
+            elif message.content is not None:
+                num_chars += sum(len(part.text or "") for part in message.content)
+        if num_chars > self._renderer.max_text_chars:
+            raise ContextLengthError(
+                f"the messages hold {num_chars} characters of text, more than the model's "
+                f"{self._renderer.max_model_len}-token context (--max-model-len) can hold", param="messages")
 
     def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
         """Worker thread: render the prompt."""
@@ -108,8 +141,9 @@ class ChatService:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         logit_bias: dict[int, float] = {}
         for key, value in (request.logit_bias or {}).items():
-            if not key.isdigit():
-                raise InvalidRequestError(f"logit_bias keys are token ids; {key!r} is not", param="logit_bias")
+            # ASCII digits only: str.isdigit() also accepts '²' or Arabic-Indic digits, which int() refuses or reads
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise InvalidRequestError(f"logit_bias keys are token ids; {key[:32]!r} is not", param="logit_bias")
             logit_bias[int(key)] = value
         vocab = len(self._renderer.tokenizer)
         if any(token >= vocab for token in [*logit_bias, *(request.stop_token_ids or [])]):
@@ -117,7 +151,7 @@ class ChatService:
                                       param="logit_bias" if logit_bias else "stop_token_ids")
         return SamplingParams(
             max_tokens=request.max_completion_tokens or request.max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
+            temperature=_temperature(request.temperature),
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=max(request.top_k or 0, 0), min_p=request.min_p or 0.0,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
@@ -127,6 +161,9 @@ class ChatService:
             n=request.n)
 
     # --- responses -------------------------------------------------------------------------------------------
+
+    def _reported(self, cached_tokens: int) -> int:
+        return cached_tokens if self._config.report_cached_tokens else 0
 
     async def complete(self, generation: GenerationRequest, model: str) -> schemas.ChatCompletion:
         choices = [Choice() for _ in range(generation.sampling.n)]
@@ -146,7 +183,7 @@ class ChatService:
                 index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), self._reported(cached)))
 
     async def stream(self, generation: GenerationRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
@@ -164,8 +201,15 @@ class ChatService:
             if delta.finish_reason is not None:
                 yield writer.finish(delta.index, delta.finish_reason.value)
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), self._reported(cached)))
         yield writer.done()
+
+
+def _temperature(value: float | None) -> float:
+    """The request's temperature; below _GREEDY_BELOW it is greedy (0), as dividing by it would overflow."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < _GREEDY_BELOW else value
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:

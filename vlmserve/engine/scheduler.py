@@ -3,14 +3,17 @@
 Each step has a token budget (`--max-num-batched-tokens`) and a cap on running sequences (`--max-num-seqs`).
 Running sequences go first, in arrival order: one token each when decoding, the next chunk of their prompt when
 still prefilling, so a long image prompt is spread over several steps instead of stalling everyone's decode.
-Waiting sequences are admitted first-come first-served with what is left. When the block pool runs dry, the most
+Waiting sequences are admitted with what is left, fairly between clients (`GenerationRequest.client_id`): the next
+one admitted is the oldest of the client with the fewest running sequences, and when every slot is taken while a
+client with (at least two) fewer running sequences than another waits, the other's newest sequence gives its slot
+up. So one client's long streams cannot hold every slot while others wait. When the block pool runs dry, the most
 recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
 and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from vlmserve.engine.kv_cache import BlockPool, hash_block, images_in_range
@@ -64,6 +67,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._share_slots(out)
         for sequence in list(self.running):
             if budget == 0:
                 break
@@ -87,9 +91,25 @@ class Scheduler:
                 return False
         return True
 
+    def _share_slots(self, out: SchedulerOutput) -> None:
+        """All slots taken and a client waits with two fewer running than another: preempt that one's newest."""
+        if not self.waiting or len(self.running) < self.max_num_seqs:
+            return
+        running = Counter(s.request.client_id for s in self.running)
+        waiting_client = self._next_waiting(running).request.client_id
+        busiest, count = running.most_common(1)[0]
+        if count < running[waiting_client] + 2:
+            return
+        victim = next(s for s in reversed(self.running) if s.request.client_id == busiest)
+        self._preempt(victim, out)
+
+    def _next_waiting(self, running: Counter[str | None]) -> Sequence:
+        """The oldest waiting sequence of the client with the fewest running ones (min keeps queue order)."""
+        return min(self.waiting, key=lambda s: running[s.request.client_id])
+
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            sequence = self.waiting[0]
+            sequence = self._next_waiting(Counter(s.request.client_id for s in self.running))
             queried = self._attach_cached_prefix(sequence)
             count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
             if not self._grow(sequence, sequence.num_computed_tokens + count):
@@ -98,7 +118,7 @@ class Scheduler:
             self.pool.record_lookup(queried, sequence.num_computed_tokens)
             if sequence.num_preemptions == 0:
                 sequence.num_cached_tokens = sequence.num_computed_tokens
-            self.waiting.popleft()
+            self.waiting.remove(sequence)
             sequence.status = SequenceStatus.RUNNING
             self.running.append(sequence)
             self._schedule_chunk(out, sequence, count)

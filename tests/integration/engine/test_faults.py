@@ -196,13 +196,13 @@ def test_a_fatal_error_kills_the_engine_and_health_turns_503(
 
 
 async def _get(app: Any, path: str) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as client:
         return await client.get(path)
 
 
 async def _post_chat(app: Any) -> httpx.Response:
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as client:
         return await client.post("/v1/chat/completions", json=body)
 
 
