@@ -139,6 +139,13 @@ class MediaConfig:
     max_image_pixels: int = option(40_000_000, "Largest decoded image accepted, in pixels (width x height), "
                                    "checked from the header before decoding.", metavar="PIXELS",
                                    example="--max-image-pixels 20000000")
+    max_image_aspect_ratio: float = option(
+        200.0, "Longest side over shortest side, at most; checked from the header before decoding (vision processors "
+        "refuse more anyway, after the decoding cost).", metavar="RATIO", example="--max-image-aspect-ratio 50")
+    max_image_decode_bytes: int = option(
+        256 * 2**20, "Memory one image's decoding may need, estimated from the header: pixels times the bytes per "
+        "pixel of its stored format plus the RGB copy, and the format's own tile and strip buffers.",
+        metavar="BYTES", example="--max-image-decode-bytes 134217728")
     max_images_per_request: int = option(16, "Most images one request may carry.", metavar="N",
                                          example="--max-images-per-request 4")
     fetch_timeout_s: float = option(10.0, "Deadline for fetching one image URL, redirects included.",
@@ -155,11 +162,14 @@ class MediaConfig:
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers",
+                     "max_image_decode_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ConfigError("--fetch-timeout-s must be positive")
+        if self.max_image_aspect_ratio < 1:
+            raise ConfigError("--max-image-aspect-ratio must be at least 1")
 
 
 @dataclass(frozen=True)
