@@ -3,10 +3,10 @@
 Each step has a token budget (`--max-num-batched-tokens`) and a cap on running sequences (`--max-num-seqs`).
 Running sequences go first, in arrival order: one token each when decoding, the next chunk of their prompt when
 still prefilling, so a long image prompt is spread over several steps instead of stalling everyone's decode.
-Waiting sequences are admitted with what is left, fairly between clients (`GenerationRequest.client_id`): the next
-one admitted is the oldest of the client with the fewest running sequences, and when every slot is taken while a
-client with (at least two) fewer running sequences than another waits, the other's newest sequence gives its slot
-up. So one client's long streams cannot hold every slot while others wait. When the block pool runs dry, the most
+Waiting sequences are admitted with what is left, fairly between clients (`GenerationRequest.client_id`): the queue
+is taken round-robin by client, the client with the fewest running sequences first, and when every slot is taken
+while a client with (at least two) fewer running sequences than another waits, the other's newest sequence gives
+its slot up. So one client's long streams cannot hold every slot while others wait. When the block pool runs dry, the most
 recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
 and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
 """
@@ -79,6 +79,7 @@ class Scheduler:
             self._schedule_chunk(out, sequence, count)
             budget -= count
         if not out.preempted:
+            self._order_waiting_fairly()
             budget = self._admit(out, budget)
         return out
 
@@ -91,25 +92,37 @@ class Scheduler:
                 return False
         return True
 
+    # --- fairness between clients (GenerationRequest.client_id) ---------------------------------------------
+
+    def _order_waiting_fairly(self) -> None:
+        """Reorder the queue round-robin by client, fewest running first: a client's k-th waiting sequence ranks
+        as if it had k more running. The sort is stable, so each client's own sequences keep their order."""
+        if len(self.waiting) < 2:
+            return
+        load = Counter(s.request.client_id for s in self.running)
+        ranked = []
+        for position, sequence in enumerate(self.waiting):
+            client = sequence.request.client_id
+            ranked.append((load[client], position, sequence))
+            load[client] += 1
+        ranked.sort(key=lambda item: (item[0], item[1]))
+        self.waiting = deque(sequence for _, _, sequence in ranked)
+
     def _share_slots(self, out: SchedulerOutput) -> None:
-        """All slots taken and a client waits with two fewer running than another: preempt that one's newest."""
+        """All slots taken while a client waits with two fewer running than another: preempt that one's newest."""
         if not self.waiting or len(self.running) < self.max_num_seqs:
             return
         running = Counter(s.request.client_id for s in self.running)
-        waiting_client = self._next_waiting(running).request.client_id
+        fewest = min(running[s.request.client_id] for s in self.waiting)
         busiest, count = running.most_common(1)[0]
-        if count < running[waiting_client] + 2:
+        if count < fewest + 2:
             return
         victim = next(s for s in reversed(self.running) if s.request.client_id == busiest)
         self._preempt(victim, out)
 
-    def _next_waiting(self, running: Counter[str | None]) -> Sequence:
-        """The oldest waiting sequence of the client with the fewest running ones (min keeps queue order)."""
-        return min(self.waiting, key=lambda s: running[s.request.client_id])
-
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            sequence = self._next_waiting(Counter(s.request.client_id for s in self.running))
+            sequence = self.waiting[0]
             queried = self._attach_cached_prefix(sequence)
             count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
             if not self._grow(sequence, sequence.num_computed_tokens + count):
@@ -118,7 +131,7 @@ class Scheduler:
             self.pool.record_lookup(queried, sequence.num_computed_tokens)
             if sequence.num_preemptions == 0:
                 sequence.num_cached_tokens = sequence.num_computed_tokens
-            self.waiting.remove(sequence)
+            self.waiting.popleft()
             sequence.status = SequenceStatus.RUNNING
             self.running.append(sequence)
             self._schedule_chunk(out, sequence, count)
