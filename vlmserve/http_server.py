@@ -66,6 +66,10 @@ def guarded_protocol(config: ServerConfig) -> type[H11Protocol]:
                 self._disarm_header_timer()
 
         def on_response_complete(self) -> None:
+            if self.conn.their_state is h11.SEND_BODY:
+                # answered before the body was all in (a 408, 413 or 415): the rest is not worth waiting for
+                self.transport.close()
+                return
             super().on_response_complete()
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self._arm_header_timer()  # the next request on this keep-alive connection has the same deadline
