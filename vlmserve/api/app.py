@@ -42,12 +42,12 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...]) -> FastAPI:
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
     admission = Admission(engine, config)
     chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server,
                        admission=admission)
-    models = ModelsService(served_model_names, created=int(time.time()))
+    models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +108,11 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         snapshot = engine.stats()
-        return {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        body = {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        by_replica = getattr(engine, "stats_by_replica", None)  # engines spread over replicas (vlmserve.ray)
+        if by_replica is not None:
+            body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
+        return body
 
     return _wrap_middleware(app, config)
 
