@@ -64,7 +64,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
         # Preparation (fetching, decoding, rendering) stops when the client goes away.
         generation, summary = await _cancel_on_disconnect(raw_request, chat.prepare(
-            request, client_id=client_id(raw_request.scope), api_key_id=raw_request.scope["state"].get("api_key_id")))
+            request, client_id=client_id(raw_request.scope), api_key_id=raw_request.scope.get("state", {}).get("api_key_id")))
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
         fields = log_fields(raw_request.scope)

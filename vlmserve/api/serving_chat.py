@@ -16,7 +16,6 @@ from vlmserve.api.streaming import ChunkWriter
 from vlmserve.config import Config, ServerConfig
 from vlmserve.engine.client import EngineClient, model_input_bytes
 from vlmserve.errors import (
-    ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
     UnsupportedFeatureError,
@@ -102,10 +101,7 @@ class ChatService:
                 num_chars += len(message.content)
             elif message.content is not None:
                 num_chars += sum(len(part.text or "") for part in message.content)
-        if num_chars > self._renderer.max_text_chars:
-            raise ContextLengthError(
-                f"the messages hold {num_chars} characters of text, more than the model's "
-                f"{self._renderer.max_model_len}-token context (--max-model-len) can hold", param="messages")
+        self._renderer.check_text_size(num_chars)
 
     def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
         """Worker thread: render the prompt."""

@@ -57,10 +57,8 @@ class PromptRenderer:
                 processor = self._local.processor = copy.deepcopy(self._processor)
         return processor
 
-    def check_text_size(self, messages: list[ChatMessage]) -> None:
+    def check_text_size(self, num_chars: int) -> None:
         """Refuse, from its length alone, text that cannot fit the context whatever the tokenizer does."""
-        num_chars = sum(len(part.text) for message in messages for part in message.parts
-                        if isinstance(part, TextPart))
         if num_chars > self.max_text_chars:
             raise ContextLengthError(
                 f"the messages hold {num_chars} characters of text, more than the model's {self.max_model_len}-token "
@@ -74,7 +72,8 @@ class PromptRenderer:
             raise UnsupportedFeatureError(
                 f"this model accepts at most {self._max_images} image(s) per conversation; "
                 f"this one has {len(images)}", param="messages")
-        self.check_text_size(messages)
+        self.check_text_size(sum(len(part.text) for message in messages for part in message.parts
+                                 if isinstance(part, TextPart)))
         conversation = [_to_template_message(m, self._special_pattern) for m in messages]
         processor = self._thread_processor()
         text = self._render_text(processor, conversation, chat_template)
