@@ -180,8 +180,9 @@ class ServerConfig:
                        example="--host 0.0.0.0")
     port: int = option(8000, "TCP port to listen on.", metavar="PORT", example="--port 8888")
     api_key: tuple[str, ...] = option(
-        (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health). Several may be "
-        "given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY", example="--api-key sk-local")
+        (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health and the playground "
+        "page's files). Several may be given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY",
+        example="--api-key sk-local")
     api_key_file: str | None = option(None, "A file with one accepted API key per line.", metavar="FILE",
                                       example="--api-key-file /etc/vlmserve/keys")
     allowed_origins: tuple[str, ...] = option((), "Origins allowed by CORS; CORS is off unless given.",
@@ -231,6 +232,9 @@ class ServerConfig:
         2 * 2**30, "Memory that requests still being prepared or waiting for their prefill may hold, counted as "
         "decoded image and image-tensor bytes; beyond it new requests get 429 with Retry-After.", metavar="BYTES",
         example="--max-preparing-bytes 1073741824")
+    enable_playground: bool = option(
+        True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
+        "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

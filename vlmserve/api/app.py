@@ -31,6 +31,7 @@ from vlmserve.api.middleware import (
 from vlmserve.api.openapi import body_schema, install_openapi
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
+from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
 from vlmserve.api.streaming import guarded
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
@@ -114,17 +115,22 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
         return body
 
-    return _wrap_middleware(app, config)
+    open_paths: frozenset[str] = frozenset()
+    if config.server.enable_playground:
+        assets = load_assets()
+        install_playground(app, assets)
+        open_paths = public_paths(assets)
+    return _wrap_middleware(app, config, open_paths)
 
 
-def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
+def _wrap_middleware(app: FastAPI, config: Config, open_paths: frozenset[str]) -> FastAPI:
     server = config.server
     # Added innermost first: the body deadline and cap run after authentication and the media-type check, CORS and
     # the Host check outside them so preflights succeed and rebound names learn nothing.
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=server.body_timeout_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
     app.add_middleware(JSONContentTypeMiddleware)
-    app.add_middleware(APIKeyMiddleware, keys=server.resolved_api_keys())
+    app.add_middleware(APIKeyMiddleware, keys=server.resolved_api_keys(), public_paths=open_paths)
     if server.allowed_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])

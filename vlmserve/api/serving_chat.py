@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -13,13 +14,10 @@ from typing import Any, cast
 from vlmserve.api import schemas
 from vlmserve.api.admission import Admission
 from vlmserve.api.streaming import ChunkWriter
+from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
 from vlmserve.config import Config, ServerConfig
 from vlmserve.engine.client import EngineClient, model_input_bytes
-from vlmserve.errors import (
-    InvalidRequestError,
-    ModelNotFoundError,
-    UnsupportedFeatureError,
-)
+from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import (
@@ -76,6 +74,9 @@ class ChatService:
         self._check_limits(request)
         sampling = self._sampling(request)
         self._check_text_size(request.messages)
+        structure = resolve_structured_output(request)
+        if structure is not None:
+            await self._compile(structure)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
         max_tokens = sampling.max_tokens or self._renderer.max_model_len
@@ -89,6 +90,8 @@ class ChatService:
         finally:
             self._admission.release(ticket)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if structure is not None:
+            sampling = dataclasses.replace(sampling, structured=structure.spec)
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling, client_id=client_id,
                                        cache_salt=api_key_id if self._salt_caches else None)
         return generation, _summary(generation, images)
@@ -102,6 +105,13 @@ class ChatService:
             elif message.content is not None:
                 num_chars += sum(len(part.text or "") for part in message.content)
         self._renderer.check_text_size(num_chars)
+
+    async def _compile(self, structure: RequestedStructure) -> None:
+        """Compile the grammar before anything is accepted, so a spec the engine cannot enforce is a 400."""
+        try:
+            await self._engine.compile_structured(structure.spec)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, param=structure.param) from exc
 
     def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
         """Worker thread: render the prompt."""
@@ -130,8 +140,6 @@ class ChatService:
                                       "--trust-request-chat-template", param="chat_template")
         if request.tools:
             raise UnsupportedFeatureError("tool calling is not supported by this server", param="tools")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise UnsupportedFeatureError("only response_format type 'text' is supported", param="response_format")
 
     def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
@@ -180,7 +188,7 @@ class ChatService:
                 index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), self._reported(cached)))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), self._reported(cached)))
 
     async def stream(self, generation: GenerationRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
@@ -198,7 +206,7 @@ class ChatService:
             if delta.finish_reason is not None:
                 yield writer.finish(delta.index, delta.finish_reason.value)
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), self._reported(cached)))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), self._reported(cached)))
         yield writer.done()
 
 
@@ -209,10 +217,11 @@ def _temperature(value: float | None) -> float:
     return 0.0 if value < _GREEDY_BELOW else value
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt.num_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt.num_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached,
+                                                                           image_tokens=prompt.num_image_tokens))
 
 
 def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
