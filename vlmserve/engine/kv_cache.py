@@ -6,8 +6,9 @@ images therefore never share the blocks holding (or following) the images, while
 the same image shares them. Keys are BLAKE2b digests, not Python's `hash`: a client must not be able to craft a
 collision with someone else's prefix.
 
-Blocks whose last user left keep their KV and stay findable (least recently used first to be reused) until the
-pool needs them.
+The chain starts from a root derived from the request's `cache_salt`, so requests with different salts never share
+a block. Blocks whose last user left keep their KV and stay findable (least recently used first to be reused) until
+the pool needs them. When a block becomes findable is `kv_cache_manager`'s business: only after its KV was written.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from vlmserve.types import ImageSpan
 BlockHash = bytes
 
 
-def hash_block(parent: BlockHash | None, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
+def root_hash(cache_salt: str | None) -> BlockHash:
+    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains."""
+    if cache_salt is None:
+        return b"root"
+    return hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+
+
+def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent or b"root")
+    digest.update(parent)
     digest.update(b"t" + ",".join(map(str, token_ids)).encode())
     for image in image_hashes:
         digest.update(b"i" + image.encode())
@@ -110,6 +118,12 @@ class BlockPool:
         self.num_queries += queried_tokens
         self.num_hits += hit_tokens
 
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._hash_of
+
     def register(self, block: int, block_hash: BlockHash) -> None:
         """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
         if self.enable_prefix_caching and block_hash not in self._by_hash and block not in self._hash_of:
@@ -117,7 +131,7 @@ class BlockPool:
             self._hash_of[block] = block_hash
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (after a failed step, whose blocks may hold partial KV)."""
+        """Forget every cached block; blocks in use stay with their sequences."""
         for block in list(self._evictable):
             self._free.append(block)
         self._evictable.clear()

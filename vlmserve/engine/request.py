@@ -33,8 +33,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    #: chained content hashes of this sequence's full blocks that are registered in the prefix cache
+    #: chained content hashes of the full blocks of its known tokens, computed once each (see kv_cache_manager)
     block_hashes: list[bytes] = field(default_factory=list)
+    #: leading blocks already findable in the prefix cache (found there, or cached after their step completed)
+    num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
     finish_reason: FinishReason | None = None
     #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)
