@@ -33,13 +33,10 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
         logger.info("engine: generate (batched model.generate), as requested with --engine generate")
         return GenerateEngineCore(adapter, config.engine)
     if reason is None:
-        try:
-            from vlmserve.engine.core import PagedEngineCore
-        except ImportError:  # NOTE: the paged engine lands in its own change; until then everything falls back
-            reason = "the continuous-batching engine is not available in this build"
-        else:
-            logger.info("engine: paged (continuous batching over a paged KV cache)")
-            return PagedEngineCore(adapter, config.engine)
+        from vlmserve.engine.core import PagedEngineCore
+
+        logger.info("engine: paged (continuous batching over a paged KV cache)")
+        return PagedEngineCore(adapter, config.engine)
     if choice == "paged":
         raise SystemExit(f"--engine paged: {adapter.family} cannot run on the paged engine: {reason}")
     logger.warning("engine: generate fallback for %s: %s", adapter.family, reason)
