@@ -215,10 +215,8 @@ def _packed_image_inputs(inputs: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     merged: dict[str, Any] = {}
     for key in keys:
-        values = [model_inputs.get(key) for model_inputs in inputs]
-        if not all(isinstance(v, torch.Tensor) for v in values):
-            return None
-        if len({tuple(v.shape[1:]) for v in values}) != 1:
+        values = [v for model_inputs in inputs if isinstance(v := model_inputs.get(key), torch.Tensor)]
+        if len(values) != len(inputs) or len({tuple(v.shape[1:]) for v in values}) != 1:
             return None
         merged[key] = torch.cat(values)
     if "image_grid_thw" not in keys and merged["pixel_values"].dim() != 4:
