@@ -61,10 +61,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + len(self.output_token_ids)
 
-    def token_at(self, index: int) -> int:
-        prompt = self.request.prompt.token_ids
-        return prompt[index] if index < len(prompt) else self.output_token_ids[index - len(prompt)]
-
     def tokens(self, start: int, end: int) -> list[int]:
         prompt = self.request.prompt.token_ids
         if end <= len(prompt):
