@@ -124,7 +124,8 @@ class ChatService:
             repetition_penalty=request.repetition_penalty or 1.0, logit_bias=logit_bias, seed=request.seed,
             stop=stop, stop_token_ids=tuple(request.stop_token_ids or ()), min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
-            n=request.n)
+            n=request.n, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens)
 
     # --- responses -------------------------------------------------------------------------------------------
 
@@ -146,7 +147,7 @@ class ChatService:
                 index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
 
     async def stream(self, generation: GenerationRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
@@ -164,14 +165,15 @@ class ChatService:
             if delta.finish_reason is not None:
                 yield writer.finish(delta.index, delta.finish_reason.value)
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
         yield writer.done()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt.num_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt.num_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached,
+                                                                           image_tokens=prompt.num_image_tokens))
 
 
 def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
