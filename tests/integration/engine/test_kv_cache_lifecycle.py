@@ -70,7 +70,9 @@ def assert_same_output(got: Result, want: Result) -> None:
 
 @pytest.fixture(scope="module")
 def family(loaded: Callable[[str], Loaded]) -> Loaded:
-    return loaded("qwen2_vl")
+    shared = loaded("qwen2_vl")
+    # A paged core takes over its adapter's attention: an adapter of our own leaves the shared one as it was.
+    return dataclasses.replace(shared, adapter=shared.fresh_adapter())
 
 
 def assert_all_blocks_free(core: PagedEngineCore) -> None:
