@@ -52,11 +52,12 @@ def images_in_range(spans: Seq[ImageSpan], image_hashes: Seq[str], start: int, e
 
 
 class BlockPool:
-    """Allocation, reference counts and the prefix cache's hash ↔ block maps."""
+    """Allocation, reference counts and the prefix cache's hash ↔ block maps. Whether and when blocks are cached
+    is the `KVCacheManager`'s decision: the pool registers what it is told to (a freshly allocated block never has a
+    hash), and finds only what was registered."""
 
-    def __init__(self, num_blocks: int, *, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached content, LRU first
@@ -100,15 +101,13 @@ class BlockPool:
 
     def match_prefix(self, hashes: Seq[BlockHash]) -> list[int]:
         """Take a reference on the longest run of cached blocks matching `hashes` from the start."""
-        if not self.enable_prefix_caching:
-            return []
         blocks: list[int] = []
         for block_hash in hashes:
             block = self._by_hash.get(block_hash)
             if block is None:
                 break
-            if self._ref_counts[block] == 0:
-                self._evictable.pop(block, None)
+            if self._ref_counts[block] == 0:  # cached and unreferenced: it was waiting for eviction
+                del self._evictable[block]
             self._ref_counts[block] += 1
             blocks.append(block)
         return blocks
@@ -126,7 +125,7 @@ class BlockPool:
 
     def register(self, block: int, block_hash: BlockHash) -> None:
         """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
-        if self.enable_prefix_caching and block_hash not in self._by_hash and block not in self._hash_of:
+        if block_hash not in self._by_hash:
             self._by_hash[block_hash] = block
             self._hash_of[block] = block_hash
 

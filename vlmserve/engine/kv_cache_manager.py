@@ -24,12 +24,9 @@ class KVCacheManager:
     """Owns the block pool; the scheduler asks it for slots, the core tells it when a step's KV is written."""
 
     def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool) -> None:
-        self.pool = BlockPool(num_blocks, enable_prefix_caching=enable_prefix_caching)
+        self.pool = BlockPool(num_blocks)
         self.block_size = block_size
-
-    @property
-    def enable_prefix_caching(self) -> bool:
-        return self.pool.enable_prefix_caching
+        self.enable_prefix_caching = enable_prefix_caching
 
     def lookup(self, sequence: Sequence) -> int:
         """Attach a sequence holding no blocks to the longest cached prefix of its tokens; returns the tokens
@@ -48,9 +45,7 @@ class KVCacheManager:
     def allocate_slots(self, sequence: Sequence, num_new_tokens: int) -> bool:
         """Blocks for `num_new_tokens` tokens after the computed ones; False, taking nothing, if the pool is short."""
         needed = -(-(sequence.num_computed_tokens + num_new_tokens) // self.block_size) - len(sequence.block_ids)
-        if needed <= 0:
-            return True
-        blocks = self.pool.allocate(needed)
+        blocks = self.pool.allocate(max(needed, 0))
         if blocks is None:
             return False
         sequence.block_ids.extend(blocks)
@@ -59,9 +54,9 @@ class KVCacheManager:
     def cache_full_blocks(self, sequence: Sequence) -> None:
         """Make the full blocks among the sequence's computed tokens findable. Call only once the step that wrote
         their KV has completed."""
-        num_full = sequence.num_computed_tokens // self.block_size
-        if not self.enable_prefix_caching or num_full <= sequence.num_cached_blocks:
+        if not self.enable_prefix_caching:
             return
+        num_full = sequence.num_computed_tokens // self.block_size
         hashes = self._full_block_hashes(sequence)
         for index in range(sequence.num_cached_blocks, num_full):
             self.pool.register(sequence.block_ids[index], hashes[index])

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from vlmserve.engine import kv_cache
-from vlmserve.engine.kv_cache import images_in_range, root_hash
+from vlmserve.engine.kv_cache import KVCache, images_in_range, root_hash
 from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.request import Sequence, SequenceStatus
 from vlmserve.engine.scheduler import Scheduler
+from vlmserve.models.base import KVLayout
 from vlmserve.types import GenerationRequest, ImageSpan, PreparedPrompt, SamplingParams
 
 BS = 4  # block size
@@ -311,3 +313,26 @@ def test_preemption_frees_the_newest_and_it_comes_back_on_its_cached_blocks() ->
     step = scheduler.schedule()
     assert [(c.sequence.request_id, c.start, c.num_tokens) for c in step.chunks] == [("new", 8, 1)]
     assert new.num_cached_tokens == 0  # what a client sees counts the first admission only
+
+
+def test_admissions_count_the_tokens_looked_up_and_found() -> None:
+    kv = manager(32)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    for request_id, tokens in (("a", list(range(10))), ("b", list(range(10))), ("c", list(range(13)))):
+        sequence = make_sequence(tokens, request_id=request_id)
+        scheduler.add(sequence)
+        (chunk,) = scheduler.schedule().chunks
+        sequence.num_computed_tokens = chunk.end
+        kv.cache_full_blocks(sequence)
+        scheduler.finish(sequence)
+    # a: looks up 8, finds 0; b: 8 and 8; c: 12 and 8 (its third block holds tokens a and b never had)
+    assert (kv.pool.num_queries, kv.pool.num_hits) == (28, 16)
+
+
+def test_kv_cache_tensors_and_their_size_per_block() -> None:
+    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8)
+    cache = KVCache.allocate(layout, 5, 4, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert len(cache.keys) == len(cache.values) == 3 and cache.block_size == 4
+    assert all(t.shape == (5, 4, 2, 8) and t.dtype == torch.bfloat16 and not t.any() for t in cache.keys + cache.values)
+    total = sum(t.nbytes for t in cache.keys + cache.values)
+    assert KVCache.bytes_per_block(layout, 4, torch.bfloat16) * 5 == total
