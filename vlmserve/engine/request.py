@@ -69,10 +69,6 @@ class Sequence:
             return self.output_token_ids[start - len(prompt):end - len(prompt)]
         return prompt[start:] + self.output_token_ids[:end - len(prompt)]
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
     def release_prompt_state(self) -> None:
         self.prompt_embeds = None
         self.prompt_positions = None
