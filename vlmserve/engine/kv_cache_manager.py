@@ -78,7 +78,8 @@ class KVCacheManager:
 
     def is_waiting_for(self, sequence: Sequence, running: list[Sequence]) -> bool:
         """Whether `sequence` should stay queued until a running sibling (same prompt object: the `n > 1` fan-out)
-        has computed, and so cached, the prompt blocks they can share."""
+        has computed, and so cached, the prompt blocks they can share.
+        NOTE: with prefix caching off there is nothing to wait for: each sibling computes its prompt itself."""
         if not self.enable_prefix_caching:
             return False
         shareable = self.num_shareable_tokens(sequence)
