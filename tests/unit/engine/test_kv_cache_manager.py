@@ -230,6 +230,7 @@ def test_reset_forgets_cached_blocks_but_not_blocks_in_use() -> None:
     assert all(kv.pool.ref_count(b) == 1 for b in busy.block_ids)
     kv.free(busy)
     assert kv.pool.num_free == 8
+    assert sorted(kv.pool.allocate(8) or []) == list(range(8))  # every block is usable again, each once
 
 
 def test_first_writer_wins_when_two_blocks_hold_the_same_content() -> None:
@@ -254,6 +255,8 @@ def test_a_sibling_waits_while_its_leader_computes_the_shared_prompt_blocks() ->
     sibling = make_sequence([], prompt=prompt, request_id="x-1")
     stranger = make_sequence(list(range(10)), request_id="y")  # same tokens, another prompt object
     assert kv.num_shareable_tokens(sibling) == 8
+    # The last prompt token is always computed, so a prompt ending on a block boundary shares one block less.
+    assert [kv.num_shareable_tokens(make_sequence(list(range(n)))) for n in (8, 9)] == [4, 8]
     assert not kv.is_waiting_for(sibling, [])
     leader.num_computed_tokens = 7
     assert kv.is_waiting_for(sibling, [stranger, leader]) and not kv.is_waiting_for(stranger, [leader])
@@ -336,3 +339,42 @@ def test_kv_cache_tensors_and_their_size_per_block() -> None:
     assert all(t.shape == (5, 4, 2, 8) and t.dtype == torch.bfloat16 and not t.any() for t in cache.keys + cache.values)
     total = sum(t.nbytes for t in cache.keys + cache.values)
     assert KVCache.bytes_per_block(layout, 4, torch.bfloat16) * 5 == total
+
+
+def test_a_block_filled_by_generated_tokens_is_hashed_once_it_is_full() -> None:
+    kv = manager()
+    sequence = make_sequence(list(range(7)))  # the second block is three tokens short of full: no hash yet
+    compute(kv, sequence)
+    assert len(sequence.block_hashes) == 1
+    sequence.output_token_ids.append(99)
+    assert kv.allocate_slots(sequence, 1)
+    sequence.num_computed_tokens = 8
+    kv.cache_full_blocks(sequence)
+    same = make_sequence([*range(7), 99, 100], request_id="same")
+    kv.lookup(same)
+    assert same.block_ids == sequence.block_ids[:2]
+    other = make_sequence([*range(7), 98, 100], request_id="other")
+    kv.lookup(other)
+    assert other.block_ids == sequence.block_ids[:1]
+
+
+def test_preemptions_are_counted_per_sequence_and_in_all() -> None:
+    kv = manager(7)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    sequences = [make_sequence(list(range(100 * i, 100 * i + 5)), request_id=f"s{i}") for i in range(3)]
+    for sequence in sequences:
+        scheduler.add(sequence)
+    preempted: list[str] = []
+    while scheduler.has_work():
+        step = scheduler.schedule()
+        preempted += [s.request_id for s in step.preempted]
+        for chunk in step.chunks:
+            chunk.sequence.num_computed_tokens = chunk.end
+            kv.cache_full_blocks(chunk.sequence)
+            if chunk.samples:
+                chunk.sequence.output_token_ids.append(7)
+                if len(chunk.sequence.output_token_ids) == 16:
+                    scheduler.finish(chunk.sequence)
+    assert preempted == ["s2", "s1", "s2"]  # s2 twice: counts add up, they are not flags
+    assert scheduler.num_preemptions == 3 and [s.num_preemptions for s in sequences] == [0, 1, 2]
+    assert kv.pool.num_free == 7
