@@ -339,6 +339,8 @@ def test_kv_cache_tensors_and_their_size_per_block() -> None:
     assert all(t.shape == (5, 4, 2, 8) and t.dtype == torch.bfloat16 and not t.any() for t in cache.keys + cache.values)
     total = sum(t.nbytes for t in cache.keys + cache.values)
     assert KVCache.bytes_per_block(layout, 4, torch.bfloat16) * 5 == total
+    elsewhere = KVCache.allocate(layout, 2, 4, dtype=torch.float32, device=torch.device("meta"))
+    assert {t.device.type for t in elsewhere.keys + elsewhere.values} == {"meta"}
 
 
 def test_a_block_filled_by_generated_tokens_is_hashed_once_it_is_full() -> None:
@@ -378,3 +380,68 @@ def test_preemptions_are_counted_per_sequence_and_in_all() -> None:
     assert preempted == ["s2", "s1", "s2"]  # s2 twice: counts add up, they are not flags
     assert scheduler.num_preemptions == 3 and [s.num_preemptions for s in sequences] == [0, 1, 2]
     assert kv.pool.num_free == 7
+
+
+def test_each_step_stays_within_the_token_budget_and_chunks_prompts() -> None:
+    kv = manager(64)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=12)
+    sequences = [make_sequence(list(range(100 * i, 100 * i + n)), request_id=f"s{i}")
+                 for i, n in enumerate((5, 6, 5, 30))]
+    for sequence in sequences:
+        scheduler.add(sequence)
+    steps = []
+    for _ in range(3):
+        step = scheduler.schedule()
+        steps.append([(c.sequence.request_id, c.start, c.num_tokens) for c in step.chunks])
+        for chunk in step.chunks:  # the step completed; prompts that finished sample a token
+            chunk.sequence.num_computed_tokens = chunk.end
+            if chunk.samples:
+                chunk.sequence.output_token_ids.append(1)
+    assert steps == [
+        [("s0", 0, 5), ("s1", 0, 6), ("s2", 0, 1)],  # the last token of budget still admits one, chunked
+        [("s0", 5, 1), ("s1", 6, 1), ("s2", 1, 4), ("s3", 0, 6)],  # running first; a waiting one gets the rest
+        [("s0", 6, 1), ("s1", 7, 1), ("s2", 5, 1), ("s3", 6, 9)],
+    ]
+
+
+def test_running_prefills_share_the_budget_in_order() -> None:
+    kv = manager(64)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=30)
+    first, second = make_sequence(list(range(20)), request_id="a"), make_sequence(list(range(50, 70)), request_id="b")
+    for sequence in (first, second):
+        scheduler.add(sequence)
+    step = scheduler.schedule()
+    assert [(c.sequence.request_id, c.num_tokens) for c in step.chunks] == [("a", 20), ("b", 10)]
+    first.num_computed_tokens, second.num_computed_tokens = 20, 10
+    first.output_token_ids.append(1)
+    scheduler.max_num_batched_tokens = 8
+    step = scheduler.schedule()
+    assert [(c.sequence.request_id, c.num_tokens) for c in step.chunks] == [("a", 1), ("b", 7)]
+
+
+def test_a_held_back_sibling_keeps_its_place_when_admission_stops_for_lack_of_blocks() -> None:
+    kv = manager(6)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    prompt = PreparedPrompt(token_ids=list(range(10)))
+    leader, sibling = (make_sequence([], prompt=prompt, request_id=f"x-{i}") for i in range(2))
+    too_big = make_sequence(list(range(100, 140)), request_id="big")
+    for sequence in (leader, sibling, too_big):
+        scheduler.add(sequence)
+    step = scheduler.schedule()
+    assert [c.sequence.request_id for c in step.chunks] == ["x-0"]
+    assert list(scheduler.waiting) == [sibling, too_big]  # both still queued, in their order
+
+
+def test_finished_and_preempted_sequences_drop_their_prompt_tensors() -> None:
+    kv = manager(8)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    sequence = make_sequence(list(range(6)))
+    scheduler.add(sequence)
+    scheduler.schedule()
+    sequence.prompt_embeds, sequence.prompt_positions = torch.zeros(6, 4), torch.zeros(1, 6, dtype=torch.long)
+    scheduler._preempt(sequence, scheduler.schedule())
+    assert sequence.prompt_embeds is None and sequence.prompt_positions is None
+    sequence.prompt_embeds, sequence.prompt_positions = torch.zeros(6, 4), torch.zeros(1, 6, dtype=torch.long)
+    scheduler.finish(sequence)
+    assert sequence.prompt_embeds is None and sequence.prompt_positions is None
+    assert sequence.status is SequenceStatus.FINISHED and kv.pool.num_free == 8
