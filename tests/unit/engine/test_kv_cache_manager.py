@@ -445,3 +445,37 @@ def test_finished_and_preempted_sequences_drop_their_prompt_tensors() -> None:
     scheduler.finish(sequence)
     assert sequence.prompt_embeds is None and sequence.prompt_positions is None
     assert sequence.status is SequenceStatus.FINISHED and kv.pool.num_free == 8
+
+
+def running_sequence(kv: KVCacheManager, scheduler: Scheduler, name: str, num_prompt: int, num_computed: int,
+                     num_generated: int = 0) -> Sequence:
+    """A sequence already running, with `num_computed` tokens' KV in its blocks."""
+    sequence = make_sequence(list(range(num_prompt)), request_id=name)
+    sequence.output_token_ids += [1] * num_generated
+    kv.lookup(sequence)
+    assert kv.allocate_slots(sequence, num_computed)
+    sequence.num_computed_tokens = num_computed
+    sequence.status = SequenceStatus.RUNNING
+    scheduler.running.append(sequence)
+    return sequence
+
+
+def test_the_budget_runs_out_in_the_running_loop_and_no_one_after_is_scheduled() -> None:
+    kv = manager(64)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=8)
+    running_sequence(kv, scheduler, "prefilling", 20, 13)  # 7 to go
+    running_sequence(kv, scheduler, "decoding", 5, 5, num_generated=1)
+    running_sequence(kv, scheduler, "also-decoding", 5, 5, num_generated=1)
+    scheduler.add(make_sequence(list(range(3)), request_id="waiting"))
+    step = scheduler.schedule()
+    assert [(c.sequence.request_id, c.start, c.num_tokens) for c in step.chunks] == [
+        ("prefilling", 13, 7), ("decoding", 5, 1)]
+    assert [c.samples for c in step.chunks] == [True, True]
+
+
+def test_tokens_slices_across_the_prompt_and_the_generated_tokens() -> None:
+    sequence = make_sequence([10, 11, 12, 13])
+    sequence.output_token_ids += [20, 21, 22, 23, 24, 25]
+    assert sequence.tokens(1, 3) == [11, 12] and sequence.tokens(0, 4) == [10, 11, 12, 13]
+    assert sequence.tokens(3, 6) == [13, 20, 21] and sequence.tokens(4, 6) == [20, 21]
+    assert sequence.tokens(5, 7) == [21, 22] and sequence.num_tokens == 10
