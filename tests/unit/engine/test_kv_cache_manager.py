@@ -438,12 +438,11 @@ def test_finished_and_preempted_sequences_drop_their_prompt_tensors() -> None:
     sequence = make_sequence(list(range(6)))
     scheduler.add(sequence)
     scheduler.schedule()
-    sequence.prompt_embeds, sequence.prompt_positions = torch.zeros(6, 4), torch.zeros(1, 6, dtype=torch.long)
-    scheduler._preempt(sequence, scheduler.schedule())
-    assert sequence.prompt_embeds is None and sequence.prompt_positions is None
-    sequence.prompt_embeds, sequence.prompt_positions = torch.zeros(6, 4), torch.zeros(1, 6, dtype=torch.long)
-    scheduler.finish(sequence)
-    assert sequence.prompt_embeds is None and sequence.prompt_positions is None
+    for release in (lambda: scheduler._preempt(sequence, scheduler.schedule()), lambda: scheduler.finish(sequence)):
+        sequence.prompt_embeds, sequence.prompt_positions = torch.zeros(6, 4), torch.zeros(1, 6, dtype=torch.long)
+        sequence.prompt_extras = {"deepstack": torch.zeros(6, 4)}
+        release()
+        assert sequence.prompt_embeds is None and sequence.prompt_positions is None and sequence.prompt_extras is None
     assert sequence.status is SequenceStatus.FINISHED and kv.pool.num_free == 8
 
 
