@@ -26,10 +26,12 @@ from vlmserve.api.middleware import (
     log_fields,
 )
 from vlmserve.api.openapi import body_schema, install_openapi
+from vlmserve.api.reasoning import reasoning_parser_name_for
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
 from vlmserve.api.streaming import guarded
+from vlmserve.api.tool_parsers import parser_name_for
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, VlmserveError
@@ -40,9 +42,15 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
-    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
-    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server)
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None,
+              model_family: str = "unknown") -> FastAPI:
+    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`).
+
+    `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
+    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server,
+                       model_family=model_family,
+                       tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
+                       reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser))
     models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
 
     @asynccontextmanager
@@ -59,6 +67,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     async def create_chat_completion(raw_request: Request) -> Response:
         request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
         generation, summary = await chat.prepare(request)
+        plan = chat.output_plan(request, generation)
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
         fields = log_fields(raw_request.scope)
@@ -69,10 +78,10 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
             engine.check_can_accept(generation.sampling.n)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), fields)
+            events = _logged(guarded(chat.stream(generation, request.model, include_usage, plan)), fields)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
+        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model, plan))
         fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 
