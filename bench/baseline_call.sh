@@ -17,8 +17,10 @@ timeout 60 python3 -m bench.hw > "$R/hw.json" 2>&1; tail -1 "$R/hw.json"
 [ -f $MODEL/bench_meta.json ] || timeout 150 python3 -m bench.models qwen2.5-vl-7b $MODEL 2>&1 | tail -1 > "$R/model.json"
 timeout 120 python3 -m bench.baselines_direct $MODEL --out "$R" 2>&1 | grep -v -e "Loading weights" > "$R/baselines.log"
 echo "baselines exit $?"; grep '^{' "$R/baselines.log"
-timeout 110 python3 -m bench.vision_scaling --device cuda --out "$R" --budget-s 90 --repeats 2 > "$R/vision.log" 2>&1
+timeout 90 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 80 > "$R/seed.log" 2>&1
+echo "seed exit $?"; grep -e "seed " -e "TPOT" "$R/seed.log" | tail -6
+timeout 80 python3 -m bench.vision_scaling --device cuda --out "$R" --budget-s 60 --repeats 2 > "$R/vision.log" 2>&1
 echo "vision exit $?"; tail -16 "$R/vision.log"
-timeout 240 python3 -m bench.engine_direct --out "$R" --quick --compile-decoder 2>&1 \
+timeout 210 python3 -m bench.engine_direct --out "$R" --quick --compile-decoder 2>&1 \
     | grep -v -e "Loading weights" -e "Writing model" > "$R/engine_direct.log"
 echo "engine_direct exit $?"; grep -v '^ ' "$R/engine_direct.log" | grep -v -e '^\[' -e '^{$' -e '^}$' | tail -c 3500

@@ -301,9 +301,17 @@ def bench_7b(out_dir: Path, *, quick: bool = False, compile_decoder: bool = Fals
     meta = json.loads((path / "bench_meta.json").read_text())
     adapter = load_model(ModelConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id, max_model_len=4096)
+    from vlmserve.engine.memory import profile_vision_bytes
+
+    geometry = getattr(adapter, "vision_geometry", None)
+    vision_bytes = profile_vision_bytes(adapter)
+    tower = {"patch_budget": geometry.patch_budget if geometry else None,
+             "peak_gib": round(vision_bytes / 2**30, 2) if vision_bytes is not None else None}
+    print(json.dumps({"vision_tower_at_budget": tower}), flush=True)
     started = time.perf_counter()
     core = PagedEngineCore(adapter, EngineConfig())  # the server's defaults
     report: dict[str, Any] = {"engine_init_s": round(time.perf_counter() - started, 1), "meta": meta,
+                              "vision_tower_at_budget": tower,
                               "prompt_tokens": render(renderer, 0).num_tokens}
     if not quick:
         report["gil_spin_iterations_per_ms"] = gil_during_gpu_wait()

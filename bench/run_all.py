@@ -69,6 +69,9 @@ PRESETS = {
     # request at a time, so a few requests already give their throughput and latency).
     "onecall": Plan(w2_requests=8, w1={1: 8, 8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0,
                     w1_c64_cap_s=45.0, num_warmup=1, serial_cap_s=15.0, drain_s=4.0),
+    # A quick look at one server's latency (W2 and W1 at c=1), e.g. a baseline beside an in-process diagnosis.
+    "probe": Plan(w2_requests=3, w1={1: 2}, w3_conversations=0, phase_cap_s=40.0, w1_c64_cap_s=40.0, num_warmup=1,
+                  drain_s=2.0),
     # CPU harness check with a tiny-layer model.
     "smoke": Plan(w2_requests=2, w1={1: 2, 2: 4}, w3_conversations=1, phase_cap_s=120.0, w1_c64_cap_s=120.0,
                   num_warmup=1, w3_max_tokens=8, server_ready_timeout_s=240.0),
@@ -161,7 +164,7 @@ async def run_phases(server: RunningServer, plan: Plan, inputs: Inputs, budget: 
                 # A server that does not abort on disconnect (the seed) may still be generating for a cancelled
                 # request: let it finish before the next phase measures.
                 await asyncio.sleep(budget.cap(plan.drain_s))
-        if "w3" in spec.workloads:
+        if "w3" in spec.workloads and plan.w3_conversations:
             cap = budget.cap(plan.phase_cap_s)
             w3_options = RequestOptions(options.model, plan.w3_max_tokens, options.dialect)
             if cap < 5 or not server.is_alive():

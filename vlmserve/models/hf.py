@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
+from vlmserve.models.vision_attention import VARLEN_VISION_FAMILIES
+from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
 from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class HFAdapter(ModelAdapter):
         self._text_config = model.config.get_text_config()
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
+        # Tower calls are cut at a patch budget where images are independent rows of one packed input.
+        self.vision_geometry = patch_geometry(processor) if self.family in VARLEN_VISION_FAMILIES else None
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -130,7 +134,22 @@ class HFAdapter(ModelAdapter):
         return [list(features.split(s)) for features, s in zip(per_prompt, sizes, strict=True)]
 
     def _image_features(self, model_inputs: dict[str, Any]) -> torch.Tensor:
-        """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden)."""
+        """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden), in calls of at
+        most the patch budget (the memory profile ran one call at that budget)."""
+        if self.vision_geometry is None:
+            return self._tower(model_inputs)
+        parts = [self._tower(part) for part in split_by_patches(model_inputs, self.vision_geometry.patch_budget)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.inference_mode()
+    def run_vision_at_budget(self) -> bool:
+        if self.vision_geometry is None:
+            return False
+        budget = self.vision_geometry.patch_budget
+        self._tower(synthetic_inputs(self.vision_geometry, budget, self.device, self.dtype))
+        return True
+
+    def _tower(self, model_inputs: dict[str, Any]) -> torch.Tensor:
         kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
         if hasattr(output, "pooler_output") and output.pooler_output is not None:

@@ -3,7 +3,9 @@ features for an image whatever else shares its tower call, and the same attentio
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -71,3 +73,25 @@ def test_segments_must_cover_every_row() -> None:
     q = torch.randn(2, 10, 4)
     with pytest.raises(ValueError, match="cover 8 of 10"):
         segmented_attention(q, q, q, plan_segments(torch.tensor([0, 4, 8])), scaling=None)
+
+
+@pytest.mark.parametrize("family", sorted(VARLEN_VISION_FAMILIES))
+def test_tower_calls_cut_at_the_patch_budget_give_the_same_features(family: str, tmp_path: Path) -> None:
+    from vlmserve.config import ModelConfig
+    from vlmserve.models.loader import load_model
+
+    adapter = load_model(ModelConfig(model=str(FAMILIES[family].build(tmp_path / family))))
+    geometry = adapter.vision_geometry  # type: ignore[attr-defined]
+    assert geometry is not None
+    inputs = dict(adapter.processor.image_processor(images=_images(), return_tensors="pt"))
+    whole = adapter._image_features(inputs)  # type: ignore[attr-defined]
+    patches = inputs["image_grid_thw"].prod(-1)
+    calls: list[int] = []
+    tower = adapter._tower  # type: ignore[attr-defined]
+    adapter._tower = lambda part: calls.append(int(part["image_grid_thw"].prod(-1).sum())) or tower(part)  # type: ignore[attr-defined]
+    adapter.vision_geometry = dataclasses.replace(geometry, max_patches_per_image=int(patches[:2].sum()))  # type: ignore[attr-defined]
+    with mock.patch("vlmserve.models.vision_budget.MIN_PATCH_BUDGET", 0):
+        cut = adapter._image_features(inputs)  # type: ignore[attr-defined]
+        assert adapter.run_vision_at_budget()
+    assert len(calls) >= 3 and max(calls[:-1]) <= int(patches[:2].sum()) and sum(calls[:-1]) == int(patches.sum())
+    torch.testing.assert_close(cut, whole, rtol=1e-5, atol=1e-5)
