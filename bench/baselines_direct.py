@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                               "accelerate_hooks": hooks, "attn_implementation": model.config._attn_implementation,
                               "one_at_a_time": [], "static_batch": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    for variant in args.variants.split(","):
+    for variant in (v for v in args.variants.split(",") if v):
         report["one_at_a_time"].append(one_at_a_time(model, processor, variant, args.requests))
         print(json.dumps(report["one_at_a_time"][-1]), flush=True)
-    for batch_size in (int(b) for b in args.batches.split(",")):
+    for batch_size in (int(b) for b in args.batches.split(",") if b):
         report["static_batch"].append(static_batch(model, processor, batch_size))
         print(json.dumps(report["static_batch"][-1]), flush=True)
         (args.out / "baselines_direct.json").write_text(json.dumps(report, indent=1))
