@@ -101,6 +101,7 @@ class ModelRunner:
         if enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len)
+                adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
                 # NOTE: capture of every architecture has not been verified on a GPU; eager decode is always right.
                 logger.exception("CUDA graph capture failed for %s; decode steps run eagerly", adapter.family)

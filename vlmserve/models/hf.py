@@ -17,6 +17,7 @@ import torch
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.models.vision_attention import VARLEN_VISION_FAMILIES
 from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
+from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class HFAdapter(ModelAdapter):
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
         # Tower calls are cut at a patch budget where images are independent rows of one packed input.
         self.vision_geometry = patch_geometry(processor) if self.family in VARLEN_VISION_FAMILIES else None
+        self._vision_graphs: VisionGraphs | None = None
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -149,7 +151,25 @@ class HFAdapter(ModelAdapter):
         self._tower(synthetic_inputs(self.vision_geometry, budget, self.device, self.dtype))
         return True
 
+    def enable_vision_graphs(self) -> bool:
+        if self.family not in GRAPHABLE_VISION_FAMILIES or self.device.type != "cuda":
+            return False
+        # NOTE: calls over the graphs' patch cap run eagerly; the memory profile measured an eager call at the
+        # (larger) patch budget, and the graph pool needs at most about one such call's activations.
+        self._vision_graphs = VisionGraphs(self._base.visual)
+        return True
+
     def _tower(self, model_inputs: dict[str, Any]) -> torch.Tensor:
+        if self._vision_graphs is not None and "image_grid_thw" in model_inputs:
+            pixels = model_inputs["pixel_values"].to(self.device, self.dtype)
+            try:
+                features = self._vision_graphs(pixels, model_inputs["image_grid_thw"])
+            except Exception:  # a tower that cannot be captured still runs, only slower
+                logger.exception("vision tower graph capture failed for %s; the tower runs eagerly", self.family)
+                self._vision_graphs = None
+                features = None
+            if features is not None:
+                return features
         kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
         if hasattr(output, "pooler_output") and output.pooler_output is not None:

@@ -75,7 +75,12 @@ class _PlanCache:
         return plan
 
 
-_PLANS = _PlanCache()
+_PLANS = _PlanCache(size=8)
+
+
+def plan_for(cu_seqlens: torch.Tensor) -> list[SegmentGroup]:
+    """The (cached) plan of `cu_seqlens`: CUDA-graph capture holds on to it, since the graph reads its indices."""
+    return _PLANS.get(cu_seqlens)
 
 
 def segmented_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: list[SegmentGroup],
