@@ -97,7 +97,9 @@ def check_tiny_on_cuda() -> dict[str, Any]:
     for name, cfg in {"graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8, num_kv_blocks=256),
                       "graphs-mixed-steps": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256),
                       "eager-chunked": EngineConfig(max_num_batched_tokens=19, enable_cuda_graphs=False,
-                                                    num_kv_blocks=256)}.items():
+                                                    num_kv_blocks=256),
+                      "graphs-compiled": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256,
+                                                      compile_decoder=True)}.items():
         core = PagedEngineCore(engine_adapter, cfg)
         reqs = [GenerationRequest(f"t{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(prompts)]

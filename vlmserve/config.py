@@ -108,8 +108,11 @@ class EngineConfig:
     image_cache_bytes: int = option(
         512 * 2**20, "Bytes of image embeddings kept, keyed by image content hash.", metavar="BYTES",
         example="--image-cache-bytes 1073741824")
-    enable_cuda_graphs: bool = option(True, "Capture decode steps in CUDA graphs (GPU only).",
+    enable_cuda_graphs: bool = option(True, "Capture decode steps and the vision tower in CUDA graphs (GPU only).",
                                       example="--no-enable-cuda-graphs")
+    compile_decoder: bool = option(
+        False, "torch.compile the decoder before capturing decode graphs (GPU only): fuses its norm, rotary and "
+        "SiLU kernels; adds about a minute to start-up.", example="--compile-decoder")
     max_generate_batch: int = option(8, "Largest batch the generate engine runs in one call.", metavar="N",
                                      example="--max-generate-batch 16")
 

@@ -55,7 +55,8 @@ class PagedEngineCore:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
+                                  max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs,
+                                  compile_decoder=config.compile_decoder)
         self._inbox = Inbox()
         self._sequences: dict[str, Sequence] = {}
         self._consecutive_failures = 0

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 _CANDIDATE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-def compiled_decoder(text_model: torch.nn.Module) -> Any:
+def compiled_decoder(text_model: torch.nn.Module, *, backend: str = "inductor") -> Any:
     """`torch.compile` of the decoder for graph capture: fuses the RMSNorm, rotary, SiLU-mul and residual kernels
     between attention calls. Our paged attention (Triton kernels reading the step's metadata) stays outside the
     compiled graphs, so one compilation (dynamic batch) serves every captured size."""
@@ -33,7 +33,7 @@ def compiled_decoder(text_model: torch.nn.Module) -> Any:
 
     ALL_ATTENTION_FUNCTIONS.register(attention.ATTENTION_NAME,
                                      torch.compiler.disable(attention.paged_attention_forward))
-    return torch.compile(text_model, dynamic=True)
+    return torch.compile(text_model, dynamic=True, backend=backend)
 
 
 class DecodeGraphs:

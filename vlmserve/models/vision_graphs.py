@@ -43,7 +43,8 @@ def precomputed_kwargs(visual: Any, grid_thw: torch.Tensor) -> dict[str, Any]:
             patch_size=visual.patch_size)
         kwargs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
                       max_window_seqlen=get_max_seqlen(cu_window_seqlens, visual.config))
-    return kwargs
+    # transformers builds the window order on the CPU (eagerly, indexing copies it over); a graph cannot copy
+    return {k: v.to(grid_thw.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def run_tower(visual: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kwargs: dict[str, Any]
