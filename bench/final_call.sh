@@ -30,7 +30,7 @@ save; grep -A5 tiny_fp32 "$R/check.log" | head -7
 COMPILED=$(python3 -c "import json; print(json.load(open('$R/engine_direct.json'))['tiny_fp32_cuda_matches_of_8'].get('graphs-compiled'))" 2>/dev/null)
 [ "$COMPILED" = "8" ] && export BENCH_OURS_ARGS="--compile-decoder"
 echo "ours extra args: ${BENCH_OURS_ARGS:-none}; $(left) s left"
-timeout 235 python3 -m bench.run_all --out "$R/serve" --only ours,ours-nocache --preset final --budget-s 230 \
+timeout 235 python3 -m bench.run_all --out "$R/serve" --only ours,ours-nocache --preset final --budget-s 230 --reserve-s 5 \
     > "$R/serve.log" 2>&1
 rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9
 if [ "$(left)" -gt 60 ]; then
@@ -39,7 +39,7 @@ if [ "$(left)" -gt 60 ]; then
     rc=$?; save; echo "baselines exit $rc"; grep '^{' "$R/baselines.log"
 fi
 if [ "$(left)" -gt 65 ]; then
-    timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 > "$R/seed.log" 2>&1
+    timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 --reserve-s 3 --skip-hw > "$R/seed.log" 2>&1
     rc=$?; save; echo "seed exit $rc"; grep -e "done," -e "failed" "$R/seed.log" | tail -3
 fi
 if [ "$(left)" -gt 20 ]; then

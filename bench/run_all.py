@@ -184,7 +184,7 @@ def run_server(spec: ServerSpec, index: int, args: argparse.Namespace, plan: Pla
                budget: Budget) -> dict[str, Any]:
     entry: dict[str, Any] = {"label": spec.label, "command": " ".join(spec.argv(
         model=str(args.model_dir), port=8100 + index, device=args.device))}
-    if budget.left() < 60:
+    if budget.left() < 30:
         entry["error"] = "skipped: run budget spent before this server could start"
         return entry
     server = start_server(spec, model=str(args.model_dir), port=8100 + index, device=args.device,
@@ -230,6 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--reserve-s", type=float, default=25.0, help="kept back from the budget for the report")
+    parser.add_argument("--skip-hw", action="store_true", help="do not measure the card's ceilings again")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/bench-logs"))
     args = parser.parse_args(argv)
     keys = GROUPS.get(args.only) or tuple(k.strip() for k in args.only.split(","))
@@ -243,14 +245,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, reserve_s=args.reserve_s)
     plan = PRESETS[args.preset]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                "preset": args.preset, "plan": plan.__dict__, "max_tokens": args.max_tokens,
                                "servers": {}}
     try:
-        results["info"] = run_json_subprocess([sys.executable, "-m", "bench.hw"], timeout_s=120)
+        results["info"] = {"skipped": "--skip-hw"} if args.skip_hw else \
+            run_json_subprocess([sys.executable, "-m", "bench.hw"], timeout_s=120)
         log(f"device: {json.dumps(results['info'])}")
         results["model"] = ensure_model(args.model, args.model_dir, args.scale, args.device,
                                         timeout_s=max(60, budget.left()))
