@@ -190,7 +190,7 @@ def run_server(spec: ServerSpec, index: int, args: argparse.Namespace, plan: Pla
     server = start_server(spec, model=str(args.model_dir), port=8100 + index, device=args.device,
                           log_dir=args.log_dir)
     try:
-        entry["ready_s"] = round(server.wait_ready(min(plan.server_ready_timeout_s, budget.left() - 30)), 1)
+        entry["ready_s"] = round(server.wait_ready(min(plan.server_ready_timeout_s, budget.left() - 10)), 1)
         log(f"{spec.key} ready after {entry['ready_s']} s")
         entry["runs"] = asyncio.run(run_phases(server, plan, inputs, budget, str(args.model_dir), args.max_tokens))
     except Exception as exc:  # a server that cannot start or serve is a result too
