@@ -136,15 +136,24 @@ def run_points(device: str, variants: list[str], sizes: list[str], counts: list[
                 if device == "cpu":  # own process: its peak RSS is this point's
                     argv = [sys.executable, "-m", "bench.vision_scaling", "--point", variant, size, str(count),
                             "--device", device, "--repeats", str(repeats)]
-                    done = subprocess.run(argv, capture_output=True, text=True, timeout=max(10, deadline - time.perf_counter() + 60))
-                    point = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-                        {"variant": variant, "size": size, "images": count, "error": done.stderr[-400:]}
+                    point = _point_in_subprocess(argv, max(10.0, deadline - time.perf_counter() + 60))
+                    point.update(variant=variant, size=size, images=count)
                 else:
                     point = measure_point(device, variant, size, count, repeats)
                     torch.cuda.empty_cache()
                 print(json.dumps(point), flush=True)
                 points.append(point)
     return points
+
+
+def _point_in_subprocess(argv: list[str], timeout_s: float) -> dict[str, Any]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"over {timeout_s:.0f} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr[-400:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def table(points: list[dict[str, Any]], device_name: str) -> str:
