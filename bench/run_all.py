@@ -71,7 +71,7 @@ PRESETS = {
                     w1_c64_cap_s=45.0, num_warmup=1, serial_cap_s=15.0, drain_s=4.0),
     # The round's final call: our server without the c=1 W1 phase (W2 is the same requests at c=1); the
     # baselines run apart (preset probe) since they serve one request at a time.
-    "final": Plan(w2_requests=8, w1={8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0, w1_c64_cap_s=45.0,
+    "final": Plan(w2_requests=8, w1={8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0, w1_c64_cap_s=35.0,
                   num_warmup=1, drain_s=3.0),
     # A quick look at one server's latency (W2 and W1 at c=1), e.g. a baseline beside an in-process diagnosis.
     "probe": Plan(w2_requests=3, w1={1: 2}, w3_conversations=0, phase_cap_s=40.0, w1_c64_cap_s=40.0, num_warmup=1,
