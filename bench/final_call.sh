@@ -3,9 +3,9 @@
 # most important first; optional steps are skipped when less than their time is left of LIMIT_S (default 470 s):
 # 1. the paged engine's CUDA correctness check (tiny Qwen2-VL fp32: paged == generate, token for token, with
 #    decode + vision-tower graphs, mixed steps, eager chunks, and the compiled decoder);
-# 2. vlmserve through HTTP with the prefix cache on (with --compile-decoder if its check passed) and off;
-# 3. the plain-transformers baselines without HTTP: one-at-a-time generate with each piece the seed server adds,
+# 2. the plain-transformers baselines without HTTP: one-at-a-time generate with each piece the seed server adds,
 #    static-batched generate at batch 8 and 64;
+# 3. vlmserve through HTTP with the prefix cache on (COMPILE=1: with --compile-decoder if its check passed) and off;
 # 4. the seed-style server through HTTP (preset probe);
 # 5. the vision tower's time and peak memory against the number of images (segmented vs the old dense mask);
 # 6. if the sampling tree's bench/structured_overhead.py was copied to ../sampling, its measurement.
@@ -31,14 +31,18 @@ COMPILED=$(python3 -c "import json; print(json.load(open('$R/engine_direct.json'
 # COMPILE=1: serve with --compile-decoder (about 45 s more start-up) once its CUDA check passed
 [ "$COMPILED" = "8" ] && [ "${COMPILE:-0}" = 1 ] && export BENCH_OURS_ARGS="--compile-decoder"
 echo "ours extra args: ${BENCH_OURS_ARGS:-none}; $(left) s left"
-timeout 195 python3 -m bench.run_all --out "$R/serve" --only ours-nocache,ours --preset final --budget-s 190 --reserve-s 5 \
-    > "$R/serve.log" 2>&1
-rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9
-if [ "$(left)" -gt 60 ]; then
-    timeout $(( $(left) < 75 ? $(left) : 75 )) python3 -m bench.baselines_direct $MODEL --out "$R" --requests 1 2>&1 \
+if [ "$(left)" -gt 40 ]; then
+    timeout ${BASELINES_S:-75} python3 -m bench.baselines_direct $MODEL --out "$R" --requests 1 \
+        --variants "${VARIANTS-plain,stop_criterion,streamer_thread,seed_structure}" 2>&1 \
         | grep -v -e "Loading weights" > "$R/baselines.log"
     rc=$?; save; echo "baselines exit $rc"; grep '^{' "$R/baselines.log"
 fi
+SERVE_BUDGET="${SERVE_BUDGET:-190}"
+[ "$SERVE_BUDGET" -gt "$(( $(left) - 5 ))" ] && SERVE_BUDGET=$(( $(left) - 5 ))
+timeout $((SERVE_BUDGET + 5)) python3 -m bench.run_all --out "$R/serve" --only "${SERVE_SERVERS:-ours-nocache,ours}" \
+    --preset final --budget-s "$SERVE_BUDGET" --reserve-s 5 \
+    > "$R/serve.log" 2>&1
+rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9
 if [ "$(left)" -gt 65 ]; then
     timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 --reserve-s 3 --skip-hw > "$R/seed.log" 2>&1
     rc=$?; save; echo "seed exit $rc"; grep -e "done," -e "failed" "$R/seed.log" | tail -3
