@@ -28,6 +28,7 @@ from vlmserve.api.middleware import (
 from vlmserve.api.openapi import body_schema, install_openapi
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
+from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
 from vlmserve.api.streaming import guarded
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
@@ -39,10 +40,10 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...]) -> FastAPI:
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
     chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server)
-    models = ModelsService(served_model_names, created=int(time.time()))
+    models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,15 +102,24 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         snapshot = engine.stats()
-        return {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        body = {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        by_replica = getattr(engine, "stats_by_replica", None)  # engines spread over replicas (vlmserve.ray)
+        if by_replica is not None:
+            body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
+        return body
 
-    return _wrap_middleware(app, config)
+    open_paths: frozenset[str] = frozenset()
+    if config.server.enable_playground:
+        assets = load_assets()
+        install_playground(app, assets)
+        open_paths = public_paths(assets)
+    return _wrap_middleware(app, config, open_paths)
 
 
-def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
+def _wrap_middleware(app: FastAPI, config: Config, open_paths: frozenset[str]) -> FastAPI:
     # Added innermost first: the body cap runs after authentication, CORS outermost so preflights succeed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys())
+    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys(), public_paths=open_paths)
     if config.server.allowed_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])

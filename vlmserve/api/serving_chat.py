@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -12,6 +13,7 @@ from typing import Any, cast
 
 from vlmserve.api import schemas
 from vlmserve.api.streaming import ChunkWriter
+from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
@@ -60,6 +62,9 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
+        structure = resolve_structured_output(request)
+        if structure is not None:
+            await self._compile(structure)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
         self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
@@ -71,8 +76,18 @@ class ChatService:
         finally:
             self._num_preparing -= request.n
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+        sampling = self._sampling(request)
+        if structure is not None:
+            sampling = dataclasses.replace(sampling, structured=structure.spec)
+        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling)
         return generation, _summary(generation, images)
+
+    async def _compile(self, structure: RequestedStructure) -> None:
+        """Compile the grammar before anything is accepted, so a spec the engine cannot enforce is a 400."""
+        try:
+            await self._engine.compile_structured(structure.spec)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, param=structure.param) from exc
 
     def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
         """Worker thread: render the prompt."""
@@ -101,8 +116,6 @@ class ChatService:
                                       "--trust-request-chat-template", param="chat_template")
         if request.tools:
             raise UnsupportedFeatureError("tool calling is not supported by this server", param="tools")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise UnsupportedFeatureError("only response_format type 'text' is supported", param="response_format")
 
     def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
@@ -124,7 +137,8 @@ class ChatService:
             repetition_penalty=request.repetition_penalty or 1.0, logit_bias=logit_bias, seed=request.seed,
             stop=stop, stop_token_ids=tuple(request.stop_token_ids or ()), min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
-            n=request.n)
+            n=request.n, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens)
 
     # --- responses -------------------------------------------------------------------------------------------
 
@@ -146,7 +160,7 @@ class ChatService:
                 index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
 
     async def stream(self, generation: GenerationRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
@@ -164,14 +178,15 @@ class ChatService:
             if delta.finish_reason is not None:
                 yield writer.finish(delta.index, delta.finish_reason.value)
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
         yield writer.done()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt.num_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt.num_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached,
+                                                                           image_tokens=prompt.num_image_tokens))
 
 
 def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:

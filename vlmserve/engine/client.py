@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.protocol import CoreOutput, EngineCore
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -25,8 +26,16 @@ from vlmserve.errors import (
     InvalidRequestError,
     QueueFullError,
     ServiceUnavailableError,
+    UnsupportedFeatureError,
 )
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, TokenDelta
+from vlmserve.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StructuredOutputSpec,
+    TokenDelta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,11 @@ class EngineClient(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        """Compile (and cache) a structured-output grammar off the engine thread; raises InvalidRequestError when
+        the engine cannot enforce it, UnsupportedFeatureError when this engine has no grammar support."""
+        ...
 
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         """Raise (QueueFullError, ServiceUnavailableError, EngineDeadError) if `num_sequences` more sequences, on
@@ -69,9 +83,10 @@ class AsyncEngine:
     """An `EngineClient` over an `EngineCore` running in a daemon thread."""
 
     def __init__(self, core: EngineCore, tokenizer: Any, *, max_model_len: int, max_sequences: int,
-                 placeholder_token_ids: frozenset[int] = frozenset()) -> None:
+                 placeholder_token_ids: frozenset[int] = frozenset(), text_policy: TextPolicy | None = None) -> None:
         self._core = core
         self._tokenizer = tokenizer
+        self._text_policy = text_policy or TextPolicy.from_tokenizer(tokenizer)
         self.max_model_len = max_model_len
         # image/video placeholder ids: they may only appear inside a prompt's image spans (see _check_prompt)
         self._placeholder_ids = placeholder_token_ids
@@ -91,6 +106,9 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"vlmserve-{self._core.name}-engine", daemon=True)
         self._thread.start()
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.warm_up()
 
     @property
     def is_dead(self) -> bool:
@@ -99,6 +117,11 @@ class AsyncEngine:
     @property
     def is_accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences this engine holds at once (running + waiting) before it answers 429."""
+        return self._max_sequences
 
     def stats(self) -> EngineStats:
         return self._core.stats()
@@ -115,8 +138,18 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10.0)
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.shutdown()
 
     # --- requests --------------------------------------------------------------------------------------------
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        structured = getattr(self._core, "structured", None)
+        if structured is None:
+            raise UnsupportedFeatureError("structured outputs are not supported by this engine",
+                                          param="response_format")
+        await structured.compile(spec)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         self.check_can_accept(request.sampling.n)
@@ -146,11 +179,16 @@ class AsyncEngine:
             seed = None if params.seed is None else params.seed + index
             sampling = dataclasses.replace(params, n=1, seed=seed, max_tokens=max_tokens)
             self._sequences[child_id] = _Sequence(
-                index=index, queue=queue, detokenizer=IncrementalDetokenizer(self._tokenizer, params.stop),
+                index=index, queue=queue, detokenizer=self._detokenizer(params),
                 num_prompt_tokens=request.prompt.num_tokens, want_logprobs=params.logprobs)
             self._core.add_request(dataclasses.replace(request, request_id=child_id, sampling=sampling))
         self._wakeup.set()
         return child_ids
+
+    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._tokenizer, params.stop, policy=self._text_policy,
+                                      skip_special_tokens=params.skip_special_tokens,
+                                      spaces_between_special_tokens=params.spaces_between_special_tokens)
 
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         if self._error is not None:
