@@ -95,6 +95,8 @@ def check_tiny_on_cuda() -> dict[str, Any]:
     # A fixed pool: a profiled one takes most of the card, and the first core's would still be held when the
     # second one profiles. The 7-B part below sizes its pool by profiling.
     for name, cfg in {"graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8, num_kv_blocks=256),
+                      "graphs-vision-graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8,
+                                                           num_kv_blocks=256, enable_vision_graphs=True),
                       "graphs-mixed-steps": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256),
                       "eager-chunked": EngineConfig(max_num_batched_tokens=19, enable_cuda_graphs=False,
                                                     num_kv_blocks=256),

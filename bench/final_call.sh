@@ -27,9 +27,10 @@ MODEL=/tmp/bench-qwen2.5-vl-7b
 [ -f $MODEL/bench_meta.json ] || timeout 90 python3 -m bench.models qwen2.5-vl-7b $MODEL 2>&1 | tail -1 > "$R/model.json"
 wait
 save; grep -A5 tiny_fp32 "$R/check.log" | head -7
-COMPILED=$(python3 -c "import json; print(json.load(open('$R/engine_direct.json'))['tiny_fp32_cuda_matches_of_8'].get('graphs-compiled'))" 2>/dev/null)
-# COMPILE=1: serve with --compile-decoder (about 45 s more start-up) once its CUDA check passed
-[ "$COMPILED" = "8" ] && [ "${COMPILE:-0}" = 1 ] && export BENCH_OURS_ARGS="--compile-decoder"
+matches() { python3 -c "import json; print(json.load(open('$R/engine_direct.json'))['tiny_fp32_cuda_matches_of_8'].get('$1'))" 2>/dev/null; }
+# vision graphs serve once their CUDA check passed; COMPILE=1 adds --compile-decoder (~45 s more start-up) likewise
+[ "$(matches graphs-vision-graphs)" = "8" ] && export BENCH_OURS_ARGS="--enable-vision-graphs"
+[ "$(matches graphs-compiled)" = "8" ] && [ "${COMPILE:-0}" = 1 ] && export BENCH_OURS_ARGS="${BENCH_OURS_ARGS:-} --compile-decoder"
 echo "ours extra args: ${BENCH_OURS_ARGS:-none}; $(left) s left"
 if [ "$(left)" -gt 40 ]; then
     timeout ${BASELINES_S:-75} python3 -m bench.baselines_direct $MODEL --out "$R" --requests 1 \
@@ -39,7 +40,7 @@ if [ "$(left)" -gt 40 ]; then
 fi
 SERVE_BUDGET="${SERVE_BUDGET:-190}"
 [ "$SERVE_BUDGET" -gt "$(( $(left) - 5 ))" ] && SERVE_BUDGET=$(( $(left) - 5 ))
-timeout $((SERVE_BUDGET + 5)) python3 -m bench.run_all --out "$R/serve" --only "${SERVE_SERVERS:-ours-nocache,ours}" \
+[ "$SERVE_BUDGET" -gt 30 ] && timeout $((SERVE_BUDGET + 5)) python3 -m bench.run_all --out "$R/serve" --only "${SERVE_SERVERS:-ours-nocache,ours}" \
     --preset final --budget-s "$SERVE_BUDGET" --reserve-s 5 \
     > "$R/serve.log" 2>&1
 rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9

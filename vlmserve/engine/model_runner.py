@@ -90,7 +90,7 @@ class _Rows:
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
-                 compile_decoder: bool = False) -> None:
+                 compile_decoder: bool = False, enable_vision_graphs: bool = False) -> None:
         self.adapter = adapter
         self.cache = cache
         self.image_cache = image_cache
@@ -103,7 +103,8 @@ class ModelRunner:
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
                                             compile_decoder=compile_decoder)
-                adapter.enable_vision_graphs()
+                if enable_vision_graphs:
+                    adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
                 # NOTE: capture of every architecture has not been verified on a GPU; eager decode is always right.
                 logger.exception("CUDA graph capture failed for %s; decode steps run eagerly", adapter.family)
