@@ -117,6 +117,10 @@ class EngineConfig:
     compile_decoder: bool = option(
         False, "torch.compile the decoder before capturing decode graphs (GPU only): fuses its norm, rotary and "
         "SiLU kernels; adds about a minute to start-up.", example="--compile-decoder")
+    enable_paged_self_check: bool = option(
+        True, "At load, check that the paged engine reproduces the model's own generate on a short image prompt "
+        "(logprobs within a dtype-aware tolerance); on a mismatch the model is served by the generate engine.",
+        example="--no-enable-paged-self-check")
     max_generate_batch: int = option(8, "Largest batch the generate engine runs in one call.", metavar="N",
                                      example="--max-generate-batch 16")
 
