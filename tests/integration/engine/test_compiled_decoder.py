@@ -46,8 +46,9 @@ def test_compiled_decoder_gives_the_tokens_of_generate(loaded: Callable[[str], L
     family = loaded("qwen2_vl")
     prompts = prompts_with_images(family.renderer, 3)
     reference = [generate_alone(family.reference, p, MAX_TOKENS) for p in prompts]
-    core = PagedEngineCore(family.adapter, engine_config(max_num_batched_tokens=24))
-    graphs = CompiledDecodeStandIn(family.adapter, compiled_decoder(family.adapter.text_model, backend="eager"))
+    adapter = family.fresh_adapter()  # a paged core switches its decoder's attention; the shared one stays as is
+    core = PagedEngineCore(adapter, engine_config(max_num_batched_tokens=24))
+    graphs = CompiledDecodeStandIn(adapter, compiled_decoder(adapter.text_model, backend="eager"))
     core.runner._graphs = graphs  # type: ignore[assignment]
     got = run_core(core, [request(f"r{i}", p, max_tokens=MAX_TOKENS) for i, p in enumerate(prompts)])
     assert [got[f"r{i}"] for i in range(3)] == reference
