@@ -61,6 +61,15 @@ class ModelConfig:
         example="--chat-template ./template.jinja")
     revision: str | None = option(None, "Model revision (branch, tag or commit) for hub downloads.",
                                   metavar="REV", example="--revision main")
+    tool_call_parser: str = option(
+        "auto", "How tool calls are read from the model's output: 'auto' picks the format of the model's family "
+        "(hermes for Qwen-VL, glm45 for GLM-4.5V/4.6V, glm4 for GLM-4V-9B, mistral, llama3_json); 'none' "
+        "refuses tools.", choices=("auto", "none", "hermes", "glm45", "glm4", "llama3_json", "mistral"),
+        example="--tool-call-parser hermes")
+    reasoning_parser: str = option(
+        "auto", "How a thinking model's <think> block is split into reasoning_content: 'auto' by family "
+        "(think for Qwen3-VL, glm4v for GLM-4.1V/4.5V/4.6V); 'none' leaves it in the content.",
+        choices=("auto", "none", "think", "glm4v"), example="--reasoning-parser none")
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 16:
@@ -150,6 +159,13 @@ class MediaConfig:
     max_image_pixels: int = option(40_000_000, "Largest decoded image accepted, in pixels (width x height), "
                                    "checked from the header before decoding.", metavar="PIXELS",
                                    example="--max-image-pixels 20000000")
+    max_image_aspect_ratio: float = option(
+        200.0, "Longest side over shortest side, at most; checked from the header before decoding (vision processors "
+        "refuse more anyway, after the decoding cost).", metavar="RATIO", example="--max-image-aspect-ratio 50")
+    max_image_decode_bytes: int = option(
+        256 * 2**20, "Memory one image's decoding may need, estimated from the header: pixels times the bytes per "
+        "pixel of its stored format plus the RGB copy, and the format's own tile and strip buffers.",
+        metavar="BYTES", example="--max-image-decode-bytes 134217728")
     max_images_per_request: int = option(16, "Most images one request may carry.", metavar="N",
                                          example="--max-images-per-request 4")
     fetch_timeout_s: float = option(10.0, "Deadline for fetching one image URL, redirects included.",
@@ -166,11 +182,14 @@ class MediaConfig:
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers",
+                     "max_image_decode_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ConfigError("--fetch-timeout-s must be positive")
+        if self.max_image_aspect_ratio < 1:
+            raise ConfigError("--max-image-aspect-ratio must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -200,6 +219,39 @@ class ServerConfig:
     shutdown_timeout_s: float = option(30.0, "On SIGTERM, how long in-flight requests may finish.",
                                        metavar="SECONDS", example="--shutdown-timeout-s 10")
     log_requests: bool = option(False, "Log prompts (never keys or image bytes).", example="--log-requests")
+    allowed_hosts: tuple[str, ...] = option(
+        (), "Host header values accepted (a guard against DNS rebinding), as NAME or NAME:PORT; '*' accepts any. "
+        "Default: when --host is a loopback address, only localhost, 127.0.0.1 and [::1] (on --port); otherwise any.",
+        metavar="HOST", example="--allowed-hosts llm.internal llm.internal:8000")
+    header_timeout_s: float = option(
+        10.0, "A connection must send a request's line and headers within this time, or it is closed.",
+        metavar="SECONDS", example="--header-timeout-s 5")
+    body_timeout_s: float = option(
+        60.0, "A request's whole body must arrive within this time (408 beyond).", metavar="SECONDS",
+        example="--body-timeout-s 30")
+    keep_alive_timeout_s: float = option(5.0, "Idle keep-alive connections are closed after this time.",
+                                         metavar="SECONDS", example="--keep-alive-timeout-s 15")
+    max_connections: int = option(
+        1024, "Open client connections at most; beyond it new connections get 503 and are closed.", metavar="N",
+        example="--max-connections 4096")
+    enable_cache_salt: bool = option(
+        True, "Isolate the prefix cache per API key (salted block hashes), so no client can learn from cached_tokens "
+        "or timing what another key sent. Only has an effect when API keys are configured.",
+        example="--no-enable-cache-salt")
+    report_cached_tokens: bool = option(
+        True, "Report usage.prompt_tokens_details.cached_tokens (otherwise always 0).",
+        example="--no-report-cached-tokens")
+    max_sequences_per_client: int | None = option(
+        None, "Sequences (n counts each) one API key, or one client address without keys, may have running or "
+        "waiting; 429 beyond. Default: the server's capacity (--max-num-seqs + --max-waiting-requests) divided by "
+        "the number of API keys; no limit without keys.", metavar="N", example="--max-sequences-per-client 32")
+    max_tokens_per_client: int | None = option(
+        None, "Tokens (prompt plus max_tokens, times n) one API key or client address may have in flight; 429 beyond. "
+        "Default: no limit.", metavar="TOKENS", example="--max-tokens-per-client 200000")
+    max_preparing_bytes: int = option(
+        2 * 2**30, "Memory that requests still being prepared or waiting for their prefill may hold, counted as "
+        "decoded image and image-tensor bytes; beyond it new requests get 429 with Retry-After.", metavar="BYTES",
+        example="--max-preparing-bytes 1073741824")
     enable_playground: bool = option(
         True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
         "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
@@ -209,6 +261,22 @@ class ServerConfig:
             raise ConfigError("--port must be between 0 and 65535")
         if self.max_n < 1:
             raise ConfigError("--max-n must be at least 1")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_connections", "max_sequences_per_client", "max_tokens_per_client", "max_preparing_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def resolved_allowed_hosts(self) -> tuple[str, ...]:
+        """The Host allow-list in force: the configured one, else the loopback names when listening on loopback,
+        else () meaning any host."""
+        if self.allowed_hosts:
+            return () if "*" in self.allowed_hosts else self.allowed_hosts
+        if self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127."):
+            return ("localhost", "127.0.0.1", "[::1]")
+        return ()
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from --api-key, VLMSERVE_API_KEY and --api-key-file, in that order."""

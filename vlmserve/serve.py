@@ -193,7 +193,7 @@ def build_frontend(engine: EngineClient, kit: PromptKit, config: Config) -> Any:
     renderer = PromptRenderer(kit.processor, image_token_id=kit.image_token_id, max_model_len=kit.max_model_len,
                               max_images_per_prompt=kit.max_images_per_prompt)
     return build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
-                     grounding_format=format_for_family(kit.family))
+                     grounding_format=format_for_family(kit.family), model_family=kit.family)
 
 
 def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:
@@ -216,10 +216,11 @@ def log_playground_link(config: Config) -> None:
 async def _serve(adapter: ModelAdapter, config: Config) -> int:
     import uvicorn
 
+    from vlmserve.http_server import uvicorn_config
+
     app, engine = build_service(adapter, config)
     names = config.model.default_served_names()
-    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, config.server))
     _GracefulServer(server, engine, config.server.shutdown_timeout_s)
     engine.start()
     exit_code = 0

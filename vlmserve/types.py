@@ -97,10 +97,15 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn after media intake: text parts and decoded images, in order."""
+    """One chat turn after media intake: text parts and decoded images, in order.
+
+    Assistant turns may carry the tool calls they made (`{"id", "type", "function": {"name", "arguments"}}`,
+    arguments as an object, as chat templates expect); tool turns name the call they answer."""
 
     role: str
     parts: tuple[TextPart | ImagePart, ...]
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def images(self) -> list[ImagePart]:
@@ -151,6 +156,9 @@ class GenerationRequest:
     # NOTE: folded into the first prefix-cache block hash, so requests with different salts (different API keys,
     # by default) never share cached KV or learn from `cached_tokens` what another client sent.
     cache_salt: str | None = None
+    # NOTE: who sent the request (an API key's digest, or a client address): the scheduler shares running slots
+    # fairly between clients, and the API counts per-client quotas by it. None: one anonymous client.
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)

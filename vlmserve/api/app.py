@@ -17,19 +17,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmserve import __version__
 from vlmserve.api import schemas
+from vlmserve.api.admission import Admission
 from vlmserve.api.errors import classify, error_response
+from vlmserve.api.guards import BodyTimeoutMiddleware, HostAllowListMiddleware, JSONContentTypeMiddleware
 from vlmserve.api.middleware import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
     OpenAICORSMiddleware,
     RequestLogMiddleware,
+    client_id,
     log_fields,
 )
 from vlmserve.api.openapi import body_schema, install_openapi
+from vlmserve.api.reasoning import reasoning_parser_name_for
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
 from vlmserve.api.streaming import guarded
+from vlmserve.api.tool_parsers import parser_name_for
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, VlmserveError
@@ -40,9 +45,17 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
-    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
-    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server)
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None,
+              model_family: str = "unknown") -> FastAPI:
+    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`).
+
+    `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
+    admission = Admission(engine, config)
+    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server,
+                       model_family=model_family,
+                       tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
+                       reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser),
+                       admission=admission)
     models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
 
     @asynccontextmanager
@@ -57,8 +70,11 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
-        request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
-        generation, summary = await chat.prepare(request)
+        request = await asyncio.to_thread(_parse_request, await raw_request.body())
+        # Preparation (fetching, decoding, rendering) stops when the client goes away.
+        generation, summary = await _cancel_on_disconnect(raw_request, chat.prepare(
+            request, client_id=client_id(raw_request.scope), api_key_id=raw_request.scope.get("state", {}).get("api_key_id")))
+        plan = chat.output_plan(request, generation)
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
         fields = log_fields(raw_request.scope)
@@ -69,10 +85,10 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
             engine.check_can_accept(generation.sampling.n)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), fields)
+            events = _logged(guarded(chat.stream(generation, request.model, include_usage, plan)), fields)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
+        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model, plan))
         fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 
@@ -117,12 +133,17 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
 
 
 def _wrap_middleware(app: FastAPI, config: Config, open_paths: frozenset[str]) -> FastAPI:
-    # Added innermost first: the body cap runs after authentication, CORS outermost so preflights succeed.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys(), public_paths=open_paths)
-    if config.server.allowed_origins:
-        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
+    server = config.server
+    # Added innermost first: the body deadline and cap run after authentication and the media-type check, CORS and
+    # the Host check outside them so preflights succeed and rebound names learn nothing.
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=server.body_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
+    app.add_middleware(JSONContentTypeMiddleware)
+    app.add_middleware(APIKeyMiddleware, keys=server.resolved_api_keys(), public_paths=open_paths)
+    if server.allowed_origins:
+        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostAllowListMiddleware, allowed=server.resolved_allowed_hosts(), port=server.port)
     app.add_middleware(RequestLogMiddleware)  # outermost: every request gets its line, whoever answers it
     return app
 
@@ -141,14 +162,42 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, handle)
 
 
+#: JSON nested deeper than this is refused; OpenAI requests nest a few levels (tool schemas a few dozen)
+MAX_JSON_DEPTH = 64
+
+
+def _parse_request(body: bytes) -> schemas.ChatCompletionRequest:
+    """Worker thread: the body parsed and validated (a large body must not hold the event loop)."""
+    return schemas.ChatCompletionRequest.model_validate(_parse_json_object(body))
+
+
 def _parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError("the request body is not valid JSON", param=None) from exc
+    except RecursionError:
+        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
+                                  param=None) from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise InvalidRequestError("the request body holds a number with too many digits", param=None) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object", param=None)
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", param=None)
     return data
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` deep (iterative: deep input cannot overflow the stack here)."""
+    level: list[Any] = [data]
+    for _ in range(limit):
+        level = [child for container in level
+                 for child in (container.values() if isinstance(container, dict) else container)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
