@@ -180,6 +180,7 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     logprobs: list[PositionLogprobs] | None = None
     token_texts: list[str] | None = None  # text of each token in `logprobs`, for the API's `token` field
+    top_token_texts: list[list[str]] | None = None  # text of each alternative in `logprobs[i].top`
     num_cached_tokens: int = 0
 
     @property

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmserve import __version__
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify, error_response
+from vlmserve.api.metrics import MeteredEngine, MeteredMediaLoader, MeteredRenderer, ServerMetrics
 from vlmserve.api.middleware import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
@@ -26,12 +26,23 @@ from vlmserve.api.middleware import (
     log_fields,
 )
 from vlmserve.api.openapi import body_schema, install_openapi
+from vlmserve.api.responses_store import MemoryResponseStore
 from vlmserve.api.serving_chat import ChatService
+from vlmserve.api.serving_completions import CompletionsService
 from vlmserve.api.serving_models import ModelsService
-from vlmserve.api.streaming import guarded
+from vlmserve.api.serving_responses import ResponsesService
+from vlmserve.api.serving_tokenize import TokenizeService
+from vlmserve.api.surface_routes import (
+    install_completions_routes,
+    install_docs,
+    install_metrics_route,
+    install_responses_routes,
+    install_tokenize_routes,
+)
+from vlmserve.api.transport import cancel_on_disconnect, parse_json_object, sse_response
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, VlmserveError
+from vlmserve.errors import VlmserveError
 from vlmserve.multimodal.loader import MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 
@@ -41,22 +52,39 @@ T = TypeVar("T")
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
               served_model_names: tuple[str, ...]) -> FastAPI:
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
-    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server)
+    metrics = ServerMetrics(engine, served_model_names[0])
+    metered = MeteredEngine(engine, metrics)
+    chat = ChatService(metered, cast(PromptRenderer, MeteredRenderer(renderer, metrics)),
+                       cast(MediaLoader, MeteredMediaLoader(media, metrics)), served_model_names=served_model_names,
+                       server_config=config.server)
     models = ModelsService(served_model_names, created=int(time.time()))
+    server_cfg = config.server
+    store = MemoryResponseStore(max_entries=server_cfg.responses_store_max_entries,
+                                max_bytes=server_cfg.responses_store_max_bytes, ttl_s=server_cfg.responses_store_ttl_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await media.aclose()
 
-    app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan)
+    # /docs is ours (bundled Swagger UI assets; FastAPI's default loads them from a CDN); ReDoc has no bundle
+    app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     _install_error_handlers(app)
     install_openapi(app, requires_api_key=bool(config.server.resolved_api_keys()))
+    install_responses_routes(app, ResponsesService(chat, metered, store))
+    install_completions_routes(app, CompletionsService(metered, renderer.tokenizer,
+                                                       served_model_names=served_model_names,
+                                                       server_config=config.server))
+    install_tokenize_routes(app, TokenizeService(chat, renderer.tokenizer, max_model_len=engine.max_model_len,
+                                                 served_model_names=served_model_names))
+    install_metrics_route(app, metrics)
+    if config.server.enable_docs:
+        install_docs(app)
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
-        request = schemas.ChatCompletionRequest.model_validate(_parse_json_object(await raw_request.body()))
+        request = schemas.ChatCompletionRequest.model_validate(parse_json_object(await raw_request.body()))
         generation, summary = await chat.prepare(request)
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
@@ -68,10 +96,8 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
             engine.check_can_accept(generation.sampling.n)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _logged(guarded(chat.stream(generation, request.model, include_usage)), fields)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
+            return sse_response(chat.stream(generation, request.model, include_usage, progress=fields), fields)
+        completion = await cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
         fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 
@@ -131,39 +157,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, handle)
 
 
-def _parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError("the request body is not valid JSON", param=None) from exc
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object", param=None)
-    return data
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (which aborts the generation) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def client_gone() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise ServiceUnavailableError("the client disconnected")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
-
 def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[str, Any]]:
     """The conversation for --log-requests, with inline image data replaced by its length (never image bytes)."""
     dumped = [m.model_dump(exclude_none=True) for m in messages]
@@ -174,15 +167,6 @@ def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[st
                 header = url.split(",", 1)[0]
                 part["image_url"]["url"] = f"{header[:64]},<{len(url)} characters>"
     return dumped
-
-
-async def _logged(events: AsyncIterator[str], fields: dict[str, Any]) -> AsyncIterator[str]:
-    try:
-        async for event in events:
-            yield event
-    except BaseException:
-        fields["status"] = 499  # the client closed the stream (the response itself started as 200)
-        raise
 
 
 __all__ = ["build_app", "classify"]

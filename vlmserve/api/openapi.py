@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from vlmserve.api import schemas
 
@@ -27,6 +28,8 @@ _ERRORS = {
     "503": "Shutting down, or the engine died",
 }
 _OPEN_PATHS = ("/health",)
+#: request models of routes that parse their own bodies; their nested definitions join the components
+_BODY_MODELS: list[type[BaseModel]] = []
 _SSE_EVENT = {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "A ChatCompletionChunk as JSON (or an ErrorResponse "
@@ -35,7 +38,14 @@ _SSE_EVENT = {
 
 def body_schema() -> dict[str, Any]:
     """`openapi_extra` for the chat route: its JSON body."""
-    schema = schemas.ChatCompletionRequest.model_json_schema(ref_template=REF_TEMPLATE)
+    return body_schema_of(schemas.ChatCompletionRequest)
+
+
+def body_schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its own JSON body as `model` (its definitions are added to the
+    document's components by `build_document`)."""
+    _BODY_MODELS.append(model)
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
     schema.pop("$defs", None)
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -56,7 +66,9 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
 
     document = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = document.setdefault("components", {}).setdefault("schemas", {})
-    components.update(schemas.ChatCompletionRequest.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
+    body_models: list[type[BaseModel]] = [schemas.ChatCompletionRequest, *_BODY_MODELS]
+    for model in body_models:
+        components.update(model.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
     error_schema = schemas.ErrorResponse.model_json_schema(ref_template=REF_TEMPLATE)
     components.update(error_schema.pop("$defs", {}))
     components["ErrorResponse"] = error_schema

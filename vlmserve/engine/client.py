@@ -37,7 +37,10 @@ class EngineClient(Protocol):
     max_model_len: int
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Deltas of every sequence of the request (n of them), each ending with a finish_reason."""
+        """Deltas of every sequence of the request (n of them), each ending with a finish_reason.
+
+        Errors that do not depend on generation (context length, queue full, a dead engine) raise at the call,
+        before the iterator is returned; only failures while generating raise from the iterator."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -118,10 +121,15 @@ class AsyncEngine:
 
     # --- requests --------------------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        # NOTE: a plain function, so every check that does not need the model raises here, at the call: a
+        # streaming route calls this before its first byte and can still answer 4xx instead of an error event.
         self.check_can_accept(request.sampling.n)
         self._check_prompt(request)
         max_tokens = self._resolve_max_tokens(request)
+        return self._generate(request, max_tokens)
+
+    async def _generate(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[TokenDelta]:
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         child_ids = self._submit(request, max_tokens, queue)
         remaining = set(child_ids)
@@ -252,6 +260,7 @@ class AsyncEngine:
         if sequence.want_logprobs and output.new_logprobs:
             delta.logprobs = [lp for lp in output.new_logprobs if lp is not None]
             delta.token_texts = [detokenizer.token_text(lp.chosen.token_id) for lp in delta.logprobs]
+            delta.top_token_texts = [[detokenizer.token_text(alt.token_id) for alt in lp.top] for lp in delta.logprobs]
         if finish is not None:
             delta.text += detokenizer.flush()
             delta.finish_reason = finish

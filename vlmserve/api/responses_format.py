@@ -1,0 +1,124 @@
+"""The objects and stream events of the Responses API, as plain dicts in the `openai` SDK's shapes.
+
+A stream is: `response.created`, `response.in_progress`, `response.output_item.added` (the assistant message),
+`response.content_part.added` (its output_text), `response.output_text.delta`…, `response.output_text.done`,
+`response.content_part.done`, `response.output_item.done`, then `response.completed` (or `response.incomplete`
+when max_output_tokens cut the answer) with usage. Every event carries `sequence_number`, counting from 0. A
+failure after the stream started ends it with an `error` event and `response.failed`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmserve.api.schemas_responses import ResponseCreateRequest
+
+
+@dataclass
+class ResponseState:
+    """One response as it is being generated."""
+
+    response_id: str
+    message_id: str
+    request: ResponseCreateRequest
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    status: str = "in_progress"
+    text: str = ""
+    finish_reason: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    error: dict[str, Any] | None = None
+    completed_at: int | None = None
+
+    def finish(self, finish_reason: str | None) -> None:
+        self.finish_reason = finish_reason
+        if self.status == "in_progress":
+            self.status = "incomplete" if finish_reason == "length" else "completed"
+        self.completed_at = int(time.time())
+
+
+def output_text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(state: ResponseState, *, done: bool) -> dict[str, Any]:
+    status = "in_progress" if not done else ("incomplete" if state.status == "incomplete" else "completed")
+    return {"id": state.message_id, "type": "message", "status": status, "role": "assistant",
+            "content": [output_text_part(state.text)] if done else []}
+
+
+def response_object(state: ResponseState, model: str, *, with_output: bool = True) -> dict[str, Any]:
+    request = state.request
+    text_format = request.text.format.model_dump(by_alias=True, exclude_none=True) if request.text else {
+        "type": "text"}
+    finished = state.status not in ("in_progress", "queued")
+    return {
+        "id": state.response_id, "object": "response", "created_at": state.created_at, "status": state.status,
+        "completed_at": state.completed_at, "background": False, "error": state.error,
+        "incomplete_details": {"reason": "max_output_tokens"} if state.status == "incomplete" else None,
+        "instructions": request.instructions, "max_output_tokens": request.max_output_tokens, "model": model,
+        "output": [message_item(state, done=True)] if with_output and finished and state.error is None else [],
+        "parallel_tool_calls": request.parallel_tool_calls, "previous_response_id": request.previous_response_id,
+        "reasoning": {"effort": None, "summary": None}, "store": request.store,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "text": {"format": text_format}, "tool_choice": "auto", "tools": [],
+        "top_p": 1.0 if request.top_p is None else request.top_p, "truncation": request.truncation or "disabled",
+        "usage": _usage(state) if finished and state.error is None else None,
+        "user": request.user, "metadata": request.metadata or {},
+    }
+
+
+def _usage(state: ResponseState) -> dict[str, Any]:
+    return {"input_tokens": state.input_tokens,
+            "input_tokens_details": {"cached_tokens": state.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": state.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": state.input_tokens + state.output_tokens}
+
+
+class EventWriter:
+    """Numbers and frames the events of one streamed response."""
+
+    def __init__(self, state: ResponseState, model: str) -> None:
+        self._state = state
+        self._model = model
+        self._sequence_number = 0
+
+    def event(self, type_: str, **fields: Any) -> str:
+        body = {"type": type_, "sequence_number": self._sequence_number, **fields}
+        self._sequence_number += 1
+        return f"event: {type_}\ndata: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def opening(self) -> list[str]:
+        state = self._state
+        part_ids = {"item_id": state.message_id, "output_index": 0, "content_index": 0}
+        return [self.event("response.created", response=response_object(state, self._model)),
+                self.event("response.in_progress", response=response_object(state, self._model)),
+                self.event("response.output_item.added", output_index=0, item=message_item(state, done=False)),
+                self.event("response.content_part.added", **part_ids, part=output_text_part(""))]
+
+    def delta(self, text: str) -> str:
+        return self.event("response.output_text.delta", item_id=self._state.message_id, output_index=0,
+                          content_index=0, delta=text, logprobs=[])
+
+    def closing(self) -> list[str]:
+        state = self._state
+        part_ids = {"item_id": state.message_id, "output_index": 0, "content_index": 0}
+        # NOTE: OpenAI has no event for a cancelled response; its stream ends with response.completed whose
+        # response says status "cancelled", which is what SDK clients read.
+        final = "response.incomplete" if state.status == "incomplete" else "response.completed"
+        return [self.event("response.output_text.done", **part_ids, text=state.text, logprobs=[]),
+                self.event("response.content_part.done", **part_ids, part=output_text_part(state.text)),
+                self.event("response.output_item.done", output_index=0, item=message_item(state, done=True)),
+                self.event(final, response=response_object(state, self._model))]
+
+    def failure(self, body: dict[str, Any]) -> list[str]:
+        error = body["error"]
+        state = self._state
+        state.status = "failed"
+        state.error = {"code": error.get("code") or "server_error", "message": error["message"]}
+        return [self.event("error", code=error.get("code"), message=error["message"], param=error.get("param")),
+                self.event("response.failed", response=response_object(state, self._model))]
