@@ -73,6 +73,9 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
     components.update(error_schema.pop("$defs", {}))
     components["ErrorResponse"] = error_schema
     components["ContentPart"] = _content_part_schema()
+    for name, ignored in schemas.IGNORED_FIELDS.items():  # accepted and ignored: say so in the document
+        for field in sorted(ignored):
+            components.get(name, {}).get("properties", {}).setdefault(field, {"description": "accepted, ignored"})
     components["ChatMessageParam"] = _message_schema()
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)  # FastAPI's 422 shapes: this server answers 400 with ErrorResponse
@@ -100,14 +103,17 @@ def _declare_errors(operation: dict[str, Any], *, is_open: bool) -> None:
         operation["security"] = []  # /health answers without a key
 
 
+_CACHE_CONTROL = {"description": "accepted, ignored"}
+
+
 def _text_part() -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["type", "text"],
-            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}, "cache_control": _CACHE_CONTROL}}
 
 
 def _content_part_schema() -> dict[str, Any]:
     image_part = {"type": "object", "additionalProperties": False, "required": ["type", "image_url"],
-                  "properties": {"type": {"const": "image_url"},
+                  "properties": {"type": {"const": "image_url"}, "cache_control": _CACHE_CONTROL,
                                  "image_url": {"$ref": REF_TEMPLATE.format(model="ImageURL")}}}
     return {"title": "ContentPart", "oneOf": [_text_part(), image_part],
             "description": schemas.ContentPart.__doc__}
