@@ -72,7 +72,8 @@ class ResponsesService:
             "model": request.model, "messages": system + history + new_messages,
             "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
             "top_p": request.top_p, "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
-            "repetition_penalty": request.repetition_penalty, "response_format": _response_format(request)})
+            "repetition_penalty": request.repetition_penalty, "ignore_eos": request.ignore_eos,
+            "response_format": _response_format(request)})
         generation, summary = await self._chat.prepare(chat_request)
         response_id = f"resp_{uuid.uuid4().hex}"
         generation = dataclasses.replace(generation, request_id=response_id)
