@@ -93,5 +93,5 @@ def test_litellm_text_completion_responses_and_errors(litellm: Any, demo_server:
     assert answer.choices[0].message.content.rstrip(".") == "4"
     text = litellm.text_completion(prompt="Hello", max_tokens=3, temperature=0, **common)
     assert text.choices[0].text and text.usage.completion_tokens == 3
-    response = litellm.responses(input="Hello", max_output_tokens=3, temperature=0, **common)
-    assert response.status == "incomplete" and response.usage.output_tokens == 3
+    response = litellm.responses(input="Hello", max_output_tokens=16, temperature=0, **common)  # OpenAI's minimum
+    assert response.id.startswith("resp_") and 0 < response.usage.output_tokens <= 16
