@@ -45,7 +45,7 @@ def test_echo_logprobs_and_streaming(demo_client: openai.OpenAI) -> None:
     assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
     assert "".join(logprobs.tokens) == plain.choices[0].text
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
-    assert all(len(top) == 2 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    assert all(len(top) == 2 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True))
     chunks = list(demo_client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text

@@ -79,6 +79,11 @@ def _usage(state: ResponseState) -> dict[str, Any]:
             "total_tokens": state.input_tokens + state.output_tokens}
 
 
+#: our error codes → the few a Response object's `error.code` may hold (the SDK validates them); else server_error
+_RESPONSE_ERROR_CODES = {"queue_full": "rate_limit_exceeded", "invalid_image": "invalid_image",
+                         "invalid_image_url": "invalid_image_url"}
+
+
 class EventWriter:
     """Numbers and frames the events of one streamed response."""
 
@@ -119,6 +124,7 @@ class EventWriter:
         error = body["error"]
         state = self._state
         state.status = "failed"
-        state.error = {"code": error.get("code") or "server_error", "message": error["message"]}
+        state.error = {"code": _RESPONSE_ERROR_CODES.get(error.get("code") or "", "server_error"),
+                       "message": error["message"]}
         return [self.event("error", code=error.get("code"), message=error["message"], param=error.get("param")),
                 self.event("response.failed", response=response_object(state, self._model))]
