@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from vlmserve.config import client_api_key
+from vlmserve.grounding import GROUNDING_FORMATS, GroundingFormat, draw_boxes, parse_boxes
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +35,15 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length cap. Example: --max-tokens 64")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--seed", type=int, default=None, help="seed for --sample-image and sampling")
+    parser.add_argument("--draw-boxes", default=None, metavar="OUT.png",
+                        help="save the first image with the answer's boxes drawn on it (grounding models). "
+                        "Example: --draw-boxes boxes.png")
+    parser.add_argument("--grounding-format", default=None, choices=GROUNDING_FORMATS,
+                        help="how the model writes boxes, for --draw-boxes (default: what the server reports "
+                        "for the model). Example: --grounding-format qwen2.5-vl")
 
 
-class ChatClientError(Exception):
+class ChatClientError(RuntimeError):
     """A problem to report in one line (no traceback): unreadable image, server error, refused request."""
 
 
@@ -113,18 +120,21 @@ def run_chat(args: argparse.Namespace) -> int:
             images.append(_sample_image_url(args.seed))
         with httpx.Client(base_url=base_url(args.url), headers=headers,
                           timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-            model = args.model or _first_model(client)
+            cards = _model_cards(client)
+            model = args.model or cards[0]["id"]
+            if args.draw_boxes:
+                args.grounding_format = args.grounding_format or _reported_format(cards, model)
             return _converse(client, model, images, prompt, args)
-    except (httpx.HTTPError, ChatClientError) as exc:
+    except (httpx.HTTPError, RuntimeError) as exc:
         print(f"vlmserve chat: {exc}", file=sys.stderr)
         return 1
 
 
-def _first_model(client: httpx.Client) -> str:
+def _model_cards(client: httpx.Client) -> list[dict[str, Any]]:
     response = client.get("/v1/models")
     if response.status_code != 200:
         raise ChatClientError(_error_message(response))
-    return str(response.json()["data"][0]["id"])
+    return list(response.json()["data"])
 
 
 def _converse(client: httpx.Client, model: str, images: list[str], prompt: str | None,
@@ -149,6 +159,41 @@ def _converse(client: httpx.Client, model: str, images: list[str], prompt: str |
             body["seed"] = args.seed
         answer = stream_answer(client, body, sys.stdout)
         messages.append({"role": "assistant", "content": answer})
+        first_image = _first_image(messages)
+        if args.draw_boxes and first_image is not None:
+            save_boxes(client, first_image, answer, args.grounding_format, args.draw_boxes)
         if not args.interactive:
             return 0
         prompt = None
+
+
+# --- --draw-boxes ----------------------------------------------------------------------------------------------
+
+def _reported_format(cards: list[dict[str, Any]], model: str) -> str:
+    for card in cards:
+        if card.get("id") == model and card.get("grounding_format"):
+            return str(card["grounding_format"])
+    raise RuntimeError(f"the server does not say how {model!r} writes boxes; pass --grounding-format "
+                       f"({', '.join(GROUNDING_FORMATS)})")
+
+
+def _first_image(messages: list[dict[str, Any]]) -> str | None:
+    for message in messages:
+        for part in message["content"] if isinstance(message["content"], list) else ():
+            if part.get("type") == "image_url":
+                return str(part["image_url"]["url"])
+    return None
+
+
+def save_boxes(client: httpx.Client, image_url: str, answer: str, fmt: GroundingFormat, out_path: str) -> None:
+    """Draw the boxes of `answer` on the image at `image_url` and save it as `out_path`."""
+    from PIL import Image
+
+    if image_url.startswith("data:"):
+        data = base64.b64decode(image_url.split(",", 1)[1])
+    else:
+        data = client.get(image_url).raise_for_status().content
+    image = Image.open(io.BytesIO(data))
+    boxes = parse_boxes(answer, fmt, image.size)
+    draw_boxes(image, boxes).save(out_path)
+    print(f"({len(boxes)} box{'es' if len(boxes) != 1 else ''} drawn in {out_path})", file=sys.stderr)

@@ -97,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_from_args(args)
         except ConfigError as exc:
             parser.error(str(exc))
+        if config.ray.ray:
+            from vlmserve.ray.app import run as run_on_ray
+
+            return run_on_ray(config)
         return run(config)
     if args.command == "chat":
         from vlmserve.chat_client import run_chat

@@ -222,6 +222,46 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Scale-out on Ray Serve (needs `pip install 'vlmserve[ray]'`): engine replicas behind one ingress."""
+
+    ray: bool = option(False, "Serve with Ray Serve: --replicas engine replicas (one GPU each on GPU machines) "
+                       "behind one OpenAI ingress, routed by image-aware prefix affinity.", example="--ray --replicas 4")
+    replicas: int = option(1, "Engine replicas to start with (--ray).", metavar="N", example="--replicas 2")
+    min_replicas: int = option(1, "Fewest replicas autoscaling keeps (with --max-replicas).", metavar="N",
+                               example="--min-replicas 2")
+    max_replicas: int | None = option(
+        None, "Autoscale between --min-replicas and this many replicas on queue depth (--ray). Default: a fixed "
+        "--replicas.", metavar="N", example="--max-replicas 8")
+    target_ongoing_requests: int = option(
+        16, "Autoscaling target: ongoing requests per replica.", metavar="N", example="--target-ongoing-requests 32")
+    ray_address: str | None = option(
+        None, "Join this Ray cluster instead of starting a local one.", metavar="ADDRESS",
+        example="--ray-address ray://head:10001")
+    ray_num_cpus: int | None = option(None, "CPUs of the local Ray instance (default: all).", metavar="N",
+                                      example="--ray-num-cpus 8")
+    num_gpus_per_replica: float | None = option(
+        None, "GPUs per engine replica (default: 1 when the model runs on CUDA, else 0).", metavar="N",
+        example="--num-gpus-per-replica 1")
+    num_cpus_per_replica: float = option(1.0, "CPUs Ray reserves per engine replica.", metavar="N",
+                                         example="--num-cpus-per-replica 4")
+    router: str = option(
+        "image-aware", "How the ingress picks a replica: 'image-aware' (prefix affinity on token and image hashes, "
+        "then least load) or 'power-of-two' (Ray Serve's default: the less loaded of two random replicas).",
+        choices=("image-aware", "power-of-two"), example="--router power-of-two")
+    affinity_imbalance_threshold: int = option(
+        8, "Prefix affinity gives way once the affine replica has this many more queued requests than the least "
+        "loaded one.", metavar="N", example="--affinity-imbalance-threshold 16")
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "min_replicas", "target_ongoing_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_replicas is not None and not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ConfigError("--replicas must lie between --min-replicas and --max-replicas")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `vlmserve serve` needs."""
 
@@ -229,10 +269,11 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "engine": EngineConfig, "media": MediaConfig,
-                             "server": ServerConfig}
+                             "server": ServerConfig, "ray": RayConfig}
 
 
 def field_default(cls: type, name: str) -> Any:

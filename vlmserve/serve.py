@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from vlmserve.config import Config
-from vlmserve.engine.client import AsyncEngine
+from vlmserve.engine.client import AsyncEngine, EngineClient
 from vlmserve.engine.protocol import EngineCore
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.models.base import ModelAdapter
 
 logger = logging.getLogger("vlmserve")
@@ -98,21 +100,53 @@ class _GracefulServer:
         self.server.should_exit = True
 
 
-def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:
-    """The HTTP application and its engine for a loaded model (the engine still has to be started)."""
+def build_engine(adapter: ModelAdapter, config: Config) -> AsyncEngine:
+    """The engine for a loaded model, not started yet (it starts on the event loop that will serve it)."""
+    engine_cfg = config.engine
+    core = make_engine_core(adapter, config)
+    return AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len,
+                       max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests,
+                       placeholder_token_ids=placeholder_token_ids(adapter),
+                       text_policy=TextPolicy.from_tokenizer(adapter.tokenizer,
+                                                             strip_whitespace=adapter.strip_answer_whitespace))
+
+
+@dataclass
+class PromptKit:
+    """What the HTTP front needs of a loaded model to render prompts, and nothing of its weights.
+
+    Picklable: a Ray ingress (vlmserve.ray) gets it from an engine replica instead of loading the model itself.
+    """
+
+    processor: Any
+    image_token_id: int | None
+    max_images_per_prompt: int | None
+    family: str
+    max_model_len: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, max_model_len: int) -> PromptKit:
+        return cls(adapter.processor, adapter.image_token_id, adapter.max_images_per_prompt, adapter.family,
+                   max_model_len)
+
+
+def build_frontend(engine: EngineClient, kit: PromptKit, config: Config) -> Any:
+    """The HTTP application over any `EngineClient`: one code path for `vlmserve serve` and the Ray ingress."""
     from vlmserve.api.app import build_app
+    from vlmserve.grounding import format_for_family
     from vlmserve.multimodal.loader import MediaLoader
     from vlmserve.multimodal.prompt import PromptRenderer
 
-    engine_cfg = config.engine
-    core = make_engine_core(adapter, config)
-    engine = AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len,
-                         max_sequences=engine_cfg.max_num_seqs + engine_cfg.max_waiting_requests,
-                         placeholder_token_ids=placeholder_token_ids(adapter))
-    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
-                              max_model_len=core.max_model_len, max_images_per_prompt=adapter.max_images_per_prompt)
-    app = build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names())
-    return app, engine
+    renderer = PromptRenderer(kit.processor, image_token_id=kit.image_token_id, max_model_len=kit.max_model_len,
+                              max_images_per_prompt=kit.max_images_per_prompt)
+    return build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
+                     grounding_format=format_for_family(kit.family))
+
+
+def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:
+    """The HTTP application and its engine for a loaded model (the engine still has to be started)."""
+    engine = build_engine(adapter, config)
+    return build_frontend(engine, PromptKit.of(adapter, engine.max_model_len), config), engine
 
 
 async def _serve(adapter: ModelAdapter, config: Config) -> int:

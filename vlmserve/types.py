@@ -65,6 +65,10 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     structured: StructuredOutputSpec | None = None
+    # How the answer's text is made (vLLM's names): None keeps the model's content markup (grounding tags) and
+    # drops control tokens; True drops every special token, False keeps them all.
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool = False
 
     @property
     def is_greedy(self) -> bool:

@@ -50,14 +50,14 @@ T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...]) -> FastAPI:
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
     metrics = ServerMetrics(engine, served_model_names[0])
     metered = MeteredEngine(engine, metrics)
     chat = ChatService(metered, cast(PromptRenderer, MeteredRenderer(renderer, metrics)),
                        cast(MediaLoader, MeteredMediaLoader(media, metrics)), served_model_names=served_model_names,
                        server_config=config.server)
-    models = ModelsService(served_model_names, created=int(time.time()))
+    models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
     server_cfg = config.server
     store = MemoryResponseStore(max_entries=server_cfg.responses_store_max_entries,
                                 max_bytes=server_cfg.responses_store_max_bytes, ttl_s=server_cfg.responses_store_ttl_s)
@@ -127,7 +127,11 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         snapshot = engine.stats()
-        return {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        body = {**asdict(snapshot), "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate}
+        by_replica = getattr(engine, "stats_by_replica", None)  # engines spread over replicas (vlmserve.ray)
+        if by_replica is not None:
+            body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
+        return body
 
     return _wrap_middleware(app, config)
 

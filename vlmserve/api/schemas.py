@@ -135,6 +135,9 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
+    # vLLM's output-text options: None keeps the model's grounding markup and drops control tokens
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     chat_template: str | None = None
 
@@ -232,6 +235,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vlmserve"
+    # vlmserve's extension: how the model writes boxes (vlmserve.grounding), null when it has no grounding markup
+    grounding_format: str | None = None
 
 
 class ModelList(BaseModel):

@@ -124,7 +124,8 @@ class ChatService:
             repetition_penalty=request.repetition_penalty or 1.0, logit_bias=logit_bias, seed=request.seed,
             stop=stop, stop_token_ids=tuple(request.stop_token_ids or ()), min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, logprobs=request.logprobs, top_logprobs=request.top_logprobs or 0,
-            n=request.n)
+            n=request.n, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens)
 
     # --- responses -------------------------------------------------------------------------------------------
 

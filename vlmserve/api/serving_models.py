@@ -7,8 +7,10 @@ from vlmserve.errors import ModelNotFoundError
 
 
 class ModelsService:
-    def __init__(self, served_model_names: tuple[str, ...], created: int) -> None:
-        self._cards = [schemas.ModelCard(id=name, created=created) for name in served_model_names]
+    def __init__(self, served_model_names: tuple[str, ...], created: int, *,
+                 grounding_format: str | None = None) -> None:
+        self._cards = [schemas.ModelCard(id=name, created=created, grounding_format=grounding_format)
+                       for name in served_model_names]
 
     def list(self) -> schemas.ModelList:
         return schemas.ModelList(data=self._cards)

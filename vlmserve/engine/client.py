@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.protocol import CoreOutput, EngineCore
+from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -26,7 +27,7 @@ from vlmserve.errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, TokenDelta
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ class AsyncEngine:
     """An `EngineClient` over an `EngineCore` running in a daemon thread."""
 
     def __init__(self, core: EngineCore, tokenizer: Any, *, max_model_len: int, max_sequences: int,
-                 placeholder_token_ids: frozenset[int] = frozenset()) -> None:
+                 placeholder_token_ids: frozenset[int] = frozenset(), text_policy: TextPolicy | None = None) -> None:
         self._core = core
         self._tokenizer = tokenizer
+        self._text_policy = text_policy or TextPolicy.from_tokenizer(tokenizer)
         self.max_model_len = max_model_len
         # image/video placeholder ids: they may only appear inside a prompt's image spans (see _check_prompt)
         self._placeholder_ids = placeholder_token_ids
@@ -102,6 +104,11 @@ class AsyncEngine:
     @property
     def is_accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences this engine holds at once (running + waiting) before it answers 429."""
+        return self._max_sequences
 
     def stats(self) -> EngineStats:
         return self._core.stats()
@@ -154,11 +161,16 @@ class AsyncEngine:
             seed = None if params.seed is None else params.seed + index
             sampling = dataclasses.replace(params, n=1, seed=seed, max_tokens=max_tokens)
             self._sequences[child_id] = _Sequence(
-                index=index, queue=queue, detokenizer=IncrementalDetokenizer(self._tokenizer, params.stop),
+                index=index, queue=queue, detokenizer=self._detokenizer(params),
                 num_prompt_tokens=request.prompt.num_tokens, want_logprobs=params.logprobs)
             self._core.add_request(dataclasses.replace(request, request_id=child_id, sampling=sampling))
         self._wakeup.set()
         return child_ids
+
+    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self._tokenizer, params.stop, policy=self._text_policy,
+                                      skip_special_tokens=params.skip_special_tokens,
+                                      spaces_between_special_tokens=params.spaces_between_special_tokens)
 
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         if self._error is not None:

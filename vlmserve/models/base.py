@@ -63,6 +63,8 @@ class ModelAdapter(ABC):
     family: str = "unknown"
     #: None when any number of images per prompt is fine
     max_images_per_prompt: int | None = None
+    #: trim whitespace around answers, as the family's original chat() does
+    strip_answer_whitespace: bool = False
 
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:

@@ -47,6 +47,7 @@ class QwenVLChatAdapter(ModelAdapter):
 
     family = "qwen_vl_chat"
     max_images_per_prompt = None
+    strip_answer_whitespace = True  # the original chat() returns its decoded answer stripped
 
     def __init__(self, model: QwenVLChatForCausalLM, processor: Any, *, max_model_len: int | None = None) -> None:
         tokenizer = processor.tokenizer
