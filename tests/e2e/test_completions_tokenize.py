@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import httpx
 import openai
@@ -52,7 +53,23 @@ def test_echo_logprobs_and_streaming(demo_client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
 
-@pytest.mark.parametrize(("extra", "param"), [({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+def test_best_of_returns_the_candidate_of_highest_cumulative_logprob(demo_client: openai.OpenAI) -> None:
+    common = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "temperature": 1.5, "seed": 11}
+    candidates = demo_client.completions.create(n=3, logprobs=0, **common)  # type: ignore[call-overload]
+    best = demo_client.completions.create(n=1, best_of=3, **common)  # type: ignore[call-overload]
+
+    def score(choice: Any) -> float:
+        return float(sum(choice.logprobs.token_logprobs))
+
+    assert len({c.text for c in candidates.choices}) > 1  # the choice is not trivial
+    expected = max(candidates.choices, key=score)
+    assert len(best.choices) == 1 and best.choices[0].text == expected.text and best.choices[0].logprobs is None
+    assert best.usage is not None and candidates.usage is not None
+    assert best.usage.completion_tokens == candidates.usage.completion_tokens  # every candidate is counted
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"suffix": "end"}, "suffix"),
+                                              ({"best_of": 3, "stream": True}, "best_of"),
                                               ({"echo": True, "logprobs": 1}, "echo"),
                                               ({"max_tokens": 10**6, "stream": True}, "max_tokens")])
 def test_what_cannot_be_honoured_is_refused_before_any_byte(demo_client: openai.OpenAI, extra: dict[str, object],

@@ -1,7 +1,7 @@
 """Pydantic models of the legacy completions API (`POST /v1/completions`), OpenAI's shapes plus vLLM's extensions.
 
 The leniency policy of `vlmserve.api.schemas` applies: unknown top-level fields are ignored; what would change the
-answer and cannot be honoured (`suffix`, `best_of` above `n`, `echo` with `logprobs`) is refused by the service.
+answer and cannot be honoured (`suffix`, streamed `best_of` above `n`, `echo` with `logprobs`) is refused by the service.
 """
 
 from __future__ import annotations

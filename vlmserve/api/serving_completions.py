@@ -46,6 +46,8 @@ class PreparedCompletion:
     echoes: list[str]
     n: int
     want_logprobs: bool
+    #: sequences generated per prompt; with best_of > n the n of highest cumulative logprob are returned
+    best_of: int = 1
 
 
 class CompletionsService:
@@ -71,19 +73,23 @@ class CompletionsService:
         echoes = [""] * len(prompts)
         if request.echo:
             echoes = [p if isinstance(p, str) else str(self._tokenizer.decode(p)) for p in prompts]
-        return PreparedCompletion(completion_id, generations, echoes, request.n, request.logprobs is not None)
+        return PreparedCompletion(completion_id, generations, echoes, request.n, request.logprobs is not None,
+                                  best_of=sampling.n)
 
     def _check(self, request: CompletionRequest) -> None:
         if request.suffix:
             raise UnsupportedFeatureError("suffix (insertion / fill-in-the-middle) is not supported by this server",
                                           param="suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            # NOTE: best_of > n needs every candidate's cumulative logprob and a ranking; not built yet.
-            raise UnsupportedFeatureError(f"best_of must equal n ({request.n}) on this server", param="best_of")
+        if request.best_of is not None and request.best_of < request.n:
+            raise InvalidRequestError(f"best_of ({request.best_of}) must be at least n ({request.n})",
+                                      param="best_of")
+        if request.stream and (request.best_of or request.n) > request.n:
+            raise UnsupportedFeatureError("best_of above n cannot be streamed (the best are known only at the "
+                                          "end)", param="best_of")
         if request.echo and request.logprobs is not None:
             raise UnsupportedFeatureError("echo with logprobs needs the prompt's logprobs, which this server does "
                                           "not compute", param="echo")
-        total = len(request.prompts()) * request.n
+        total = len(request.prompts()) * (request.best_of or request.n)
         if total > self._config.max_n:
             raise InvalidRequestError(f"{total} sequences requested (prompts x n); this server allows at most "
                                       f"{self._config.max_n} (--max-n)", param="prompt")
@@ -93,11 +99,15 @@ class CompletionsService:
                                       "are allowed (--max-stop-sequences)", param="stop")
 
     def _sampling(self, request: CompletionRequest) -> SamplingParams:
+        ranked = (request.best_of or request.n) > request.n
         return build_sampling(
             vocab_size=len(self._tokenizer), max_tokens=request.max_tokens, temperature=request.temperature,
-            top_p=request.top_p, n=request.n, stop=request.stop, seed=request.seed,
+            top_p=request.top_p, n=request.best_of or request.n, stop=request.stop, seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            logit_bias=request.logit_bias, top_logprobs=request.logprobs, top_k=request.top_k,
+            logit_bias=request.logit_bias, top_k=request.top_k,
+            # best_of ranks candidates by cumulative logprob: ask for the chosen tokens' logprobs even if the
+            # client did not (they are dropped from the answer then)
+            top_logprobs=request.logprobs if request.logprobs is not None or not ranked else 0,
             min_p=request.min_p, repetition_penalty=request.repetition_penalty, min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, stop_token_ids=request.stop_token_ids)
 
@@ -124,7 +134,7 @@ class CompletionsService:
 
     async def complete(self, prepared: PreparedCompletion, model: str) -> Completion:
         streams = self.start(prepared)
-        n = prepared.n
+        n = prepared.best_of
         choices = [_Choice(text=prepared.echoes[i // n]) for i in range(len(streams) * n)]
         cached = 0
         async for prompt_index, delta in _merge(streams):
@@ -137,12 +147,15 @@ class CompletionsService:
             if delta.finish_reason is not None:
                 choice.finish_reason = delta.finish_reason.value
         prompt_tokens = sum(g.prompt.num_tokens for g in prepared.generations)
+        generated = sum(c.num_tokens for c in choices)  # every candidate counts, as OpenAI bills best_of
+        if prepared.best_of > prepared.n:
+            choices = _best(choices, prepared.best_of, prepared.n)
         return Completion(
             id=prepared.completion_id, created=int(time.time()), model=model,
             choices=[CompletionChoice(index=i, text=c.text, logprobs=c.logprobs if prepared.want_logprobs else None,
                                       finish_reason=cast(schemas.FinishReasonName, c.finish_reason))
                      for i, c in enumerate(choices)],
-            usage=_usage(prompt_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(prompt_tokens, generated, cached))
 
     def stream(self, prepared: PreparedCompletion, model: str, include_usage: bool,
                progress: dict[str, Any]) -> AsyncIterator[str]:
@@ -183,6 +196,16 @@ class CompletionsService:
             prompt_tokens = sum(g.prompt.num_tokens for g in prepared.generations)
             yield chunk([], _usage(prompt_tokens, sum(tokens), cached))
         yield "data: [DONE]\n\n"
+
+
+def _best(choices: list[_Choice], best_of: int, n: int) -> list[_Choice]:
+    """Per prompt, the n of its best_of candidates with the highest cumulative logprob, best first."""
+    kept: list[_Choice] = []
+    for start in range(0, len(choices), best_of):
+        group = choices[start:start + best_of]
+        group.sort(key=lambda c: sum(lp for lp in c.logprobs.token_logprobs if lp is not None), reverse=True)
+        kept += group[:n]
+    return kept
 
 
 def _chunk_choice(index: int, text: str, logprobs: CompletionLogprobs | None, reason: str | None) -> dict[str, Any]:
