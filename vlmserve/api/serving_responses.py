@@ -127,6 +127,14 @@ class ResponsesService:
                     state.status = "cancelled"
                     state.finish(None)
                     break
+        except BaseException as exc:
+            # kept as failed (or cancelled, when the client went away), not in_progress until it expires
+            state.status = "failed" if isinstance(exc, Exception) else "cancelled"
+            if isinstance(exc, Exception):
+                state.error = {"code": "server_error", "message": "the response failed while generating"}
+            state.finish(None)
+            self._keep(prepared)
+            raise
         finally:
             self._inflight.pop(state.response_id, None)
             await _aclose(deltas)
