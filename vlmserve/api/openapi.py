@@ -88,6 +88,12 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
     chat["description"] = "A chat completion, or with stream: true a server-sent event stream of chunks"
     chat["content"]["text/event-stream"] = {"schema": _SSE_EVENT}  # before OpenAPI 3.2: the schema of one event
+    for path, what in (("/v1/completions", "Completion chunk"), ("/v1/responses", "Responses stream event")):
+        ok = document["paths"].get(path, {}).get("post", {}).get("responses", {}).get("200")
+        if ok is not None:
+            event = {"type": "object", "required": ["data"], "properties": {"data": {
+                "type": "string", "description": f"A {what} as JSON (an error event if the request failed mid-stream)"}}}
+            ok.setdefault("content", {})["text/event-stream"] = {"schema": event}
     return document
 
 
