@@ -44,8 +44,9 @@ def test_sdk_stream_beyond_the_context_is_a_400_before_the_stream(demo_client: o
         demo_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=TOO_LONG, stream=True)
     assert refused.value.status_code == 400 and refused.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as refused:
         demo_client.responses.create(model=MODEL, input="Hi", max_output_tokens=TOO_LONG, stream=True)
+    assert refused.value.body["param"] == "max_output_tokens"  # type: ignore[index]  # the Responses field
 
 
 def test_sdk_accepts_the_fields_clients_add(demo_client: openai.OpenAI) -> None:

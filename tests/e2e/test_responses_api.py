@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 from typing import Any
 
 import openai
@@ -129,6 +130,20 @@ def test_function_tools_are_refused_until_tool_calling_exists(demo_client: opena
         demo_client.responses.create(model=MODEL, input="Hi", tools=[{
             "type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}, "strict": False}])
     assert refused.value.body["param"] == "tools"  # type: ignore[index]
+
+
+def test_text_format_goes_through_the_chat_paths_structured_output(demo_client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"],
+              "additionalProperties": False}
+    try:
+        response = demo_client.responses.create(model=MODEL, input=image_input(), temperature=0, text={
+            "format": {"type": "json_schema", "name": "shapes", "schema": schema, "strict": True}})
+    except openai.BadRequestError as refused:
+        # NOTE: until the grammar engine is merged the chat path refuses response_format; the error names the
+        # field the client sent
+        assert refused.body["param"] == "text.format" and refused.code == "unsupported"  # type: ignore[index]
+    else:
+        assert isinstance(json.loads(response.output_text)["count"], int)
 
 
 def test_openai_agents_default_agent_answers_about_the_image(demo_server: ServerProcess) -> None:

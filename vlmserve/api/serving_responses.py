@@ -15,9 +15,12 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import ValidationError
 
 from vlmserve.api import schemas
 from vlmserve.api.responses_format import EventWriter, ResponseState, response_object
@@ -34,7 +37,7 @@ from vlmserve.api.schemas_responses import (
 )
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, NotFoundError, UnsupportedFeatureError
+from vlmserve.errors import InvalidRequestError, NotFoundError, UnsupportedFeatureError, VlmserveError
 from vlmserve.types import GenerationRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -68,13 +71,15 @@ class ResponsesService:
             history = stored.conversation
         new_messages = _input_messages(request)
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
-        chat_request = schemas.ChatCompletionRequest.model_validate({
-            "model": request.model, "messages": system + history + new_messages,
-            "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
-            "repetition_penalty": request.repetition_penalty, "ignore_eos": request.ignore_eos,
-            "response_format": _response_format(request)})
-        generation, summary = await self._chat.prepare(chat_request)
+        with _responses_params():
+            chat_request = schemas.ChatCompletionRequest.model_validate({
+                "model": request.model, "messages": system + history + new_messages,
+                "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
+                "top_p": request.top_p, "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
+                "repetition_penalty": request.repetition_penalty, "ignore_eos": request.ignore_eos,
+                "response_format": _response_format(request)})
+        with _responses_params():
+            generation, summary = await self._chat.prepare(chat_request)
         response_id = f"resp_{uuid.uuid4().hex}"
         generation = dataclasses.replace(generation, request_id=response_id)
         summary["request_id"] = response_id
@@ -85,7 +90,8 @@ class ResponsesService:
     # --- answers ---------------------------------------------------------------------------------------------
 
     async def create(self, prepared: PreparedResponse) -> dict[str, Any]:
-        deltas = self._engine.generate(prepared.generation)
+        with _responses_params():
+            deltas = self._engine.generate(prepared.generation)
         async for _ in self._run(prepared, deltas):
             pass
         return self._finish(prepared)
@@ -93,7 +99,8 @@ class ResponsesService:
     def stream(self, prepared: PreparedResponse) -> tuple[AsyncIterator[str], EventWriter]:
         """The stream's events and its writer (whose `failure` ends the stream if generation fails). Raises before
         any event for every error that needs no generation."""
-        deltas = self._engine.generate(prepared.generation)
+        with _responses_params():
+            deltas = self._engine.generate(prepared.generation)
         writer = EventWriter(prepared.state, prepared.state.request.model)
         return self._stream(prepared, deltas, writer), writer
 
@@ -185,6 +192,32 @@ class ResponsesService:
         state, cancelled = inflight
         cancelled.set()
         return {**response_object(state, state.request.model, with_output=False), "status": "cancelled"}
+
+
+#: chat request fields → the Responses fields they came from, for error params the client can act on
+#: (message indices differ from input's — instructions and history come first — so messages[...] is just input)
+_PARAMS = {"response_format": "text.format", "max_completion_tokens": "max_output_tokens",
+           "max_tokens": "max_output_tokens", "messages": "input"}
+
+
+@contextmanager
+def _responses_params() -> Iterator[None]:
+    """Errors raised by the chat path name the Responses field the client sent (`text.format`, not
+    `response_format`)."""
+    try:
+        yield
+    except ValidationError as exc:  # the chat request built from a valid Responses request broke a chat rule
+        first = exc.errors()[0]
+        raise InvalidRequestError(f"input: {str(first.get('msg', 'invalid')).removeprefix('Value error, ')}",
+                                  param="input") from exc
+    except VlmserveError as exc:
+        if exc.param is not None:
+            key = exc.param.split(".", 1)[0].split("[", 1)[0]
+            if key == "messages":
+                exc.param = "input"
+            elif key in _PARAMS:
+                exc.param = _PARAMS[key] + exc.param[len(key):]
+        raise
 
 
 def _refuse_unsupported(request: ResponseCreateRequest) -> None:
