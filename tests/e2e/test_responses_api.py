@@ -175,3 +175,16 @@ def test_langchain_with_the_responses_api(demo_server: ServerProcess) -> None:
                                                        {"type": "text", "text": QUESTION}]}])
     assert message.text.rstrip(".") == "4"
     assert "".join(chunk.text for chunk in llm.stream("Hello")) == llm.invoke("Hello").text
+
+
+def test_logprobs_when_included(demo_client: openai.OpenAI) -> None:
+    common: dict[str, Any] = {"model": MODEL, "input": "Hello", "temperature": 0, "max_output_tokens": 16,
+                              "top_logprobs": 2, "include": ["message.output_text.logprobs"]}
+    response = demo_client.responses.create(**common)
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    tokens = "".join(lp.token for lp in part.logprobs or [])  # type: ignore[union-attr]
+    assert part.logprobs and tokens.startswith(response.output_text)  # type: ignore[union-attr]  # (+ EOS, as chat)
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].token == lp.token for lp in part.logprobs)  # type: ignore[union-attr]
+    events = list(demo_client.responses.create(stream=True, **common))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmserve.api.schemas_responses import ResponseCreateRequest
+from vlmserve.types import TokenDelta
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ResponseState:
     cached_tokens: int = 0
     error: dict[str, Any] | None = None
     completed_at: int | None = None
+    #: per generated token, when include asks for message.output_text.logprobs
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def finish(self, finish_reason: str | None) -> None:
         self.finish_reason = finish_reason
@@ -41,14 +44,26 @@ class ResponseState:
         self.completed_at = int(time.time())
 
 
-def output_text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def logprob_entries(delta: TokenDelta) -> list[dict[str, Any]]:
+    """The delta's tokens in the Responses logprob shape: text, UTF-8 bytes, logprob and the alternatives."""
+    if not delta.logprobs:
+        return []
+    texts = delta.token_texts or [""] * len(delta.logprobs)
+    tops = delta.top_token_texts or [[""] * len(lp.top) for lp in delta.logprobs]
+    return [{"token": text, "bytes": list(text.encode("utf-8")), "logprob": lp.chosen.logprob,
+             "top_logprobs": [{"token": alt_text, "bytes": list(alt_text.encode("utf-8")), "logprob": alt.logprob}
+                              for alt_text, alt in zip(alternatives, lp.top, strict=True)]}
+            for text, alternatives, lp in zip(texts, tops, delta.logprobs, strict=True)]
 
 
 def message_item(state: ResponseState, *, done: bool) -> dict[str, Any]:
     status = "in_progress" if not done else ("incomplete" if state.status == "incomplete" else "completed")
     return {"id": state.message_id, "type": "message", "status": status, "role": "assistant",
-            "content": [output_text_part(state.text)] if done else []}
+            "content": [output_text_part(state.text, state.logprobs)] if done else []}
 
 
 def response_object(state: ResponseState, model: str, *, with_output: bool = True) -> dict[str, Any]:
@@ -66,7 +81,7 @@ def response_object(state: ResponseState, model: str, *, with_output: bool = Tru
         "reasoning": {"effort": None, "summary": None}, "store": request.store,
         "temperature": 1.0 if request.temperature is None else request.temperature,
         "text": {"format": text_format}, "tool_choice": "auto", "tools": [],
-        "top_p": 1.0 if request.top_p is None else request.top_p, "truncation": request.truncation or "disabled",
+        "top_p": 1.0 if request.top_p is None else request.top_p, "top_logprobs": request.top_logprobs, "truncation": request.truncation or "disabled",
         "usage": _usage(state) if finished and state.error is None else None,
         "user": request.user, "metadata": request.metadata or {},
     }
@@ -105,9 +120,9 @@ class EventWriter:
                 self.event("response.output_item.added", output_index=0, item=message_item(state, done=False)),
                 self.event("response.content_part.added", **part_ids, part=output_text_part(""))]
 
-    def delta(self, text: str) -> str:
+    def delta(self, text: str, logprobs: list[dict[str, Any]]) -> str:
         return self.event("response.output_text.delta", item_id=self._state.message_id, output_index=0,
-                          content_index=0, delta=text, logprobs=[])
+                          content_index=0, delta=text, logprobs=logprobs)
 
     def closing(self) -> list[str]:
         state = self._state
@@ -115,8 +130,9 @@ class EventWriter:
         # NOTE: OpenAI has no event for a cancelled response; its stream ends with response.completed whose
         # response says status "cancelled", which is what SDK clients read.
         final = "response.incomplete" if state.status == "incomplete" else "response.completed"
-        return [self.event("response.output_text.done", **part_ids, text=state.text, logprobs=[]),
-                self.event("response.content_part.done", **part_ids, part=output_text_part(state.text)),
+        return [self.event("response.output_text.done", **part_ids, text=state.text, logprobs=state.logprobs),
+                self.event("response.content_part.done", **part_ids,
+                           part=output_text_part(state.text, state.logprobs)),
                 self.event("response.output_item.done", output_index=0, item=message_item(state, done=True)),
                 self.event(final, response=response_object(state, self._model))]
 

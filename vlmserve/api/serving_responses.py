@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from vlmserve.api import schemas
-from vlmserve.api.responses_format import EventWriter, ResponseState, response_object
+from vlmserve.api.responses_format import EventWriter, ResponseState, logprob_entries, response_object
 from vlmserve.api.responses_store import ResponseStore, StoredResponse
 from vlmserve.api.schemas_responses import (
     FunctionCallItem,
@@ -71,12 +71,14 @@ class ResponsesService:
             history = stored.conversation
         new_messages = _input_messages(request)
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
+        logprobs = "message.output_text.logprobs" in (request.include or ())
         with _responses_params():
             chat_request = schemas.ChatCompletionRequest.model_validate({
                 "model": request.model, "messages": system + history + new_messages,
                 "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
                 "top_p": request.top_p, "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
                 "repetition_penalty": request.repetition_penalty, "ignore_eos": request.ignore_eos,
+                "logprobs": logprobs, "top_logprobs": request.top_logprobs if logprobs else None,
                 "response_format": _response_format(request)})
         with _responses_params():
             generation, summary = await self._chat.prepare(chat_request)
@@ -108,14 +110,16 @@ class ResponsesService:
                       writer: EventWriter) -> AsyncIterator[str]:
         for event in writer.opening():
             yield event
-        async for text in self._run(prepared, deltas):
-            yield writer.delta(text)
+        async for text, entries in self._run(prepared, deltas):
+            yield writer.delta(text, entries)
         self._finish(prepared)
         for event in writer.closing():
             yield event
 
-    async def _run(self, prepared: PreparedResponse, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[str]:
-        """Feed the response's state from the engine, yielding text as it comes; stops early when cancelled."""
+    async def _run(self, prepared: PreparedResponse,
+                   deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+        """Feed the response's state from the engine, yielding (text, logprobs) as they come; stops early when
+        cancelled."""
         state = prepared.state
         cancelled = asyncio.Event()
         self._inflight[state.response_id] = (state, cancelled)
@@ -125,8 +129,10 @@ class ResponsesService:
                 state.text += delta.text
                 state.output_tokens = delta.num_generated_tokens
                 state.cached_tokens = max(state.cached_tokens, delta.num_cached_tokens)
-                if delta.text:
-                    yield delta.text
+                entries = logprob_entries(delta)
+                state.logprobs += entries
+                if delta.text or entries:
+                    yield delta.text, entries
                 if delta.finish_reason is not None:
                     state.finish(delta.finish_reason.value)
                 # NOTE: a cancel takes effect at the next delta (at most one token late), not while prefilling
@@ -230,9 +236,6 @@ def _refuse_unsupported(request: ResponseCreateRequest) -> None:
     if isinstance(request.tool_choice, dict) or request.tool_choice not in (None, "auto", "none"):
         raise UnsupportedFeatureError("tool_choice needs tools, which this server does not support yet",
                                       param="tool_choice")
-    if any(item.endswith("logprobs") for item in request.include or ()):
-        raise UnsupportedFeatureError("logprobs are not returned by this server's Responses API",
-                                      param="include")
 
 
 def _response_format(request: ResponseCreateRequest) -> dict[str, Any] | None:
