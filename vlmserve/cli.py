@@ -15,6 +15,7 @@ _SCALARS = {"int": int, "float": float, "str": str}
 
 
 def _flag(name: str) -> str:
+    """The flag of a config field that does not name its own (`option(flag=...)`)."""
     return "--" + name.replace("_", "-")
 
 
@@ -46,7 +47,7 @@ def _add_field(group: Any, section: str, f: dataclasses.Field[Any]) -> None:
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
-    group.add_argument(_flag(f.name), **kwargs)
+    group.add_argument(meta.get("flag") or _flag(f.name), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -170,8 +170,9 @@ class ServerConfig:
                        example="--host 0.0.0.0")
     port: int = option(8000, "TCP port to listen on.", metavar="PORT", example="--port 8888")
     api_key: tuple[str, ...] = option(
-        (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health). Several may be "
-        "given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY", example="--api-key sk-local")
+        (), "Keys clients must send as 'Authorization: Bearer KEY' (every route but /health and the playground "
+        "page's files). Several may be given; also read from VLMSERVE_API_KEY (comma-separated).", metavar="KEY",
+        example="--api-key sk-local")
     api_key_file: str | None = option(None, "A file with one accepted API key per line.", metavar="FILE",
                                       example="--api-key-file /etc/vlmserve/keys")
     allowed_origins: tuple[str, ...] = option((), "Origins allowed by CORS; CORS is off unless given.",
@@ -198,6 +199,9 @@ class ServerConfig:
                                           metavar="SECONDS", example="--responses-store-ttl-s 86400")
     enable_docs: bool = option(True, "Serve Swagger UI at /docs (assets bundled, no outside network).",
                                example="--no-enable-docs")
+    enable_playground: bool = option(
+        True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
+        "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -149,6 +149,17 @@ def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngi
     return build_frontend(engine, PromptKit.of(adapter, engine.max_model_len), config), engine
 
 
+def log_playground_link(config: Config) -> None:
+    """The start-up line with the playground's address (a browser can open it), unless --no-playground."""
+    if not config.server.enable_playground:
+        return
+    host = config.server.host
+    # listening on every interface means this machine is reachable at 127.0.0.1
+    browsable = "127.0.0.1" if host in ("0.0.0.0", "", "::") else f"[{host}]" if ":" in host else host
+    logger.info("playground: http://%s:%d/playground (turn it off with --no-playground)", browsable,
+                config.server.port)
+
+
 async def _serve(adapter: ModelAdapter, config: Config) -> int:
     import uvicorn
 
@@ -170,6 +181,7 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     watcher = asyncio.create_task(watch_engine())
     logger.info("serving %s at http://%s:%d/v1 (model name%s: %s)", adapter.family, config.server.host,
                 config.server.port, "s" if len(names) > 1 else "", ", ".join(names))
+    log_playground_link(config)
     try:
         await server.serve()
     finally:
@@ -180,4 +192,4 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     return exit_code
 
 
-__all__ = ["build_service", "configure_logging", "make_engine_core", "run"]
+__all__ = ["build_service", "configure_logging", "log_playground_link", "make_engine_core", "run"]

@@ -19,7 +19,8 @@ def test_serve_help_explains_every_config_field_with_an_example(capsys: pytest.C
     for cls in SECTIONS.values():
         for field in dataclasses.fields(cls):
             if not field.metadata.get("positional"):
-                assert "--" + field.name.replace("_", "-") in text, field.name
+                flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+                assert flag in text, field.name
             assert f"Example: {' '.join(str(field.metadata['example']).split())}" in text, field.name
 
 

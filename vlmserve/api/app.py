@@ -30,6 +30,7 @@ from vlmserve.api.responses_store import MemoryResponseStore
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_completions import CompletionsService
 from vlmserve.api.serving_models import ModelsService
+from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
 from vlmserve.api.serving_responses import ResponsesService
 from vlmserve.api.serving_tokenize import TokenizeService
 from vlmserve.api.surface_routes import (
@@ -73,10 +74,10 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     _install_error_handlers(app)
     install_openapi(app, requires_api_key=bool(config.server.resolved_api_keys()))
     install_responses_routes(app, ResponsesService(chat, metered, store))
-    install_completions_routes(app, CompletionsService(metered, renderer.tokenizer,
+    install_completions_routes(app, CompletionsService(metered, renderer,
                                                        served_model_names=served_model_names,
                                                        server_config=config.server))
-    install_tokenize_routes(app, TokenizeService(chat, renderer.tokenizer, max_model_len=engine.max_model_len,
+    install_tokenize_routes(app, TokenizeService(chat, renderer, max_model_len=engine.max_model_len,
                                                  served_model_names=served_model_names))
     install_metrics_route(app, metrics)
     if config.server.enable_docs:
@@ -133,13 +134,18 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             body["replicas"] = {name: asdict(stats) for name, stats in by_replica().items()}
         return body
 
-    return _wrap_middleware(app, config)
+    open_paths: frozenset[str] = frozenset()
+    if config.server.enable_playground:
+        assets = load_assets()
+        install_playground(app, assets)
+        open_paths = public_paths(assets)
+    return _wrap_middleware(app, config, open_paths)
 
 
-def _wrap_middleware(app: FastAPI, config: Config) -> FastAPI:
+def _wrap_middleware(app: FastAPI, config: Config, open_paths: frozenset[str]) -> FastAPI:
     # Added innermost first: the body cap runs after authentication, CORS outermost so preflights succeed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys())
+    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys(), public_paths=open_paths)
     if config.server.allowed_origins:
         app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])

@@ -1,7 +1,8 @@
 """Pure ASGI middleware: the request log, API-key authentication, the request body cap and CORS.
 
 Authentication and the body cap run before routing and before the body is parsed. Authentication guards every path except exactly
-`/health` (GET/HEAD), so no spelling of a path (`//v1/...`, `%2F`, trailing slashes, case) can skip it.
+`/health` and the playground's static paths (GET/HEAD), so no spelling of a path (`//v1/...`, `%2F`, trailing
+slashes, case) can skip it.
 """
 
 from __future__ import annotations
@@ -86,11 +87,15 @@ class RequestLogMiddleware:
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` matching one of `keys`, compared in constant time."""
+    """Requires `Authorization: Bearer <key>` matching one of `keys`, compared in constant time.
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    `public_paths` (exact paths, GET/HEAD only) are served without a key on top of `/health`: the playground's
+    static files, whose page then asks the user for the key its API calls need."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self._keys = [k.encode() for k in keys]
+        self._open_paths = _OPEN_PATHS | public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or self._is_open(scope):
@@ -102,9 +107,8 @@ class APIKeyMiddleware:
             return
         await self.app(scope, receive, send)
 
-    @staticmethod
-    def _is_open(scope: Scope) -> bool:
-        return scope["path"] in _OPEN_PATHS and scope["method"] in ("GET", "HEAD")
+    def _is_open(self, scope: Scope) -> bool:
+        return scope["path"] in self._open_paths and scope["method"] in ("GET", "HEAD")
 
     def _authorized(self, header: bytes | None) -> bool:
         if header is None or header[:7].lower() != b"bearer ":

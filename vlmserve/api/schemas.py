@@ -190,6 +190,8 @@ class ChatCompletionChoice(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    #: of the prompt tokens, those standing for images (an extension; OpenAI's image API reports the same name)
+    image_tokens: int = 0
 
 
 class Usage(BaseModel):

@@ -147,7 +147,7 @@ class ChatService:
                 index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt.num_tokens, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
 
     def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
                progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
@@ -174,14 +174,15 @@ class ChatService:
             if delta.finish_reason is not None:
                 yield writer.finish(delta.index, delta.finish_reason.value)
         if include_usage:
-            yield writer.usage(_usage(generation.prompt.num_tokens, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
         yield writer.done()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> schemas.Usage:
-    return schemas.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens,
-                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
+def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=prompt.num_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt.num_tokens + completion_tokens,
+                         prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached,
+                                                                           image_tokens=prompt.num_image_tokens))
 
 
 def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:

@@ -26,6 +26,7 @@ from vlmserve.api.schemas_completions import (
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import GenerationRequest, PreparedPrompt, SamplingParams, TokenDelta
 
 
@@ -51,12 +52,17 @@ class PreparedCompletion:
 
 
 class CompletionsService:
-    def __init__(self, engine: EngineClient, tokenizer: Any, *, served_model_names: tuple[str, ...],
+    def __init__(self, engine: EngineClient, renderer: PromptRenderer, *, served_model_names: tuple[str, ...],
                  server_config: ServerConfig) -> None:
         self._engine = engine
-        self._tokenizer = tokenizer
+        self._renderer = renderer
         self._names = served_model_names
         self._config = server_config
+
+    @property
+    def _tokenizer(self) -> Any:
+        # looked up per call: the renderer owns the processor (and tests build apps without one)
+        return self._renderer.tokenizer
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         if request.model not in self._names:

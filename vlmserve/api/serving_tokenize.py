@@ -19,16 +19,22 @@ from vlmserve.api.schemas_tokenize import (
 )
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import PreparedPrompt
 
 
 class TokenizeService:
-    def __init__(self, chat: ChatService, tokenizer: Any, *, max_model_len: int,
+    def __init__(self, chat: ChatService, renderer: PromptRenderer, *, max_model_len: int,
                  served_model_names: tuple[str, ...]) -> None:
         self._chat = chat
-        self._tokenizer = tokenizer
+        self._renderer = renderer
         self._max_model_len = max_model_len
         self._names = served_model_names
+
+    @property
+    def _tokenizer(self) -> Any:
+        # looked up per call: the renderer owns the processor (and tests build apps without one)
+        return self._renderer.tokenizer
 
     def _model(self, model: str | None) -> str:
         if model is None:

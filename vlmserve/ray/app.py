@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from vlmserve.config import Config, RayConfig
-from vlmserve.serve import PromptKit, build_frontend
+from vlmserve.serve import PromptKit, build_frontend, log_playground_link
 
 logger = logging.getLogger("vlmserve.ray")
 
@@ -115,6 +115,7 @@ def run(config: Config) -> int:
     serve.run(build_application(config), name=APP_NAME, route_prefix="/")
     logger.info("serving on http://%s:%d with %s engine replicas (Ray Serve)", config.server.host,
                 config.server.port, scale.replicas)
+    log_playground_link(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
