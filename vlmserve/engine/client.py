@@ -57,6 +57,26 @@ class EngineClient(Protocol):
     async def shutdown(self, timeout_s: float) -> None: ...
 
 
+def resolve_max_tokens(request: GenerationRequest, max_model_len: int) -> int:
+    """The request's output budget: its max_tokens, or the rest of the context when it has none. Raises
+    `ContextLengthError` when the prompt leaves no room or max_tokens asks for more than is left."""
+    prompt_tokens = request.prompt.num_tokens
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens (image tokens included) but the model's context is "
+            f"{max_model_len} tokens (--max-model-len)", param="messages")
+    wanted = request.sampling.max_tokens
+    if wanted is None:
+        return room
+    if wanted > room:
+        raise ContextLengthError(
+            f"max_tokens is {wanted} but only {room} tokens are left in the model's {max_model_len}-token "
+            f"context after the {prompt_tokens}-token prompt (image tokens included); lower max_tokens",
+            param="max_tokens")
+    return wanted
+
+
 @dataclasses.dataclass
 class _Sequence:
     """Client-side state of one sequence: where its deltas go and how its text is made."""
@@ -202,21 +222,7 @@ class AsyncEngine:
                     "(special tokens typed into message text are not allowed)", param="messages")
 
     def _resolve_max_tokens(self, request: GenerationRequest) -> int:
-        prompt_tokens = request.prompt.num_tokens
-        room = self.max_model_len - prompt_tokens
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens (image tokens included) but the model's context is "
-                f"{self.max_model_len} tokens (--max-model-len)", param="messages")
-        wanted = request.sampling.max_tokens
-        if wanted is None:
-            return room
-        if wanted > room:
-            raise ContextLengthError(
-                f"max_tokens is {wanted} but only {room} tokens are left in the model's {self.max_model_len}-token "
-                f"context after the {prompt_tokens}-token prompt (image tokens included); lower max_tokens",
-                param="max_tokens")
-        return wanted
+        return resolve_max_tokens(request, self.max_model_len)
 
     def _abort(self, request_id: str) -> None:
         if self._sequences.pop(request_id, None) is not None:
