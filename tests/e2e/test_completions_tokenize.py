@@ -106,3 +106,16 @@ def test_detokenize_inverts_tokenize_and_bad_ids_are_refused(demo_server: Server
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens"
     both = post(demo_server, "/v1/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]})
     assert both.status_code == 400
+
+
+def test_completion_bodies_validate_strictly_against_the_sdk_type(demo_server: ServerProcess) -> None:
+    from openai.types import Completion
+
+    body = {"model": MODEL, "prompt": ["Hello", "Hi"], "max_tokens": 3, "logprobs": 1, "n": 2}
+    Completion.model_validate(post(demo_server, "/v1/completions", body).json())
+    with httpx.stream("POST", f"{demo_server.base_url}/v1/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=60) as streamed:
+        chunks = [line[len("data: "):] for line in streamed.iter_lines() if line.startswith("data: {")]
+    # the SDK types finish_reason as required, though OpenAI's own chunks send null until the last: validate those
+    finishing = [chunk for chunk in chunks if '"finish_reason":null' not in chunk]
+    assert len(finishing) == 4 and all(Completion.model_validate_json(chunk).choices for chunk in finishing)

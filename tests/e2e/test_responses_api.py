@@ -13,6 +13,7 @@ import io
 import json
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -78,6 +79,23 @@ def test_stream_sends_openais_event_sequence(demo_client: openai.OpenAI) -> None
     assert final.usage is not None and plain.usage is not None  # cached tokens differ: the second hits the cache
     assert (final.usage.input_tokens, final.usage.output_tokens) == (plain.usage.input_tokens,
                                                                       plain.usage.output_tokens)
+
+
+def test_objects_and_events_validate_strictly_against_the_sdk_types(demo_server: ServerProcess) -> None:
+    """The SDK builds its models without validating; here every body must pass its pydantic validation."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
+    body = {"model": MODEL, "input": image_input("Describe the image."), "temperature": 0, "max_output_tokens": 3}
+    plain = httpx.post(f"{demo_server.base_url}/v1/responses", json=body, headers=headers, timeout=60).json()
+    assert Response.model_validate(plain).status == "incomplete"
+    with httpx.stream("POST", f"{demo_server.base_url}/v1/responses", json={**body, "stream": True},
+                      headers=headers, timeout=60) as streamed:
+        events = [json.loads(line[len("data: "):]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    assert [type(adapter.validate_python(event)).__name__ for event in events][-1] == "ResponseIncompleteEvent"
+    Response.model_validate(httpx.get(f"{demo_server.base_url}/v1/responses/{plain['id']}", headers=headers).json())
 
 
 def test_previous_response_id_continues_the_conversation(demo_client: openai.OpenAI) -> None:
