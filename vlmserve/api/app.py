@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,8 +46,6 @@ from vlmserve.engine.client import EngineClient
 from vlmserve.errors import VlmserveError
 from vlmserve.multimodal.loader import MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
-
-T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
@@ -92,10 +90,8 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
         fields = log_fields(raw_request.scope)
         fields.update(summary)  # the line then carries the completion's id (chatcmpl-...)
         if request.stream:
-            # Refuse with a status (429/503) while we still can: once streaming starts, only an error event is left.
-            # NOTE: a request admitted here can still lose the race for the last slot before its generator runs;
-            # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
-            engine.check_can_accept(generation.sampling.n)
+            # chat.stream() starts the generation at the call: what needs no generation (context, a full queue, a
+            # dead engine) raises here and gets its status, never a 200 followed by an error event
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return sse_response(chat.stream(generation, request.model, include_usage, progress=fields), fields)
         completion = await cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
