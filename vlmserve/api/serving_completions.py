@@ -73,6 +73,8 @@ class CompletionsService:
         sampling = self._sampling(request)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         token_lists = await asyncio.to_thread(self._tokenize, prompts)
+        # NOTE: no cache_salt yet, as in the chat path; when prefix-cache isolation sets one per client there, it
+        # belongs here too (these requests share the engine's prefix cache)
         generations = [GenerationRequest(
             request_id=completion_id if len(prompts) == 1 else f"{completion_id}-p{i}",
             prompt=PreparedPrompt(token_ids=ids), sampling=sampling) for i, ids in enumerate(token_lists)]
