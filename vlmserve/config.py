@@ -198,7 +198,7 @@ class ServerConfig:
     responses_store_ttl_s: float = option(3600.0, "How long a kept response stays retrievable.",
                                           metavar="SECONDS", example="--responses-store-ttl-s 86400")
     enable_docs: bool = option(True, "Serve Swagger UI at /docs (assets bundled, no outside network).",
-                               example="--no-enable-docs")
+                               example="--no-docs", flag="--docs")
     enable_playground: bool = option(
         True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
         "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
