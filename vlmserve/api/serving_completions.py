@@ -130,6 +130,9 @@ class CompletionsService:
                                           param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
             else:
                 token_lists.append(list(prompt))
+            if not token_lists[-1]:
+                raise InvalidRequestError("the prompt is empty (0 tokens): there is nothing to complete from",
+                                          param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
         return token_lists
 
     # --- answers ---------------------------------------------------------------------------------------------
