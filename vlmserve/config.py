@@ -110,6 +110,10 @@ class EngineConfig:
         example="--image-cache-bytes 1073741824")
     enable_cuda_graphs: bool = option(True, "Capture decode steps in CUDA graphs (GPU only).",
                                       example="--no-enable-cuda-graphs")
+    enable_paged_self_check: bool = option(
+        True, "At load, check that the paged engine reproduces the model's own generate on a short image prompt "
+        "(logprobs within a dtype-aware tolerance); on a mismatch the model is served by the generate engine.",
+        example="--no-enable-paged-self-check")
     max_generate_batch: int = option(8, "Largest batch the generate engine runs in one call.", metavar="N",
                                      example="--max-generate-batch 16")
 

@@ -16,7 +16,9 @@ from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine, EngineClient
 from vlmserve.engine.protocol import EngineCore
 from vlmserve.engine.text_policy import TextPolicy
+from vlmserve.errors import VlmserveError
 from vlmserve.models.base import ModelAdapter
+from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger("vlmserve")
 
@@ -35,17 +37,68 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
         logger.info("engine: generate (batched model.generate), as requested with --engine generate")
         return GenerateEngineCore(adapter, config.engine)
     if reason is None:
-        try:
-            from vlmserve.engine.core import PagedEngineCore
-        except ImportError:  # NOTE: the paged engine lands in its own change; until then everything falls back
-            reason = "the continuous-batching engine is not available in this build"
-        else:
-            logger.info("engine: paged (continuous batching over a paged KV cache)")
-            return PagedEngineCore(adapter, config.engine)
+        reason = _paged_self_check(adapter, config)
+    if reason is None:
+        from vlmserve.engine.core import PagedEngineCore
+
+        logger.info("engine: paged (continuous batching over a paged KV cache)")
+        return PagedEngineCore(adapter, config.engine)
     if choice == "paged":
         raise SystemExit(f"--engine paged: {adapter.family} cannot run on the paged engine: {reason}")
     logger.warning("engine: generate fallback for %s: %s", adapter.family, reason)
     return GenerateEngineCore(adapter, config.engine)
+
+
+def _paged_self_check(adapter: ModelAdapter, config: Config) -> str | None:
+    """None when the paged engine reproduces the model's own generate on a short image prompt; else why not."""
+    from vlmserve.engine.paged_check import NUM_CHECK_TOKENS, check_paged_engine
+
+    if not config.engine.enable_paged_self_check:
+        logger.warning("paged self-check skipped (--no-enable-paged-self-check)")
+        return None
+    prompt = self_check_prompt(adapter, max_tokens=adapter.max_model_len - NUM_CHECK_TOKENS)
+    if prompt is None:
+        return (f"no self-check prompt fits the {adapter.max_model_len}-token context (--max-model-len), so the "
+                "paged engine could not be checked against this model")
+    try:
+        result = check_paged_engine(adapter, prompt, config.engine)
+    except Exception as exc:  # the reference generate failed: fail closed for the paged engine, say why
+        logger.debug("paged self-check failed", exc_info=exc)
+        return f"the paged self-check could not run ({type(exc).__name__}: {exc})"
+    logger.info("paged self-check: %d positions, %d prompt tokens, largest logprob difference %.3g, %.2fs%s",
+                result.num_positions, prompt.num_tokens, result.max_error, result.seconds,
+                "" if result.reason is None else " — FAILED")
+    return result.reason
+
+
+def self_check_prompt(adapter: ModelAdapter, *, max_tokens: int | None = None) -> PreparedPrompt | None:
+    """A short prompt for the paged self-check, through the model's own template and processor: a few words and
+    two small generated images — fewer where the model takes fewer, or where the prompt would exceed
+    `max_tokens`; None if not even a text-only prompt fits (or renders)."""
+    from PIL import Image
+
+    from vlmserve.multimodal.decode import image_hash
+    from vlmserve.multimodal.prompt import PromptRenderer
+    from vlmserve.types import ChatMessage, ImagePart, TextPart
+
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=2**31, max_images_per_prompt=adapter.max_images_per_prompt)
+    images = []
+    for index in range(0 if adapter.image_token_id is None else min(2, adapter.max_images_per_prompt or 2)):
+        gradient = Image.linear_gradient("L").resize((64 - 16 * index, 48 + 16 * index))
+        flipped = gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = Image.merge("RGB", (gradient, gradient.rotate(90 * (index + 1)), flipped))
+        images.append(ImagePart(image, image_hash(image)))
+    while True:
+        try:
+            prompt = renderer.render([ChatMessage("user", (*images, TextPart("What is in these pictures?")))])
+        except VlmserveError:  # e.g. a model that needs an image in every prompt, asked without one
+            prompt = None
+        if prompt is not None and (max_tokens is None or prompt.num_tokens <= max_tokens):
+            return prompt
+        if not images:
+            return None
+        images.pop()
 
 
 def placeholder_token_ids(adapter: ModelAdapter) -> frozenset[int]:

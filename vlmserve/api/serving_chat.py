@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -12,6 +13,7 @@ from typing import Any, cast
 
 from vlmserve.api import schemas
 from vlmserve.api.streaming import ChunkWriter
+from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
@@ -60,6 +62,9 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
+        structure = resolve_structured_output(request)
+        if structure is not None:
+            await self._compile(structure)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
         self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
@@ -71,8 +76,18 @@ class ChatService:
         finally:
             self._num_preparing -= request.n
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=self._sampling(request))
+        sampling = self._sampling(request)
+        if structure is not None:
+            sampling = dataclasses.replace(sampling, structured=structure.spec)
+        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling)
         return generation, _summary(generation, images)
+
+    async def _compile(self, structure: RequestedStructure) -> None:
+        """Compile the grammar before anything is accepted, so a spec the engine cannot enforce is a 400."""
+        try:
+            await self._engine.compile_structured(structure.spec)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, param=structure.param) from exc
 
     def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
         """Worker thread: render the prompt."""
@@ -101,8 +116,6 @@ class ChatService:
                                       "--trust-request-chat-template", param="chat_template")
         if request.tools:
             raise UnsupportedFeatureError("tool calling is not supported by this server", param="tools")
-        if request.response_format and request.response_format.get("type") not in (None, "text"):
-            raise UnsupportedFeatureError("only response_format type 'text' is supported", param="response_format")
 
     def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())

@@ -26,8 +26,16 @@ from vlmserve.errors import (
     InvalidRequestError,
     QueueFullError,
     ServiceUnavailableError,
+    UnsupportedFeatureError,
 )
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, SamplingParams, TokenDelta
+from vlmserve.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StructuredOutputSpec,
+    TokenDelta,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,11 @@ class EngineClient(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        """Compile (and cache) a structured-output grammar off the engine thread; raises InvalidRequestError when
+        the engine cannot enforce it, UnsupportedFeatureError when this engine has no grammar support."""
+        ...
 
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         """Raise (QueueFullError, ServiceUnavailableError, EngineDeadError) if `num_sequences` more sequences, on
@@ -116,6 +129,9 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"vlmserve-{self._core.name}-engine", daemon=True)
         self._thread.start()
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.warm_up()
 
     @property
     def is_dead(self) -> bool:
@@ -145,8 +161,18 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 10.0)
+        structured = getattr(self._core, "structured", None)
+        if structured is not None:
+            structured.shutdown()
 
     # --- requests --------------------------------------------------------------------------------------------
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        structured = getattr(self._core, "structured", None)
+        if structured is None:
+            raise UnsupportedFeatureError("structured outputs are not supported by this engine",
+                                          param="response_format")
+        await structured.compile(spec)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         # NOTE: a plain function, so every check that does not need the model raises here, at the call: a

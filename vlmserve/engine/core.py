@@ -21,8 +21,12 @@ from vlmserve.engine.kv_cache import BlockPool, KVCache
 from vlmserve.engine.model_runner import ModelRunner
 from vlmserve.engine.protocol import CoreOutput, Emit
 from vlmserve.engine.request import Sequence
-from vlmserve.engine.sampler import SamplerOutput, SequenceSampling, make_generator
+from vlmserve.engine.sampler import SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
+from vlmserve.engine.stopping import finish_reason, make_sampling
+from vlmserve.engine.structured import StructuredOutputs
+from vlmserve.engine.text_policy import TextPolicy
+from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import EngineStats, FinishReason, GenerationRequest
 
@@ -56,7 +60,10 @@ class PagedEngineCore:
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
+        self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
+        self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
+        self._refused: list[CoreOutput] = []  # requests refused on arrival, reported by the next step
         self._sequences: dict[str, Sequence] = {}
         self._consecutive_failures = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
@@ -79,7 +86,12 @@ class PagedEngineCore:
 
     def step(self, emit: Emit) -> None:
         self._take_inbox()
+        if self._refused:
+            emit(self._refused)
+            self._refused = []
         scheduled = self.scheduler.schedule()
+        for preempted in scheduled.preempted:
+            self.runner.sampler.release(preempted.sampling)  # its sampling row is rebuilt when it runs again
         if not scheduled.chunks:
             return
         try:
@@ -121,21 +133,28 @@ class PagedEngineCore:
     def _take_inbox(self) -> None:
         new, aborts = self._inbox.take()
         for request in new:
-            sequence = self._make_sequence(request)
+            try:
+                sequence = self._make_sequence(request)
+            except RequestError as exc:  # a grammar the API did not compile first, and that does not compile
+                logger.warning("request %s refused by the engine: %s", request.request_id, exc.message)
+                self._refused.append(CoreOutput(request.request_id, [], FinishReason.ERROR, error=exc.message))
+                continue
             self._sequences[request.request_id] = sequence
             self.scheduler.add(sequence)
         for request_id in aborts:
             aborted = self._sequences.pop(request_id, None)
             if aborted is not None:
-                self.scheduler.finish(aborted)  # its blocks are free before this step is scheduled
+                self._finish_sequence(aborted)  # its blocks are free before this step is scheduled
                 self._counters["aborted"] += 1
 
+    def _finish_sequence(self, sequence: Sequence) -> None:
+        self.scheduler.finish(sequence)
+        self.runner.sampler.release(sequence.sampling)
+
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
-        params = request.sampling
-        end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._adapter.eos_token_ids)
-        sampling = SequenceSampling(params=params, prompt_token_ids=request.prompt.token_ids, output_token_ids=[],
-                                    generator=make_generator(params.seed, self._adapter.device),
-                                    end_token_ids=end_ids)
+        sampling = make_sampling(request, eos_token_ids=self._adapter.eos_token_ids, device=self._adapter.device,
+                                 tokenizer=self._adapter.tokenizer, text_policy=self._text_policy,
+                                 structured=self.structured)
         sequence = Sequence(request=request, sampling=sampling)
         sampling.output_token_ids = sequence.output_token_ids  # the sampler sees tokens as they are appended
         self._counters["prompt"] += request.prompt.num_tokens
@@ -153,10 +172,11 @@ class PagedEngineCore:
             return outputs
         for sequence, token, logprobs in zip(sampled_sequences, sampled.token_ids, sampled.logprobs, strict=True):
             sequence.output_token_ids.append(token)
-            finish = self._finish_reason(sequence, token)
+            finish = finish_reason(sequence.sampling, token, num_tokens=sequence.num_tokens,
+                                   max_model_len=self.max_model_len)
             if finish is not None:
                 sequence.finish_reason = finish
-                self.scheduler.finish(sequence)
+                self._finish_sequence(sequence)
                 self._sequences.pop(sequence.request_id, None)
                 self._counters["finished"] += 1
             outputs.append(CoreOutput(sequence.request_id, [token], finish,
@@ -165,22 +185,13 @@ class PagedEngineCore:
         self._count_step(len(outputs))
         return outputs
 
-    def _finish_reason(self, sequence: Sequence, token: int) -> FinishReason | None:
-        if token in sequence.sampling.end_token_ids:  # masked by the sampler until min_tokens is reached
-            return FinishReason.STOP
-        if len(sequence.output_token_ids) >= int(sequence.request.sampling.max_tokens or 0):
-            return FinishReason.LENGTH
-        if sequence.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
     def _fail(self, chunks: list[ScheduledChunk], exc: Exception) -> list[CoreOutput]:
         logger.error("request failed in the engine: %s", type(exc).__name__, exc_info=exc)
         outputs = []
         for chunk in chunks:
             sequence = chunk.sequence
             if self._sequences.pop(sequence.request_id, None) is not None:
-                self.scheduler.finish(sequence)
+                self._finish_sequence(sequence)
                 outputs.append(CoreOutput(sequence.request_id, [], FinishReason.ERROR, error=type(exc).__name__))
         return outputs
 

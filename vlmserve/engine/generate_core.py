@@ -25,7 +25,11 @@ from transformers import (
 from vlmserve.config import EngineConfig
 from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.protocol import CoreOutput, Emit
-from vlmserve.engine.sampler import Sampler, SequenceSampling, make_generator
+from vlmserve.engine.sampler import Sampler, SequenceSampling
+from vlmserve.engine.stopping import finish_reason, make_sampling
+from vlmserve.engine.structured import StructuredOutputs
+from vlmserve.engine.text_policy import TextPolicy
+from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import EngineStats, FinishReason, GenerationRequest
 
@@ -54,6 +58,8 @@ class GenerateEngineCore:
         self.max_model_len = adapter.max_model_len
         self._max_batch = config.max_generate_batch
         self._sampler = Sampler(adapter.device)
+        self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
+        self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
         self._waiting: deque[GenerationRequest] = deque()  # engine thread only, like the two below
         self._aborted: set[str] = set()  # ids of running rows whose clients went away
@@ -81,7 +87,7 @@ class GenerateEngineCore:
 
     def step(self, emit: Emit) -> None:
         self._drain_inbox()
-        rows = self._take_batch()
+        rows = self._take_batch(emit)
         if not rows:
             return
         try:
@@ -94,6 +100,8 @@ class GenerateEngineCore:
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
         finally:
+            for row in rows:
+                self._sampler.release(row.sampling)
             self._aborted.clear()
             self._running = []
 
@@ -109,19 +117,23 @@ class GenerateEngineCore:
         self._waiting = kept
         self._aborted |= gone & {r.request.request_id for r in self._running}
 
-    def _take_batch(self) -> list[_Row]:
+    def _take_batch(self, emit: Emit) -> list[_Row]:
         rows: list[_Row] = []
         while self._waiting and len(rows) < self._max_batch:
-            rows.append(self._make_row(self._waiting.popleft()))
+            request = self._waiting.popleft()
+            try:
+                rows.append(self._make_row(request))
+            except RequestError as exc:  # a grammar the API did not compile first, and that does not compile
+                logger.warning("request %s refused by the engine: %s", request.request_id, exc.message)
+                emit([CoreOutput(request.request_id, [], FinishReason.ERROR, error=exc.message)])
         self._running = rows
         return rows
 
     def _make_row(self, request: GenerationRequest) -> _Row:
-        params = request.sampling
-        end_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._adapter.eos_token_ids)
-        row = _Row(request=request, sampling=SequenceSampling(
-            params=params, prompt_token_ids=request.prompt.token_ids, output_token_ids=[],
-            generator=make_generator(params.seed, self._adapter.device), end_token_ids=end_ids))
+        sampling = make_sampling(request, eos_token_ids=self._adapter.eos_token_ids, device=self._adapter.device,
+                                 tokenizer=self._adapter.tokenizer, text_policy=self._text_policy,
+                                 structured=self.structured)
+        row = _Row(request=request, sampling=sampling)
         row.sampling.output_token_ids = row.output_token_ids
         return row
 
@@ -145,6 +157,7 @@ class GenerateEngineCore:
         for r in rows:
             if not r.is_done and r.request.request_id in aborted:
                 r.finish_reason = FinishReason.ABORT
+                self._sampler.release(r.sampling)
                 self._counters["aborted"] += 1
         forced = torch.full_like(scores, float("-inf"))
         forced[:, 0] = 0.0  # rows already done: any token; they are ignored
@@ -155,8 +168,10 @@ class GenerateEngineCore:
         for j, i in enumerate(live):
             row, token = rows[i], drawn.token_ids[j]
             row.output_token_ids.append(token)
-            row.finish_reason = self._finish_reason(row, token)
+            row.finish_reason = finish_reason(row.sampling, token, num_tokens=row.request.prompt.num_tokens
+                                              + len(row.output_token_ids), max_model_len=self.max_model_len)
             if row.is_done:
+                self._sampler.release(row.sampling)
                 self._counters["finished"] += 1
             forced[i, 0] = float("-inf")
             forced[i, token] = 0.0
@@ -166,15 +181,6 @@ class GenerateEngineCore:
         self._counters["generated"] += len(live)
         emit(outputs)
         return forced
-
-    @staticmethod
-    def _finish_reason(row: _Row, token: int) -> FinishReason | None:
-        params = row.request.sampling
-        if token in row.sampling.end_token_ids:  # the sampler masks them until min_tokens is reached
-            return FinishReason.STOP
-        if len(row.output_token_ids) >= int(params.max_tokens or 0):
-            return FinishReason.LENGTH
-        return None
 
 
 class _DrawTokens(LogitsProcessor):

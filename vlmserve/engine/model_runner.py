@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,8 @@ class StepInputs:
     attention: AttentionBatch
     sample_rows: list[int]  # row index of each sampling chunk's last token
     sample_sequences: list[Sequence]
+    #: per-token decoder inputs of the step's prompt rows (Qwen3-VL deepstack), as decoder keyword arguments
+    decoder_extras: dict[str, Any]
 
 
 class _Rows:
@@ -48,13 +51,28 @@ class _Rows:
     def __init__(self) -> None:
         self.count = 0
         self._prompt: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first row, embeds, positions)
+        self._deepstack: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first row, visual mask, features)
         self._ids: list[int] = []
         self._positions: list[int] = []
         self._at: list[int] = []  # the row of each generated token
 
-    def add_prompt(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+    def add_prompt(self, embeds: torch.Tensor, positions: torch.Tensor,
+                   deepstack: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`deepstack`: (visual mask of these rows, (layers, visual rows, hidden) features), if the family has it."""
+        if deepstack is not None and bool(deepstack[0].any()):
+            self._deepstack.append((self.count, *deepstack))
         self._prompt.append((self.count, embeds, positions))
         self.count += embeds.shape[0]
+
+    def decoder_extras(self, device: torch.device) -> dict[str, Any]:
+        """Qwen3-VL's deepstack keyword arguments for this step's rows; empty when no image row is in it."""
+        if not self._deepstack:
+            return {}
+        mask = torch.zeros(1, self.count, dtype=torch.bool, device=device)
+        for row, visual, _ in self._deepstack:
+            mask[0, row:row + visual.shape[0]] = visual
+        layers = torch.cat([features for _, _, features in self._deepstack], dim=1)
+        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(layers.unbind(0))}
 
     def add_generated(self, token_ids: list[int], first_position: int) -> None:
         n = len(token_ids)
@@ -123,7 +141,7 @@ class ModelRunner:
             step = self._prepare(eager)
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
-                                                 use_cache=False)
+                                                 use_cache=False, **step.decoder_extras)
             if step.sample_rows:
                 sequences += step.sample_sequences
                 logits.append(self.adapter.compute_logits(output.last_hidden_state[0, step.sample_rows]))
@@ -142,10 +160,12 @@ class ModelRunner:
         """(chunks for the decode graph, chunks to run eagerly)."""
         if self._graphs is None:
             return [], chunks
-        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples]
+        # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None]
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
-        return graphed, [c for c in chunks if not (c.num_tokens == 1 and c.samples)]
+        chosen = {id(c) for c in graphed}
+        return graphed, [c for c in chunks if id(c) not in chosen]
 
     # --- packing ---------------------------------------------------------------------------------------------
 
@@ -167,7 +187,8 @@ class ModelRunner:
             if chunk.start < num_prompt:
                 assert sequence.prompt_embeds is not None and sequence.prompt_positions is not None
                 end = min(chunk.end, num_prompt)
-                rows.add_prompt(sequence.prompt_embeds[chunk.start:end], sequence.prompt_positions[:, chunk.start:end])
+                rows.add_prompt(sequence.prompt_embeds[chunk.start:end], sequence.prompt_positions[:, chunk.start:end],
+                                _deepstack_slice(sequence.prompt_extras, chunk.start, end))
             generated_start = max(chunk.start, num_prompt)
             if chunk.end > generated_start:
                 rows.add_generated(sequence.tokens(generated_start, chunk.end), generated_start + sequence.rope_delta)
@@ -190,7 +211,8 @@ class ModelRunner:
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
-                          attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences)
+                          attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences,
+                          decoder_extras=rows.decoder_extras(device))
 
     def _embed_prompts(self, sequences: list[Sequence]) -> None:
         """Prompt embeddings and positions of the sequences whose prefill starts this step. Their images come
@@ -218,8 +240,20 @@ class ModelRunner:
             sequence.prompt_embeds = embedding.inputs_embeds
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
+            sequence.prompt_extras = embedding.extras
 
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:
     """Whether the prompt's image runs pair one-to-one with its images (what the embedding cache needs)."""
     return len(prompt.image_spans) == len(prompt.image_hashes)
+
+
+def _deepstack_slice(extras: dict[str, torch.Tensor] | None, start: int, end: int
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The deepstack inputs of prompt tokens [start, end): their visual mask and their image rows' features."""
+    if not extras or "deepstack" not in extras:
+        return None
+    visual = extras["visual_mask"]
+    first = int(visual[:start].sum())
+    count = int(visual[start:end].sum())
+    return visual[start:end], extras["deepstack"][:, first:first + count]

@@ -40,6 +40,8 @@ class Sequence:
     #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)
     prompt_embeds: torch.Tensor | None = None
     prompt_positions: torch.Tensor | None = None
+    #: the prompt's per-token decoder extras (`PromptEmbedding.extras`), while it is being prefilled
+    prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
     num_preemptions: int = 0
 
@@ -78,3 +80,4 @@ class Sequence:
     def release_prompt_state(self) -> None:
         self.prompt_embeds = None
         self.prompt_positions = None
+        self.prompt_extras = None

@@ -52,7 +52,8 @@ class PromptEmbedding:
     inputs_embeds: torch.Tensor  # (tokens, hidden)
     positions: torch.Tensor  # (rows, tokens), int64
     rope_delta: int = 0
-    #: per-token tensors some families inject after early layers (Qwen3-VL deepstack); None for most
+    #: per-token tensors some families inject after early layers; None for most. Qwen3-VL deepstack:
+    #: "visual_mask" (tokens,) bool, the image tokens; "deepstack" (layers, image tokens, hidden)
     extras: dict[str, Any] | None = None
 
 

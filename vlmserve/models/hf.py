@@ -3,7 +3,9 @@
 The paged engine runs a transformers VLM without a port by splitting its forward pass at the seams every
 decoder-only VLM in transformers shares: the vision tower (`get_image_features`), the text embeddings with image
 features scattered over the image placeholder tokens, the model's own position helper (`get_rope_index` for
-M-RoPE families), the decoder (`model.model.language_model`) and `lm_head`.
+M-RoPE families), the decoder (`model.model.language_model`) and the model's own output head. Which of these a
+family needs, and whether it may run paged at all, is its `FamilySpec` on the allow-list in `models/families.py`;
+families without one are served by the generate engine.
 """
 
 from __future__ import annotations
@@ -15,25 +17,13 @@ from typing import Any
 import torch
 
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
+from vlmserve.models.families import FamilySpec, family_spec, refusal
 from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
 #: keys of the processor output that run along the token axis (left-padded when batching)
 _PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
-
-#: families whose decoder needs more than embeddings + positions + causal attention (see README's table)
-PAGED_UNSUPPORTED: dict[str, str] = {
-    "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
-    "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
-    "qwen3_vl": "deepstack visual features are injected after early decoder layers",
-    "qwen3_vl_moe": "deepstack visual features are injected after early decoder layers",
-    "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
-    "mllama": "cross-attention layers over image states",
-    "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
-    "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
-}
-
 
 class HFAdapter(ModelAdapter):
     """A transformers VLM served through its own processor, vision tower and decoder."""
@@ -47,9 +37,9 @@ class HFAdapter(ModelAdapter):
                          image_token_id=image_token_id)
         self.family = str(getattr(model.config, "model_type", "unknown"))
         self._base = getattr(model, "model", model)
-        # Idefics2/3 and SmolVLM call their decoder `text_model`; everyone else `language_model`.
-        self._decoder = getattr(self._base, "language_model", None) or getattr(self._base, "text_model", None)
         self._text_config = model.config.get_text_config()
+        self._head: Any = None
+        self.spec = family_spec(self.family)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
 
@@ -74,13 +64,27 @@ class HFAdapter(ModelAdapter):
 
     # --- paged engine ----------------------------------------------------------------------------------------
 
+    @property
+    def spec(self) -> FamilySpec | None:
+        """The family's paged spec (vlmserve.models.families); None when the family is not on the allow-list."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: FamilySpec | None) -> None:
+        self._spec = spec
+        self._head = None  # built from the spec on first use
+        self._decoder = getattr(self._base, spec.decoder, None) if spec is not None else None
+
     def paged_support(self) -> str | None:
         if self.is_remote_code:
             return "the model runs code shipped in its repository, whose internals are unknown"
-        if self.family in PAGED_UNSUPPORTED:
-            return PAGED_UNSUPPORTED[self.family]
+        reason = refusal(self.family)
+        if reason is not None or self.spec is None:
+            return reason or "no paged spec"
         if self._decoder is None or not hasattr(self.model, "lm_head"):
-            return "the model has no separate decoder and lm_head"
+            return f"the model has no decoder at .model.{self.spec.decoder} or no lm_head"
+        if self.spec.positions == "rope_index" and not hasattr(self._base, "get_rope_index"):
+            return "the spec asks for get_rope_index positions but the model has no get_rope_index"
         if not hasattr(self._base, "get_image_features"):
             return "the model has no get_image_features"
         if getattr(self._text_config, "is_encoder_decoder", False):
@@ -104,7 +108,7 @@ class HFAdapter(ModelAdapter):
 
     @property
     def num_position_rows(self) -> int:
-        return 3 if hasattr(self._base, "get_rope_index") else 1
+        return self.spec.num_position_rows if self.spec is not None else 1
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
@@ -119,7 +123,8 @@ class HFAdapter(ModelAdapter):
     def encode_image_batch(self, prompts: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
         """One vision-tower call for the images of all `prompts` where their inputs pack along the first axis
         (patch-packed towers: Qwen2-VL, Qwen2.5-VL, GLM-4.1V; fixed-size towers: LLaVA); else one call each."""
-        merged = _packed_image_inputs([p.model_inputs for p in prompts]) if len(prompts) > 1 else None
+        packable = self.spec.packable_image_keys if self.spec is not None else frozenset()
+        merged = _packed_image_inputs([p.model_inputs for p in prompts], packable) if len(prompts) > 1 else None
         sizes = [[span.end - span.start for span in p.image_spans] for p in prompts]
         if merged is None or any(len(s) != len(p.image_hashes) for s, p in zip(sizes, prompts, strict=True)):
             return super().encode_image_batch(prompts)
@@ -133,31 +138,46 @@ class HFAdapter(ModelAdapter):
         """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden)."""
         kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
+        deepstack = getattr(output, "deepstack_features", None) if self._has_deepstack else None
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
         elif hasattr(output, "last_hidden_state"):
             output = output.last_hidden_state
-        if isinstance(output, torch.Tensor):
-            return output.reshape(-1, output.shape[-1])
-        return torch.cat([t.reshape(-1, t.shape[-1]) for t in output])
+        pieces = [output] if isinstance(output, torch.Tensor) else list(output)
+        features = torch.cat([t.reshape(-1, t.shape[-1]) for t in pieces])
+        if deepstack:
+            # NOTE: one row per image token, [features | layer-1 deepstack | layer-2 …] side by side, so the
+            # per-image split and the image-embedding cache carry the deepstack features with the image.
+            features = torch.cat([features, *(d.reshape(features.shape[0], -1) for d in deepstack)], dim=-1)
+        return features
+
+    @property
+    def _has_deepstack(self) -> bool:
+        return self.spec is not None and "deepstack" in self.spec.extras
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
+        extras = None
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"
             mask = ids.eq(self.image_token_id)
             features = torch.cat(image_embeds).to(embeds.dtype)
             if int(mask.sum()) != features.shape[0]:
                 raise RuntimeError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features")
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
+            hidden = embeds.shape[-1]
+            if self._has_deepstack:
+                deepstack = features[:, hidden:].reshape(features.shape[0], -1, hidden).transpose(0, 1)
+                extras = {"visual_mask": mask, "deepstack": deepstack.contiguous()}
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[:, :hidden])
         positions, delta = self._prompt_positions(prompt, ids)
-        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta)
+        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
 
     def _prompt_positions(self, prompt: PreparedPrompt, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        if not hasattr(self._base, "get_rope_index"):
-            return torch.arange(len(ids), device=self.device).unsqueeze(0), 0
+        if self.spec is None or self.spec.positions == "arange":
+            positions = torch.arange(len(ids), device=self.device)
+            return positions.expand(self.num_position_rows, -1), 0
         inputs = dict(prompt.model_inputs)
         inputs["input_ids"] = ids.unsqueeze(0)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
@@ -166,7 +186,11 @@ class HFAdapter(ModelAdapter):
             inputs.setdefault("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         kwargs = _matching_kwargs(self._base.get_rope_index, inputs, self.device, self.dtype)
         position_ids, deltas = self._base.get_rope_index(**kwargs)
-        return position_ids[:, 0, :], int(deltas.reshape(-1)[0])
+        positions = position_ids[:, 0, :]
+        if positions.shape[0] != self.num_position_rows:
+            raise RuntimeError(f"get_rope_index gave {positions.shape[0]} position rows; the {self.family} spec "
+                               f"says {self.num_position_rows}")
+        return positions, int(deltas.reshape(-1)[0])
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)
@@ -177,11 +201,10 @@ class HFAdapter(ModelAdapter):
         return self._decoder
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(hidden).float()
-        softcap = getattr(self._text_config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        if self._head is None:
+            assert self.spec is not None, self.paged_support()
+            self._head = self.spec.head(self.model)
+        return self._head(hidden)
 
 
 def _left_pad(value: torch.Tensor | None, length: int, width: int) -> torch.Tensor:
@@ -205,25 +228,22 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return value.to(device)
 
 
-#: image inputs whose first axis runs over patches (with a grid per image) or over whole same-size images
-_PACKABLE_IMAGE_KEYS = {"pixel_values", "image_grid_thw"}
-
-
-def _packed_image_inputs(inputs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _packed_image_inputs(inputs: list[dict[str, Any]], packable: frozenset[str]) -> dict[str, Any] | None:
     """The image inputs of several prompts as one, concatenated along the first axis, or None where that would
-    not mean "these images, one after another": keys beyond pixels and grids (sizes, masks, patch counts), pixels of
-    different shapes without a grid to tell them apart, or prompts without images."""
+    not mean "these images, one after another": keys beyond the family's packable ones (sizes, masks, patch
+    counts), pixels of different shapes without a grid to tell them apart, or prompts without images."""
     keys = {k for model_inputs in inputs for k in model_inputs if k not in {*_PER_TOKEN_KEYS, "input_ids"}}
-    if not keys or not keys <= _PACKABLE_IMAGE_KEYS or "pixel_values" not in keys:
+    if not keys or not keys <= packable or "pixel_values" not in keys:
         return None
     merged: dict[str, Any] = {}
     for key in keys:
         values = [model_inputs.get(key) for model_inputs in inputs]
-        if not all(isinstance(v, torch.Tensor) for v in values):
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if len(tensors) != len(values):
             return None
-        if len({tuple(v.shape[1:]) for v in values}) != 1:
+        if len({tuple(v.shape[1:]) for v in tensors}) != 1:
             return None
-        merged[key] = torch.cat(values)
+        merged[key] = torch.cat(tensors)
     if "image_grid_thw" not in keys and merged["pixel_values"].dim() != 4:
         return None  # without a grid, only (images, channels, height, width) pixels are plainly image after image
     return merged

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmserve.errors import ModelLoadError
+from vlmserve.models.families import family_spec
 from vlmserve.models.hf import HFAdapter
 from vlmserve.models.hf_processor import load_processor
 from vlmserve.models.vision_attention import install_vision_attention
@@ -42,7 +43,9 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
                              f"{hf_config.model_type!r}; if the repository ships its own code, add "
                              "--trust-remote-code")
     model = model.to(device).eval()
-    if install_vision_attention(model, str(hf_config.model_type)):
+    spec = family_spec(str(hf_config.model_type))
+    if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(
+            model, str(hf_config.model_type)):
         logger.info("vision tower: one varlen attention call per layer")
     processor = load_processor(path, chat_template=chat_template, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from vlmserve.engine.client import resolve_max_tokens
 from vlmserve.errors import QueueFullError, ServiceUnavailableError, VlmserveError
-from vlmserve.types import EngineStats, GenerationRequest, TokenDelta
+from vlmserve.types import EngineStats, GenerationRequest, StructuredOutputSpec, TokenDelta
 
 logger = logging.getLogger("vlmserve.ray")
 
@@ -73,6 +73,19 @@ class RayEngineClient:
         finally:
             with contextlib.suppress(Exception):
                 stream.cancel()  # the client went away or failed: the replica aborts the sequences
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        """Compiled on a replica (each replica caches what it compiled; the request's own replica may compile again).
+        """
+        from ray.exceptions import RayTaskError
+
+        try:
+            await self._handle.compile_structured.remote(spec)
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, VlmserveError):
+                raise cause from None
+            raise
 
     def stats(self) -> EngineStats:
         return sum_stats(list(self._replicas.values())) if self._replicas else EngineStats(engine="ray")

@@ -16,7 +16,7 @@ from typing import Any
 from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine
 from vlmserve.serve import PromptKit, build_engine
-from vlmserve.types import GenerationRequest, TokenDelta
+from vlmserve.types import GenerationRequest, StructuredOutputSpec, TokenDelta
 
 logger = logging.getLogger("vlmserve.ray")
 
@@ -44,6 +44,9 @@ class EngineReplica:
         # and AsyncEngine.generate's cleanup aborts the sequences, as for a local client.
         async for delta in self._engine.generate(request):
             yield delta
+
+    async def compile_structured(self, spec: StructuredOutputSpec) -> None:
+        await self._engine.compile_structured(spec)
 
     def prompt_kit(self) -> PromptKit:
         return PromptKit.of(self._adapter, self._engine.max_model_len)

@@ -145,10 +145,10 @@ def test_same_text_different_image_never_shares_image_blocks(family: Loaded) -> 
 
 def _paged_families() -> list[str]:
     from tests.fixtures.tiny.registry import FAMILIES
-    from vlmserve.models.hf import PAGED_UNSUPPORTED
+    from vlmserve.models.families import FAMILY_SPECS
 
     return sorted(name for name, f in FAMILIES.items() if f.paged_blocker is None and not f.needs_torchvision
-                  and name not in ENGINE_FAMILIES and name not in PAGED_UNSUPPORTED)
+                  and name not in ENGINE_FAMILIES and name in FAMILY_SPECS)
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")

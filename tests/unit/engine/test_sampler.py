@@ -73,3 +73,26 @@ def test_sampling_follows_the_distribution() -> None:
     for token in sampler(probs.log().repeat(3000, 1), [seq(temperature=1.0) for _ in range(3000)]).token_ids:
         counts[token] += 1
     assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
+
+
+def test_presence_and_frequency_count_only_generated_tokens() -> None:
+    sampler = Sampler("cpu")
+    row = torch.tensor([[2.0, 1.9, 0.0]])
+    # token 0 fills the prompt but was never generated: presence/frequency leave it alone (OpenAI, vLLM) ...
+    assert sampler(row, [seq([], prompt=[0, 0, 0], temperature=0.0, presence_penalty=2.0,
+                             frequency_penalty=2.0)]).token_ids == [0]
+    # ... while the repetition penalty counts the prompt too (transformers, vLLM)
+    assert sampler(row, [seq([], prompt=[0], temperature=0.0, repetition_penalty=1.2)]).token_ids == [1]
+
+
+def test_logprobs_are_the_raw_distribution_whatever_the_processing() -> None:
+    sampler = Sampler("cpu")
+    row = torch.tensor([[3.0, 1.0, 0.5, -1.0]])
+    raw = row.log_softmax(-1)[0]
+    out = sampler(row, [seq([0, 0], prompt=[1], temperature=0.5, logit_bias={3: 40.0}, presence_penalty=1.0,
+                            frequency_penalty=0.5, repetition_penalty=1.5, logprobs=True, top_logprobs=2)])
+    (position,) = out.logprobs
+    assert out.token_ids == [3] and position is not None
+    assert abs(position.chosen.logprob - float(raw[3])) < 1e-6
+    assert [t.token_id for t in position.top] == [0, 1]
+    assert abs(position.top[0].logprob - float(raw[0])) < 1e-6

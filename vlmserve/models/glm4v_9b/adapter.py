@@ -42,9 +42,9 @@ def load(path: str | Path, *, device: str, dtype: torch.dtype, max_model_len: in
                                  "checkpoints); only GLM-4V-9B's interleaved layout is implemented")
         # NOTE: with accelerate installed, device_map streams the shards straight onto the device (28 GB in bf16
         # for the full model) instead of staging them in host memory first.
-        placement = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
+        placement: dict[str, Any] = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
         model = ChatGLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **placement)
-        model = model.to(device)
+        torch.nn.Module.to(model, device)  # in place (transformers types its own `to` wrapper too narrowly)
         processor = Glm4vProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load GLM-4V-9B from {path}: {type(exc).__name__}: {exc}") from exc

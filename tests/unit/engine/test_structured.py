@@ -1,0 +1,99 @@
+"""The grammar engine on the demo model's tokenizer: compilation, errors, the cache and the bitmask."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from vlmserve.demo import WEIGHTS_DIR
+from vlmserve.engine.structured import StructuredOutputs, apply_bitmask, fill_bitmask
+from vlmserve.errors import InvalidRequestError
+from vlmserve.types import StructuredOutputSpec
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> object:
+    return AutoTokenizer.from_pretrained(WEIGHTS_DIR)
+
+
+@pytest.fixture
+def engine(tokenizer: object) -> StructuredOutputs:
+    structured = StructuredOutputs(tokenizer, eos_token_ids=frozenset({tokenizer.eos_token_id}),  # type: ignore[attr-defined]
+                                   max_cached=2)
+    yield structured  # type: ignore[misc]
+    structured.shutdown()
+
+
+def walk(engine: StructuredOutputs, tokenizer: object, spec: StructuredOutputSpec, text: str) -> bool:
+    """Feed `text`'s tokens to a fresh matcher; True if all were accepted and the grammar is then complete."""
+    matcher = engine.matcher(spec)
+    ids = tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+    return all(matcher.accept(t) for t in ids) and matcher.matcher.is_accepting()
+
+
+@pytest.mark.parametrize(("spec", "value", "bad"), [
+    (StructuredOutputSpec("regex", r"\d{2}-[a-z]+"), "12-ab", "1-ab"),
+    (StructuredOutputSpec("choice", ("red", "a \"quoted\" one")), 'a "quoted" one', "blue"),
+    (StructuredOutputSpec("json_schema", json.dumps({"type": "object", "properties": {"n": {"type": "integer"}},
+                                                     "required": ["n"]})), '{"n":42}', '{"m":1}'),
+    (StructuredOutputSpec("json_object"), '{"any":[1,2]}', "[1,2]"),
+    (StructuredOutputSpec("grammar", 'start: "x" ("," "x")*'), "x,x,x", "x,,x"),
+])
+def test_each_kind_accepts_its_language_only(engine: StructuredOutputs, tokenizer: object,
+                                             spec: StructuredOutputSpec, value: str, bad: str) -> None:
+    assert walk(engine, tokenizer, spec, value)
+    assert not walk(engine, tokenizer, spec, bad)
+
+
+@pytest.mark.parametrize(("spec", "param", "words"), [
+    (StructuredOutputSpec("regex", "a(b"), "structured_outputs", "regex"),
+    (StructuredOutputSpec("json_schema", json.dumps({"type": "object", "dependentSchemas": {"a": {}}})),
+     "response_format", "dependentSchemas"),
+    (StructuredOutputSpec("json_schema", json.dumps({"type": "string", "format": "no-such-format"})),
+     "response_format", "no-such-format"),
+    (StructuredOutputSpec("json_schema", "[1, 2]"), "response_format", "JSON"),
+    (StructuredOutputSpec("grammar", "start: undefined_rule"), "structured_outputs", "grammar"),
+])
+def test_a_spec_that_cannot_be_enforced_is_a_typed_request_error(engine: StructuredOutputs,
+                                                                spec: StructuredOutputSpec, param: str,
+                                                                words: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        asyncio.run(engine.compile(spec))
+    assert caught.value.param == param and words in caught.value.message
+
+
+def test_compiled_grammars_are_cached_by_spec_and_bounded(engine: StructuredOutputs, tokenizer: object) -> None:
+    specs = [StructuredOutputSpec("regex", f"a{{{i}}}") for i in range(1, 4)]
+    asyncio.run(engine.compile(specs[0]))
+    engine.matcher(specs[0])
+    assert engine.num_compiled == 1  # the matcher came from the cache
+    engine.matcher(specs[1])
+    engine.matcher(specs[2])  # evicts specs[0] (max_cached=2)
+    engine.matcher(specs[0])
+    assert engine.num_compiled == 4
+    first, second = engine.matcher(specs[1]), engine.matcher(specs[1])
+    (a,) = tokenizer.encode("a", add_special_tokens=False)  # type: ignore[attr-defined]
+    assert first.accept(a) and first.accept(a) and first.matcher.is_accepting() and first.num_accepted == 2
+    assert second.num_accepted == 0 and second.accept(a)  # each sequence has its own copy of the grammar
+
+
+def test_bitmask_allows_exactly_what_the_matcher_allows(engine: StructuredOutputs, tokenizer: object) -> None:
+    spec = StructuredOutputSpec("choice", ("cat", "dog"))
+    matchers = [engine.matcher(spec), engine.matcher(StructuredOutputSpec("regex", "[0-9]+"))]
+    vocab = engine.tokenizer.vocab_size + 40  # the model's logits may be wider than the tokenizer
+    bitmask = fill_bitmask(matchers, vocab)
+    logits = torch.zeros(3, vocab)
+    apply_bitmask(logits, bitmask, [0, 2])
+    assert bool((logits[1] == 0).all())  # a row without grammar is untouched
+    for row, matcher_index in ((0, 0), (2, 1)):
+        allowed = {t for t in range(vocab) if logits[row, t] == 0}
+        assert allowed and all(t < engine.tokenizer.vocab_size for t in allowed)
+        texts = {tokenizer.decode([t]) for t in allowed}  # type: ignore[attr-defined]
+        if matcher_index == 0:
+            assert all("cat".startswith(x) or "dog".startswith(x) for x in texts)
+        else:
+            assert all(x.isdigit() for x in texts)

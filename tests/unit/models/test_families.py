@@ -1,0 +1,75 @@
+"""The paged allow-list (models/families.py): what is on it, what is refused and why, and that the head is the
+model's own — shown on a tiny Granite-4 Vision, whose head divides by `logits_scaling` and whose decoder takes
+deepstack features (a family the old deny-list let through to the paged engine)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from tests.fixtures.tiny.registry import FAMILIES
+from vlmserve.models.families import FAMILY_SPECS, REFUSED, own_head, refusal
+from vlmserve.models.hf import HFAdapter
+
+
+def test_every_tiny_family_with_a_blocker_or_extras_is_off_the_allow_list() -> None:
+    for name, family in FAMILIES.items():
+        if family.paged_blocker or family.recipe_extras:
+            assert name not in FAMILY_SPECS, name
+            assert refusal(name) is not None
+    assert not FAMILY_SPECS.keys() & REFUSED.keys()
+
+
+def test_an_unknown_family_is_refused_with_a_reason() -> None:
+    assert "allow-list" in (refusal("some_new_vlm") or "")
+    assert refusal("qwen2_vl") is None
+    assert refusal("qwen3_vl") is None  # deepstack is packed per step
+    assert "deepstack" in (refusal("granite4_vision") or "")
+
+
+def test_a_spec_with_unimplemented_extras_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = dataclasses.replace(FAMILY_SPECS["llava"], extras=("deepstack", "visual_indicators"))
+    monkeypatch.setitem(FAMILY_SPECS, "llava", spec)
+    reason = refusal("llava") or ""
+    assert "visual_indicators" in reason and "deepstack" not in reason
+
+
+@pytest.fixture(scope="module")
+def granite4_vision() -> Any:
+    from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
+
+    config = Granite4VisionConfig(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        text_config={"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "logits_scaling": 8.0,
+                     "embedding_multiplier": 12.0},
+        qformer_config={"model_type": "blip_2_qformer", "num_hidden_layers": 1, "intermediate_size": 64,
+                        "hidden_size": 32, "num_attention_heads": 2, "encoder_hidden_size": 32,
+                        "use_qformer_text_input": False, "cross_attention_frequency": 1},
+        image_token_index=95, deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1],
+        downsample_rate="1/2")
+    torch.manual_seed(0)
+    return Granite4VisionForConditionalGeneration(config).eval()
+
+
+def test_granite4_vision_takes_the_generate_engine(granite4_vision: Any) -> None:
+    adapter = HFAdapter(granite4_vision, None, max_model_len=64, eos_token_ids=frozenset({0}), image_token_id=95)
+    reason = adapter.paged_support()
+    assert reason is not None and "deepstack" in reason
+
+
+@torch.inference_mode()
+def test_the_head_is_the_models_own(granite4_vision: Any) -> None:
+    """`own_head` gives exactly the logits of the model's forward (divided by logits_scaling = 8); the bare
+    lm_head the generic adapter used to call does not."""
+    ids = torch.randint(0, 90, (1, 10), generator=torch.Generator().manual_seed(1))
+    expected = granite4_vision(input_ids=ids).logits[0]
+    hidden = granite4_vision.model.language_model(input_ids=ids).last_hidden_state[0]
+    assert torch.equal(own_head(granite4_vision)(hidden), expected)
+    assert torch.allclose(granite4_vision.lm_head(hidden) / 8.0, expected)
+    assert not torch.allclose(granite4_vision.lm_head(hidden), expected, atol=1e-2)
+    assert type(granite4_vision.model).__name__ == "Granite4VisionModel"  # the pass-through lives in a copy only

@@ -1,0 +1,155 @@
+"""What each transformers VLM family needs to run on the paged engine, in one place per family: an allow-list.
+
+The paged engine runs a model's decoder on packed ragged batches with our own embeddings and positions (see
+`vlmserve.models.hf`). That reproduces the model's own forward only where the family's decoder needs nothing else:
+a family is paged only if it has a `FamilySpec` here, and its spec says everything the generic recipe must do for
+it. Every other family — known and refused (`REFUSED`, with the reason) or simply unknown — takes the generate
+engine with a logged reason. A spec is still only a claim: at load the engine runs a self-check
+(`vlmserve.engine.paged_check`) that compares the paged path's logprobs with the model's own `generate` and
+refuses paged on a mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+#: (model) → head: (tokens, hidden) → (tokens, vocab) float32 logits
+HeadFactory = Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]
+
+PositionRule = Literal["arange", "rope_index"]
+ImageLayout = Literal["one_run", "tiles", "touching"]
+
+
+class _DecoderOutput:
+    """What the pass-through decoder hands the model's head code: the hidden states, and None for anything else
+    the model's forward reads off its decoder's output (rope deltas, router logits, image hidden states…)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != 0:
+            raise IndexError(index)
+        return self.last_hidden_state
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class _PassThroughDecoder(torch.nn.Module):
+    def forward(self, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> _DecoderOutput:
+        assert inputs_embeds is not None, "the model's forward passed no inputs_embeds to its inner model"
+        return _DecoderOutput(inputs_embeds)
+
+
+def own_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's own output head: its `forward`, run on a shallow copy whose inner model hands back the
+    hidden states it is given. Whatever the family's forward does after its decoder — `lm_head`, Granite's
+    `logits_scaling`, Gemma's final-logit softcapping — runs as the model wrote it; nothing is re-implemented."""
+    view = copy.copy(model)
+    view.__dict__["_modules"] = {**model._modules, "model": _PassThroughDecoder()}
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        output = view(inputs_embeds=hidden.unsqueeze(0), return_dict=True, use_cache=False)
+        return output.logits[0].float()
+
+    return head
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the generic paged recipe needs to know about one family (see the module docstring)."""
+
+    #: config.json model_type values this spec covers
+    model_types: tuple[str, ...]
+    #: "arange": 1 row 0..n-1, generated token i at position i; "rope_index": the model's `get_rope_index` rows
+    #: for the prompt and, per request, delta = max(prompt positions) + 1 - prompt length added to every row of
+    #: each generated token's index (M-RoPE)
+    positions: PositionRule = "arange"
+    #: rows of `position_ids`: 1, or 3 for M-RoPE (Qwen3-VL's would be 4: text + 3)
+    num_position_rows: int = 1
+    #: attribute of the inner model holding the decoder
+    decoder: str = "language_model"
+    #: the output head; `own_head` runs the model's own forward after its decoder
+    head: HeadFactory = own_head
+    #: processor outputs whose first axis runs image after image (or patch after patch with a grid per image), so
+    #: the vision tower may take several prompts' images in one call; empty: one tower call per prompt
+    packable_image_keys: frozenset[str] = frozenset()
+    #: how an image's placeholder tokens lie: one run each, several runs per image (tiles with text between), or
+    #: runs of consecutive images that may touch; only "one_run" lets features be split (and cached) per image
+    image_layout: ImageLayout = "one_run"
+    #: "varlen": the vision tower packs images as cu_seqlens segments (one varlen attention call per layer)
+    vision_attention: Literal["default", "varlen"] = "default"
+    #: per-token decoder inputs beyond embeddings and positions; entries outside IMPLEMENTED_EXTRAS refuse paged.
+    #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
+    #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
+    extras: tuple[str, ...] = ()
+
+
+#: extras the model runner packs per step
+IMPLEMENTED_EXTRAS = frozenset({"deepstack"})
+
+_GRID = frozenset({"pixel_values", "image_grid_thw"})
+_PIXELS = frozenset({"pixel_values"})
+
+#: the allow-list: every family here has a tiny checkpoint under tests/fixtures/tiny and a logprob-equivalence
+#: test (tests/integration/models/test_paged_logprobs.py), except where noted
+_SPECS: tuple[FamilySpec, ...] = (
+    FamilySpec(("qwen2_vl", "qwen2_5_vl"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               vision_attention="varlen"),
+    FamilySpec(("glm4v",), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               vision_attention="varlen"),
+    FamilySpec(("glm4v_moe", "glm46v"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID),
+    # get_rope_index gives the 3 M-RoPE rows; the decoder derives its text row itself when given 3
+    FamilySpec(("qwen3_vl", "qwen3_vl_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               extras=("deepstack",)),
+    FamilySpec(("llava", "vipllava", "internvl", "janus", "got_ocr2"), packable_image_keys=_PIXELS),
+    # DeepSeek-VL's template puts consecutive images' placeholder runs side by side
+    FamilySpec(("deepseek_vl",), packable_image_keys=_PIXELS, image_layout="touching"),
+    FamilySpec(("aya_vision",), packable_image_keys=_PIXELS, image_layout="tiles"),
+    FamilySpec(("llava_next", "llava_next_video", "video_llava")),
+    FamilySpec(("deepseek_vl_hybrid",), image_layout="touching"),
+    FamilySpec(("llava_onevision",), image_layout="touching"),
+    FamilySpec(("idefics2",), decoder="text_model"),
+    FamilySpec(("idefics3", "smolvlm"), decoder="text_model", image_layout="tiles"),
+    # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
+    # self-check is what stands behind it.
+    FamilySpec(("mistral3",), image_layout="tiles"),
+)
+
+FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
+
+#: families known not to run on the paged engine, and why (logged when they fall back)
+REFUSED: dict[str, str] = {
+    "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
+    "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
+    "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
+                       "step yet); its head also divides the logits by logits_scaling",
+    "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
+    "mllama": "cross-attention layers over image states",
+    "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
+    "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
+}
+
+
+def family_spec(model_type: str) -> FamilySpec | None:
+    return FAMILY_SPECS.get(model_type)
+
+
+def refusal(model_type: str) -> str | None:
+    """None when `model_type` is on the allow-list with nothing unimplemented; else why it is not paged."""
+    spec = FAMILY_SPECS.get(model_type)
+    if spec is None:
+        return REFUSED.get(model_type) or (f"model type {model_type!r} is not on the paged engine's allow-list "
+                                           "(vlmserve/models/families.py)")
+    missing = [extra for extra in spec.extras if extra not in IMPLEMENTED_EXTRAS]
+    if missing:
+        return f"per-token decoder inputs the paged engine does not pack yet: {', '.join(missing)}"
+    return None
