@@ -212,6 +212,8 @@ class EngineStats:
     generation_tokens_per_s: float = 0.0
     num_aborted: int = 0
     num_finished: int = 0
+    num_grammars_compiled: int = 0  # structured-output grammars compiled (cache misses)
+    grammar_compile_seconds: float = 0.0  # their compile time, summed
     engine: str = ""
 
     @property

@@ -59,6 +59,17 @@ def test_metrics_move_as_requests_run(demo_server: ServerProcess, demo_client: o
     assert moved("vlmserve:image_embedding_cache_queries_total") >= 1
 
 
+def test_grammar_compiles_are_counted(demo_server: ServerProcess, demo_client: openai.OpenAI) -> None:
+    before = scrape(demo_server)
+    schema = {"type": "object", "properties": {"metrics_test": {"type": "integer"}}, "required": ["metrics_test"]}
+    demo_client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
+                                        response_format={"type": "json_schema", "json_schema": {
+                                            "name": "m", "schema": schema}})
+    after = scrape(demo_server)
+    assert after["vlmserve:grammar_compiles_total"] == before["vlmserve:grammar_compiles_total"] + 1
+    assert after["vlmserve:grammar_compile_seconds_total"] > before["vlmserve:grammar_compile_seconds_total"]
+
+
 def test_media_failures_are_counted_by_reason(demo_server: ServerProcess, demo_client: openai.OpenAI) -> None:
     before = scrape(demo_server).get("vlmserve:media_fetch_failures_total{reason=invalid_image}", 0.0)
     try:

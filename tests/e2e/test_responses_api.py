@@ -151,17 +151,25 @@ def test_function_tools_are_refused_until_tool_calling_exists(demo_client: opena
 
 
 def test_text_format_goes_through_the_chat_paths_structured_output(demo_client: openai.OpenAI) -> None:
+    """text.format becomes chat's response_format: the same grammar-constrained answer as chat gives."""
     schema = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"],
               "additionalProperties": False}
-    try:
-        response = demo_client.responses.create(model=MODEL, input=image_input(), temperature=0, text={
-            "format": {"type": "json_schema", "name": "shapes", "schema": schema, "strict": True}})
-    except openai.BadRequestError as refused:
-        # NOTE: until the grammar engine is merged the chat path refuses response_format; the error names the
-        # field the client sent
-        assert refused.body["param"] == "text.format" and refused.code == "unsupported"  # type: ignore[index]
-    else:
+    response = demo_client.responses.create(model=MODEL, input=image_input(), temperature=0, max_output_tokens=24,
+                                            text={"format": {"type": "json_schema", "name": "shapes",
+                                                             "schema": schema, "strict": True}})
+    chat = demo_client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=24, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": sample_uri()}}, {"type": "text", "text": QUESTION}]}],
+        response_format={"type": "json_schema", "json_schema": {"name": "shapes", "schema": schema,
+                                                                "strict": True}})
+    # the tiny demo model was never taught JSON: the grammar holds it to the schema's shape, not to a short answer
+    assert response.output_text == chat.choices[0].message.content and response.output_text.startswith('{"count"')
+    if response.status == "completed":
         assert isinstance(json.loads(response.output_text)["count"], int)
+    with pytest.raises(openai.BadRequestError) as refused:
+        demo_client.responses.create(model=MODEL, input="Hi", text={"format": {"type": "json_schema", "name": "x",
+                                                                               "schema": {"type": "nonsense"}}})
+    assert refused.value.body["param"].startswith("text.format")  # type: ignore[index]
 
 
 def test_openai_agents_default_agent_answers_about_the_image(demo_server: ServerProcess) -> None:

@@ -9,9 +9,8 @@ media intake) is `vlmserve:*`. Three sources feed them, none inside the engine's
 - media intake is timed by `MeteredMediaLoader` / `MeteredRenderer`, wrappers of what the chat service calls.
 
 NOTE: not exported yet, because nothing measures them honestly today: `vllm:request_queue_time_seconds` and the
-vision encoder's seconds (both need a timestamp from inside the engine core, which belongs to the engine's owners),
-and grammar compile seconds (the structured-output engine lands on its own branch; it should observe
-`vlmserve:grammar_compile_seconds` here when it does).
+vision encoder's seconds (both need a timestamp from inside the engine core, which belongs to the engine's owners).
+Grammar compile time is a pair of counters (compiles, seconds), not a histogram: the grammar engine keeps totals.
 """
 
 from __future__ import annotations
@@ -114,6 +113,10 @@ class _EngineCollector(Collector):
                       stats.image_cache_hits + stats.image_cache_misses)
         yield counter("vlmserve:image_embedding_cache_hits", "Image embeddings found in the image cache.",
                       stats.image_cache_hits)
+        yield counter("vlmserve:grammar_compiles", "Structured-output grammars compiled (cache misses).",
+                      stats.num_grammars_compiled)
+        yield counter("vlmserve:grammar_compile_seconds", "Seconds spent compiling structured-output grammars.",
+                      stats.grammar_compile_seconds)
 
 
 class MeteredEngine:

@@ -147,7 +147,12 @@ class AsyncEngine:
         return self._max_sequences
 
     def stats(self) -> EngineStats:
-        return self._core.stats()
+        stats = self._core.stats()
+        structured = getattr(self._core, "structured", None)
+        if structured is None:
+            return stats
+        return dataclasses.replace(stats, num_grammars_compiled=structured.num_compiled,
+                                   grammar_compile_seconds=structured.compile_seconds)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop accepting, let running sequences finish for up to `timeout_s`, abort the rest, stop the thread."""
