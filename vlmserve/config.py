@@ -61,6 +61,15 @@ class ModelConfig:
         example="--chat-template ./template.jinja")
     revision: str | None = option(None, "Model revision (branch, tag or commit) for hub downloads.",
                                   metavar="REV", example="--revision main")
+    tool_call_parser: str = option(
+        "auto", "How tool calls are read from the model's output: 'auto' picks the format of the model's family "
+        "(hermes for Qwen-VL, glm45 for GLM-4.5V/4.6V, glm4 for GLM-4V-9B, mistral, llama3_json); 'none' "
+        "refuses tools.", choices=("auto", "none", "hermes", "glm45", "glm4", "llama3_json", "mistral"),
+        example="--tool-call-parser hermes")
+    reasoning_parser: str = option(
+        "auto", "How a thinking model's <think> block is split into reasoning_content: 'auto' by family "
+        "(think for Qwen3-VL, glm4v for GLM-4.1V/4.5V/4.6V); 'none' leaves it in the content.",
+        choices=("auto", "none", "think", "glm4v"), example="--reasoning-parser none")
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 16:

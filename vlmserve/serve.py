@@ -193,7 +193,7 @@ def build_frontend(engine: EngineClient, kit: PromptKit, config: Config) -> Any:
     renderer = PromptRenderer(kit.processor, image_token_id=kit.image_token_id, max_model_len=kit.max_model_len,
                               max_images_per_prompt=kit.max_images_per_prompt)
     return build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
-                     grounding_format=format_for_family(kit.family))
+                     grounding_format=format_for_family(kit.family), model_family=kit.family)
 
 
 def build_service(adapter: ModelAdapter, config: Config) -> tuple[Any, AsyncEngine]:

@@ -97,10 +97,15 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One chat turn after media intake: text parts and decoded images, in order."""
+    """One chat turn after media intake: text parts and decoded images, in order.
+
+    Assistant turns may carry the tool calls they made (`{"id", "type", "function": {"name", "arguments"}}`,
+    arguments as an object, as chat templates expect); tool turns name the call they answer."""
 
     role: str
     parts: tuple[TextPart | ImagePart, ...]
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def images(self) -> list[ImagePart]:

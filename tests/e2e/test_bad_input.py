@@ -53,8 +53,11 @@ CASES: list[tuple[str, Any, dict[str, str] | None, int, str | None, str | None]]
     ("top-logprobs-without-logprobs", body(top_logprobs=3), None, 400, None, "invalid_request"),
     ("request-chat-template-refused", body(chat_template="{{ messages }}"), None, 400, "chat_template",
      "invalid_request"),
-    ("tools-unsupported", body(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400, "tools",
-     "unsupported"),
+    # the tiny Qwen2-VL serves Qwen2-VL's template, which has no tools section (Qwen2.5-VL's tokenizer one has)
+    ("tools-template-cannot-render", body(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400,
+     "tools", "unsupported"),
+    ("legacy-functions-not-ignored", body(functions=[{"name": "f"}]), None, 400, "tools", "unsupported"),
+    ("tool-choice-without-tools", body(tool_choice="required"), None, 400, "tool_choice", "invalid_request"),
     ("wrong-api-key", body(), {"Authorization": "Bearer sk-wrong"}, 401, None, "invalid_api_key"),
     ("missing-api-key", body(), {}, 401, None, "invalid_api_key"),
 ]

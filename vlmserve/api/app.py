@@ -26,6 +26,7 @@ from vlmserve.api.middleware import (
     log_fields,
 )
 from vlmserve.api.openapi import body_schema, install_openapi
+from vlmserve.api.reasoning import reasoning_parser_name_for
 from vlmserve.api.responses_store import MemoryResponseStore
 from vlmserve.api.serving_chat import ChatService
 from vlmserve.api.serving_completions import CompletionsService
@@ -40,6 +41,7 @@ from vlmserve.api.surface_routes import (
     install_responses_routes,
     install_tokenize_routes,
 )
+from vlmserve.api.tool_parsers import parser_name_for
 from vlmserve.api.transport import cancel_on_disconnect, parse_json_object, sse_response
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
@@ -49,13 +51,18 @@ from vlmserve.multimodal.prompt import PromptRenderer
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
-              served_model_names: tuple[str, ...], *, grounding_format: str | None = None) -> FastAPI:
-    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`)."""
+              served_model_names: tuple[str, ...], *, grounding_format: str | None = None,
+              model_family: str = "unknown") -> FastAPI:
+    """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`).
+
+    `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
     metrics = ServerMetrics(engine, served_model_names[0])
     metered = MeteredEngine(engine, metrics)
     chat = ChatService(metered, cast(PromptRenderer, MeteredRenderer(renderer, metrics)),
                        cast(MediaLoader, MeteredMediaLoader(media, metrics)), served_model_names=served_model_names,
-                       server_config=config.server)
+                       server_config=config.server, model_family=model_family,
+                       tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
+                       reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser))
     models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
     server_cfg = config.server
     store = MemoryResponseStore(max_entries=server_cfg.responses_store_max_entries,
@@ -85,6 +92,7 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     async def create_chat_completion(raw_request: Request) -> Response:
         request = schemas.ChatCompletionRequest.model_validate(parse_json_object(await raw_request.body()))
         generation, summary = await chat.prepare(request)
+        plan = chat.output_plan(request, generation)
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
         fields = log_fields(raw_request.scope)
@@ -93,8 +101,8 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
             # chat.stream() starts the generation at the call: what needs no generation (context, a full queue, a
             # dead engine) raises here and gets its status, never a 200 followed by an error event
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return sse_response(chat.stream(generation, request.model, include_usage, progress=fields), fields)
-        completion = await cancel_on_disconnect(raw_request, chat.complete(generation, request.model))
+            return sse_response(chat.stream(generation, request.model, include_usage, plan, progress=fields), fields)
+        completion = await cancel_on_disconnect(raw_request, chat.complete(generation, request.model, plan))
         fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 

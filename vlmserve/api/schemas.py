@@ -82,22 +82,81 @@ class ContentPart(_Strict):
         return self
 
 
-class ChatMessageParam(BaseModel):
-    """A chat turn. `developer` is treated as `system`. Tool turns are not supported by this server."""
+class FunctionCallParam(BaseModel):
+    """A function call an assistant made earlier: `arguments` is JSON text (an object is accepted too)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
+class ChatMessageParam(BaseModel):
+    """A chat turn. `developer` is treated as `system`; `function` (legacy) as `tool`.
+
+    Images are accepted in user turns and, beyond OpenAI's spec, in tool results (a tool that returns a
+    screenshot)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCallParam | None = None
 
     @model_validator(mode="after")
     def _content_fits_role(self) -> ChatMessageParam:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        if self.role != "user" and isinstance(self.content, list) and any(p.type != "text" for p in self.content):
+        if (self.role not in ("user", "tool", "function") and isinstance(self.content, list)
+                and any(p.type != "text" for p in self.content)):
             raise ValueError(f"a {self.role} message may only contain text parts")
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls or function_call")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.role == "function" and not self.name:
+            raise ValueError("a function message needs name (the function it answers)")
         return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name": ...}}`: the model must call this function."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -168,8 +227,12 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # legacy (deprecated by OpenAI): mapped onto tools / tool_choice, the answer comes back as function_call
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     response_format: ResponseFormat | None = None
     # vLLM-compatible extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -182,6 +245,7 @@ class ChatCompletionRequest(BaseModel):
     spaces_between_special_tokens: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # vLLM's older guided decoding fields (one of them, or one of the above, per request)
     guided_json: dict[str, Any] | str | None = None
@@ -195,6 +259,10 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        if self.functions is not None and self.tools is not None:
+            raise ValueError("send tools or the legacy functions, not both")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise ValueError("send tool_choice or the legacy function_call, not both")
         return self
 
 
@@ -219,13 +287,27 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    reasoning_content: str | None = None
 
 
-FinishReasonName = Literal["stop", "length", "abort"]
+FinishReasonName = Literal["stop", "length", "abort", "tool_calls", "function_call"]
 
 
 class ChatCompletionChoice(BaseModel):
@@ -258,9 +340,24 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from vlmserve.api import schemas
+from vlmserve.api.output_constraint import output_constraint
+from vlmserve.api.output_parsing import OutputDelta, OutputPlan
+from vlmserve.api.reasoning import prompt_opens_reasoning
 from vlmserve.api.streaming import ChunkWriter
 from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
+from vlmserve.api.tool_parsers.streaming import EmittedToolCall
+from vlmserve.api.tools import ToolPlan, message_tool_fields, plan_tools
 from vlmserve.config import ServerConfig
 from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, ModelNotFoundError, UnsupportedFeatureError
+from vlmserve.errors import InvalidRequestError, ModelNotFoundError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import (
@@ -32,22 +37,34 @@ from vlmserve.types import (
 logger = logging.getLogger(__name__)
 
 
+#: template variables a request's chat_template_kwargs may not replace
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                         "pad_token", "unk_token", "range"})
+
+
 @dataclass
 class Choice:
     """What one of the n sequences produced, accumulated from its deltas."""
 
     text: str = ""
+    reasoning: str = ""
     finish_reason: schemas.FinishReasonName | None = None
     num_tokens: int = 0
     logprobs: list[schemas.TokenLogprobEntry] = field(default_factory=list)
+    calls: list[EmittedToolCall] = field(default_factory=list)
 
 
 class ChatService:
     """Turns chat completion requests into engine requests and engine output into OpenAI responses."""
 
     def __init__(self, engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, *,
-                 served_model_names: tuple[str, ...], server_config: ServerConfig) -> None:
+                 served_model_names: tuple[str, ...], server_config: ServerConfig, model_family: str = "unknown",
+                 tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+        """`tool_parser` / `reasoning_parser`: the resolved parser names (None: none applies)."""
         self._engine = engine
+        self._family = model_family
+        self._tool_parser = tool_parser
+        self._reasoning_parser = reasoning_parser
         self._renderer = renderer
         self._media = media
         self._names = served_model_names
@@ -62,9 +79,9 @@ class ChatService:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
         self._check_limits(request)
-        structure = resolve_structured_output(request)
-        if structure is not None:
-            await self._compile(structure)
+        resolve_structured_output(request)  # refuse conflicting constraints before any image is fetched
+        tool_plan = plan_tools(request, self._tool_parser, self._family)
+        template_kwargs = _template_kwargs(request.chat_template_kwargs)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
         self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
@@ -72,27 +89,59 @@ class ChatService:
         try:
             images = await self._media.load(_image_refs(request.messages))
             chat = _to_chat_messages(request.messages, images)
-            prompt = await asyncio.to_thread(self._render, chat, request.chat_template)
+            prompt = await asyncio.to_thread(self._render, chat, request.chat_template, tool_plan.tools,
+                                             template_kwargs)
         finally:
             self._num_preparing -= request.n
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         sampling = self._sampling(request)
-        if structure is not None:
-            sampling = dataclasses.replace(sampling, structured=structure.spec)
+        structured = self._output_constraint(request, tool_plan, prompt)
+        if structured is not None:
+            await self._compile(structured)
+            sampling = dataclasses.replace(sampling, structured=structured.spec)
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling)
         return generation, _summary(generation, images)
 
+    def output_plan(self, request: schemas.ChatCompletionRequest, generation: GenerationRequest) -> OutputPlan:
+        """How `generation`'s output is read back (tool calls, reasoning); cheap, for a prepared request."""
+        tool_plan = plan_tools(request, self._tool_parser, self._family)
+        return OutputPlan(tools=tool_plan.tools, tool_parser=tool_plan.parser_name if tool_plan.tools else None,
+                          max_calls=tool_plan.max_calls, is_legacy=tool_plan.is_legacy,
+                          reasoning_parser=self._reasoning_parser,
+                          starts_in_reasoning=self._starts_in_reasoning(generation.prompt))
+
+    def _starts_in_reasoning(self, prompt: PreparedPrompt) -> bool:
+        if self._reasoning_parser is None:
+            return False
+        tail = self._renderer.tokenizer.decode(prompt.token_ids[-8:])
+        return prompt_opens_reasoning(str(tail))
+
+    def _output_constraint(self, request: schemas.ChatCompletionRequest, tool_plan: ToolPlan,
+                           prompt: PreparedPrompt) -> RequestedStructure | None:
+        """One spec from the tool choice, the response format and the reasoning parser (see output_constraint)."""
+        structure = resolve_structured_output(request)
+        spec = output_constraint(tool_plan.call_grammar, is_forced=tool_plan.is_forced,
+                                 structure=structure.spec if structure is not None else None,
+                                 reasoning=self._reasoning_parser is not None,
+                                 starts_in_reasoning=self._starts_in_reasoning(prompt))
+        if spec is None:
+            return None
+        # NOTE: when tools and a response format merge, a compile error blames the response format's field
+        param = structure.param if structure is not None and not tool_plan.is_forced else "tools"
+        return RequestedStructure(spec, param)
+
     async def _compile(self, structure: RequestedStructure) -> None:
-        """Compile the grammar before anything is accepted, so a spec the engine cannot enforce is a 400."""
+        """Compile the grammar before generation starts, so a spec the engine cannot enforce is a 400."""
         try:
             await self._engine.compile_structured(structure.spec)
         except InvalidRequestError as exc:
             raise InvalidRequestError(exc.message, param=structure.param) from exc
 
-    def _render(self, chat: list[ChatMessage], template: str | None) -> PreparedPrompt:
+    def _render(self, chat: list[ChatMessage], template: str | None, tools: list[dict[str, Any]] | None,
+                template_kwargs: dict[str, Any]) -> PreparedPrompt:
         """Worker thread: render the prompt."""
         try:
-            return self._renderer.render(chat, chat_template=template)
+            return self._renderer.render(chat, chat_template=template, tools=tools, template_kwargs=template_kwargs)
         except StopIteration as exc:
             # NOTE: a StopIteration cannot cross asyncio.to_thread (the awaiting request would hang for ever).
             # Processors raise it when the text holds more image placeholders than images were sent.
@@ -114,8 +163,6 @@ class ChatService:
         if request.chat_template is not None and not cfg.trust_request_chat_template:
             raise InvalidRequestError("chat_template in a request is refused unless the server runs with "
                                       "--trust-request-chat-template", param="chat_template")
-        if request.tools:
-            raise UnsupportedFeatureError("tool calling is not supported by this server", param="tools")
 
     def _sampling(self, request: schemas.ChatCompletionRequest) -> SamplingParams:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
@@ -142,7 +189,9 @@ class ChatService:
 
     # --- responses -------------------------------------------------------------------------------------------
 
-    async def complete(self, generation: GenerationRequest, model: str) -> schemas.ChatCompletion:
+    async def complete(self, generation: GenerationRequest, model: str,
+                       plan: OutputPlan | None = None) -> schemas.ChatCompletion:
+        plan = plan or OutputPlan()
         choices = [Choice() for _ in range(generation.sampling.n)]
         cached = 0
         async for delta in self._engine.generate(generation):
@@ -157,38 +206,84 @@ class ChatService:
         return schemas.ChatCompletion(
             id=generation.request_id, created=int(time.time()), model=model,
             choices=[schemas.ChatCompletionChoice(
-                index=i, message=schemas.ChatCompletionMessage(content=c.text), finish_reason=c.finish_reason,
+                index=i, message=_message(c, plan), finish_reason=_finish_reason(c.finish_reason, plan, c.calls),
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
             usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
 
     def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
-               progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
+               plan: OutputPlan | None = None, progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
         """The SSE events of a streamed completion. Errors that need no generation raise here, before any event;
         `progress` gets `completion_tokens` as they come (for the request's log line)."""
         deltas = self._engine.generate(generation)
-        return self._stream(generation, deltas, model, include_usage, {} if progress is None else progress)
+        return self._stream(generation, deltas, model, include_usage, plan or OutputPlan(),
+                            {} if progress is None else progress)
 
     async def _stream(self, generation: GenerationRequest, deltas: AsyncIterator[TokenDelta], model: str,
-                      include_usage: bool, progress: dict[str, Any]) -> AsyncIterator[str]:
+                      include_usage: bool, plan: OutputPlan, progress: dict[str, Any]) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
         num_choices = generation.sampling.n
         for index in range(num_choices):
             yield writer.role(index)
+        parsers = [plan.new_parser() for _ in range(num_choices)]
         completion_tokens = [0] * num_choices
         cached = 0
         async for delta in deltas:
             completion_tokens[delta.index] = delta.num_generated_tokens
             progress["completion_tokens"] = sum(completion_tokens)
             cached = max(cached, delta.num_cached_tokens)
-            entries = _logprob_entries(delta)
-            if delta.text or entries:
-                yield writer.content(delta.index, delta.text, entries if generation.sampling.logprobs else None)
+            entries = _logprob_entries(delta) if generation.sampling.logprobs else None
+            parsed = parsers[delta.index].feed(delta.text, final=delta.finish_reason is not None)
+            for event in _delta_events(writer, delta.index, parsed, entries, plan):
+                yield event
             if delta.finish_reason is not None:
-                yield writer.finish(delta.index, delta.finish_reason.value)
+                calls = parsers[delta.index].tool_calls
+                yield writer.finish(delta.index, _finish_reason(delta.finish_reason.value, plan, calls) or "stop")
         if include_usage:
             yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
         yield writer.done()
+
+
+def _delta_events(writer: ChunkWriter, index: int, parsed: OutputDelta,
+                  entries: list[schemas.TokenLogprobEntry] | None, plan: OutputPlan) -> list[str]:
+    events = [writer.reasoning(index, parsed.reasoning)] if parsed.reasoning else []
+    if parsed.content or entries:
+        events.append(writer.content(index, parsed.content, entries))
+    for call in parsed.tool_calls:
+        events += writer.tool_call(index, call, legacy=plan.is_legacy)
+    return events
+
+
+def _message(choice: Choice, plan: OutputPlan) -> schemas.ChatCompletionMessage:
+    if plan.is_plain:
+        return schemas.ChatCompletionMessage(content=choice.text)
+    parsed = plan.new_parser().feed(choice.text, final=True)
+    choice.calls = parsed.tool_calls
+    calls = [schemas.ToolCall(id=c.id, function=schemas.FunctionCall(name=c.name, arguments=c.arguments))
+             for c in parsed.tool_calls]
+    content = parsed.content if parsed.content or not calls else None
+    return schemas.ChatCompletionMessage(
+        content=content, reasoning_content=parsed.reasoning or None,
+        tool_calls=calls if calls and not plan.is_legacy else None,
+        function_call=calls[0].function if calls and plan.is_legacy else None)
+
+
+def _finish_reason(reason: str | None, plan: OutputPlan, calls: list[EmittedToolCall]
+                   ) -> schemas.FinishReasonName | None:
+    """OpenAI reports "tool_calls" (legacy: "function_call") when a choice that stopped made calls."""
+    if reason == "stop" and calls:
+        return "function_call" if plan.is_legacy else "tool_calls"
+    return cast(schemas.FinishReasonName | None, reason)
+
+
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """`chat_template_kwargs`, checked: extra template variables (e.g. enable_thinking), never the ones the
+    server sets."""
+    for key in kwargs or {}:
+        if not key.isidentifier() or key in RESERVED_TEMPLATE_VARIABLES:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {key!r} (reserved or not a name)",
+                                      param="chat_template_kwargs")
+    return dict(kwargs or {})
 
 
 def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:
@@ -225,15 +320,15 @@ def _image_refs(messages: list[schemas.ChatMessageParam]) -> list[ImageRef]:
 def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[ImagePart]) -> list[ChatMessage]:
     pending = iter(images)
     chat: list[ChatMessage] = []
-    for message in messages:
-        role = "system" if message.role == "developer" else message.role
+    for message, (role, tool_calls, tool_call_id) in zip(messages, message_tool_fields(messages), strict=True):
         parts: list[TextPart | ImagePart] = []
         if isinstance(message.content, str):
             parts.append(TextPart(message.content))
         elif message.content is not None:
             for part in message.content:
                 parts.append(TextPart(part.text or "") if part.type == "text" else next(pending))
-        chat.append(ChatMessage(role=role, parts=tuple(parts)))
+        chat.append(ChatMessage(role=role, parts=tuple(parts), tool_calls=tool_calls,
+                                tool_call_id=tool_call_id if role == "tool" else None))
     return chat
 
 

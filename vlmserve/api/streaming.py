@@ -15,6 +15,7 @@ from typing import Any
 
 from vlmserve.api import schemas
 from vlmserve.api.errors import classify
+from vlmserve.api.tool_parsers.streaming import EmittedToolCall
 
 
 class ChunkWriter:
@@ -35,6 +36,23 @@ class ChunkWriter:
             index=index, delta=schemas.ChoiceDelta(content=text),
             logprobs=schemas.ChoiceLogprobs(content=logprobs) if logprobs is not None else None)])
 
+    def reasoning(self, index: int, text: str) -> str:
+        return self._chunk([schemas.ChatCompletionChunkChoice(
+            index=index, delta=schemas.ChoiceDelta(reasoning_content=text))])
+
+    def tool_call(self, index: int, call: EmittedToolCall, *, legacy: bool = False) -> list[str]:
+        """OpenAI's pair of deltas for one call: id, type and name first (arguments ""), then the arguments."""
+        if legacy:
+            return [self._chunk([schemas.ChatCompletionChunkChoice(index=index, delta=schemas.ChoiceDelta(
+                function_call=schemas.FunctionCallDelta(name=call.name, arguments="")))]),
+                self._chunk([schemas.ChatCompletionChunkChoice(index=index, delta=schemas.ChoiceDelta(
+                    function_call=schemas.FunctionCallDelta(arguments=call.arguments)))])]
+        head = schemas.ToolCallDelta(index=call.index, id=call.id, type="function",
+                                     function=schemas.FunctionCallDelta(name=call.name, arguments=""))
+        tail = schemas.ToolCallDelta(index=call.index, function=schemas.FunctionCallDelta(arguments=call.arguments))
+        return [self._chunk([schemas.ChatCompletionChunkChoice(index=index, delta=schemas.ChoiceDelta(
+            tool_calls=[delta]))]) for delta in (head, tail)]
+
     def finish(self, index: int, reason: str) -> str:
         return self._chunk([schemas.ChatCompletionChunkChoice(index=index, delta=schemas.ChoiceDelta(),
                                                               finish_reason=reason)])  # type: ignore[arg-type]
@@ -53,14 +71,21 @@ class ChunkWriter:
         if not self._include_usage:
             body.pop("usage")
         for choice in body["choices"]:
-            delta = choice["delta"]
-            for key in [k for k, v in delta.items() if v is None]:
-                delta.pop(key)
+            choice["delta"] = _without_none(choice["delta"])
         return self._event(body)
 
     @staticmethod
     def _event(body: dict[str, object]) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _without_none(value: Any) -> Any:
+    """Deltas carry only the fields they set (OpenAI sends no nulls inside a delta)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def chat_error_events(body: dict[str, Any]) -> list[str]:

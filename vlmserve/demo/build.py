@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmserve.demo.shapes import COLORS, NO_IMAGE_ANSWER, QUESTION_TYPES, SHAPES
+from vlmserve.demo.template import DEMO_CHAT_TEMPLATE
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -110,7 +111,7 @@ def build_tokenizer() -> Any:
     raw.add_special_tokens(QWEN_SPECIAL_TOKENS)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token=None, bos_token=None)
-    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -149,7 +150,7 @@ def save_processor_files(out: Path) -> Any:
     # Saved piece by piece, like the published checkpoints: the processor class itself cannot be built where its
     # video processor lacks torchvision.
     Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(out)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": DEMO_CHAT_TEMPLATE}, indent=2) + "\n")
     return tokenizer
 
 

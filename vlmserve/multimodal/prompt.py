@@ -11,6 +11,7 @@ from typing import Any
 
 from vlmserve.errors import ContextLengthError, InvalidRequestError, UnsupportedFeatureError
 from vlmserve.multimodal.template import render_chat_template
+from vlmserve.multimodal.template_probe import holds_tool_images, renders_tool_turns, renders_tools
 from vlmserve.types import ChatMessage, ImagePart, ImageSpan, PreparedPrompt, TextPart
 
 
@@ -33,7 +34,15 @@ class PromptRenderer:
     def tokenizer(self) -> Any:
         return getattr(self._processor, "tokenizer", self._processor)
 
-    def render(self, messages: list[ChatMessage], *, chat_template: str | None = None) -> PreparedPrompt:
+    def render(self, messages: list[ChatMessage], *, chat_template: str | None = None,
+               tools: list[dict[str, Any]] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
+        """`tools` (OpenAI tool objects) go into the template's tools section; `template_kwargs` are extra
+        template variables (e.g. `enable_thinking`)."""
+        with self._lock:
+            template = self._choose_template(chat_template, messages, tools)
+            if template is not None and not self._holds_tool_images(template):
+                messages = move_tool_images(messages)
         images = [part for message in messages for part in message.images]
         if images and self._image_token_id is None:
             raise UnsupportedFeatureError("this model does not accept images", param="messages")
@@ -43,7 +52,7 @@ class PromptRenderer:
                 f"this one has {len(images)}", param="messages")
         conversation = [_to_template_message(m) for m in messages]
         with self._lock:
-            text = self._render_text(conversation, chat_template)
+            text = self._render_text(conversation, template, tools, template_kwargs or {})
             inputs = self._process(text, [part.image for part in images])
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
@@ -55,16 +64,51 @@ class PromptRenderer:
         return PreparedPrompt(token_ids=token_ids, model_inputs=dict(inputs),
                               image_hashes=tuple(p.hash for p in images), image_spans=spans)
 
-    def _render_text(self, conversation: list[dict[str, Any]], chat_template: str | None) -> str:
-        template = chat_template or getattr(self._processor, "chat_template", None)
+    def _choose_template(self, override: str | None, messages: list[ChatMessage],
+                         tools: list[dict[str, Any]] | None) -> str | None:
+        """The template to render with: the override, else the processor's, else — when the processor's cannot
+        render the tools or tool turns this conversation has — the tokenizer's (Qwen2.5-VL ships its tools
+        template only there). None for native processors that format conversations in Python."""
+        own = getattr(self._processor, "chat_template", None)
+        candidates = [override] if override else [
+            t for t in (own, getattr(self.tokenizer, "chat_template", None)) if isinstance(t, str)]
+        if not override and own is None:
+            if tools and not getattr(self._processor, "renders_tools", False):
+                raise UnsupportedFeatureError("this model's prompt format cannot present tools", param="tools")
+            return None
+        needs_turns = any(m.role == "tool" or m.tool_calls for m in messages)
+        for template in dict.fromkeys(candidates):
+            if (not tools or renders_tools(template)) and (not needs_turns or renders_tool_turns(template)):
+                return template
+        what, param = ("tools", "tools") if tools and not renders_tools(candidates[0]) else (
+            "tool calls and tool results", "messages")
+        raise UnsupportedFeatureError(
+            f"this model's chat template cannot render {what}; serve it with a template that can "
+            "(--chat-template FILE)", param=param)
+
+    def _holds_tool_images(self, template: str) -> bool:
+        marker = self._image_marker()
+        return marker is None or holds_tool_images(template, marker)
+
+    def _image_marker(self) -> str | None:
+        if self._image_token_id is None:
+            return None
+        token = self.tokenizer.convert_ids_to_tokens(self._image_token_id)
+        return token if isinstance(token, str) else None
+
+    def _render_text(self, conversation: list[dict[str, Any]], template: str | None,
+                     tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]) -> str:
         if template is None:
             # Native processors without a Jinja template format conversations themselves.
+            extra = {"tools": tools} if tools else {}
             return str(self._processor.apply_chat_template(conversation, add_generation_prompt=True,
-                                                             tokenize=False))
+                                                             tokenize=False, **extra))
         tokenizer = self.tokenizer
-        context = {"messages": conversation, "add_generation_prompt": True,
+        context = {**template_kwargs, "messages": conversation, "add_generation_prompt": True,
                    **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token",
                                                                        "unk_token")}}
+        if tools:
+            context["tools"] = tools
         return render_chat_template(template, context)
 
     def _process(self, text: str, images: list[Any]) -> dict[str, Any]:
@@ -109,4 +153,35 @@ def _to_template_message(message: ChatMessage) -> dict[str, Any]:
             content.append({"type": "text", "text": part.text})
         elif isinstance(part, ImagePart):
             content.append({"type": "image"})
-    return {"role": message.role, "content": content}
+    rendered: dict[str, Any] = {"role": message.role, "content": content}
+    if message.role == "tool" or message.tool_calls:
+        # NOTE: templates written for text-only LLMs (Qwen2.5's tokenizer template among them) print these turns'
+        # content as a string; a list would come out as its Python repr. Text-only content goes as a string.
+        if not message.images:
+            rendered["content"] = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+        if message.tool_calls:
+            rendered["tool_calls"] = [dict(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            rendered["tool_call_id"] = message.tool_call_id
+    return rendered
+
+
+def move_tool_images(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Images of tool results moved into a user turn right after the run of tool turns, for templates that
+    cannot place an image inside a tool turn. The tool turn keeps its text and says where its image went."""
+    moved: list[ChatMessage] = []
+    pending: list[TextPart | ImagePart] = []
+    for message in messages:
+        if message.role != "tool" and pending:
+            moved.append(ChatMessage(role="user", parts=tuple(pending)))
+            pending = []
+        if message.role == "tool" and message.images:
+            label = f"Image returned by tool call {message.tool_call_id}:"
+            pending += [TextPart(label), *message.images]
+            text = tuple(p for p in message.parts if isinstance(p, TextPart))
+            note = TextPart(" (image attached in the next user message)")
+            message = ChatMessage(role="tool", parts=(*text, note), tool_call_id=message.tool_call_id)
+        moved.append(message)
+    if pending:
+        moved.append(ChatMessage(role="user", parts=tuple(pending)))
+    return moved

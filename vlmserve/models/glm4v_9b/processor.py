@@ -16,6 +16,7 @@ tower's N tokens (1600), so `len(input_ids)` is the true prompt length.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,14 +62,44 @@ def count_images(conversation: Sequence[dict[str, Any]]) -> int:
                for m in conversation)
 
 
-def format_conversation(conversation: Sequence[dict[str, Any]], *, add_generation_prompt: bool) -> str:
-    """The original GLM-4V prompt for OpenAI-like messages (also accepts the original's `image` key)."""
+#: GLM-4's tools preamble, as the original tokenizer's `get_tools_content` writes it into a system turn (its
+#: full-width commas are the model's text)
+TOOLS_PREAMBLE = ("你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"  # noqa: RUF001
+                  "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
+TOOL_SUFFIX = "在调用上述函数时，请使用 Json 格式表示调用的参数。"  # noqa: RUF001
+
+
+def format_tools(tools: Sequence[dict[str, Any]]) -> str:
+    """GLM-4's system turn listing the tools: per function a `## name` heading and its JSON (indent 4)."""
+    parts = [f"<|system|>\n{TOOLS_PREAMBLE}"]
+    for tool in tools:
+        function = tool.get("function", tool)
+        parts.append(f"\n\n## {function['name']}\n\n{json.dumps(function, indent=4, ensure_ascii=False)}\n"
+                     f"{TOOL_SUFFIX}")
+    return "".join(parts)
+
+
+def _tool_call_turns(message: dict[str, Any]) -> list[str]:
+    """An assistant turn's calls in GLM-4's form: the function name as the turn's metadata, JSON arguments after."""
+    turns = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        turns.append(f"<|assistant|>{function['name']}\n{text}")
+    return turns
+
+
+def format_conversation(conversation: Sequence[dict[str, Any]], *, add_generation_prompt: bool,
+                        tools: Sequence[dict[str, Any]] | None = None) -> str:
+    """The original GLM-4V prompt for OpenAI-like messages (also accepts the original's `image` key); `tools`
+    and assistant `tool_calls` in GLM-4's function-call format, tool results as `observation` turns."""
     num_images = count_images(conversation)
     if num_images > MAX_IMAGES_PER_CONVERSATION:
         raise UnsupportedFeatureError(
             f"GLM-4V-9B accepts one image per conversation (the original model supports no more); this one has "
             f"{num_images}", param="messages")
-    pieces = [PREFIX]
+    pieces = [PREFIX, format_tools(tools)] if tools else [PREFIX]
     for index, message in enumerate(conversation):
         role = ROLES.get(str(message.get("role")))
         if role is None:
@@ -76,10 +107,10 @@ def format_conversation(conversation: Sequence[dict[str, Any]], *, add_generatio
                                       param=f"messages[{index}].role")
         text, images_here = _text_and_images(message.get("content"))
         has_image = images_here > 0 or message.get("image") is not None
-        if not text and not has_image:
-            continue
-        pieces.append(f"<|{role}|>{message.get('metadata') or ''}\n")
-        pieces.append((IMAGE_PLACEHOLDER if has_image else "") + text)
+        if text or has_image:
+            pieces.append(f"<|{role}|>{message.get('metadata') or ''}\n")
+            pieces.append((IMAGE_PLACEHOLDER if has_image else "") + text)
+        pieces += _tool_call_turns(message)
     if add_generation_prompt:
         pieces.append("<|assistant|>")
     return "".join(pieces)
@@ -102,6 +133,9 @@ class Glm4vProcessor:
     `chat_template` is None by default (the built-in format above); when set (e.g. by `--chat-template`) it is a
     Jinja template rendered with `messages` and `add_generation_prompt`.
     """
+
+    #: the built-in format can present tools (GLM-4's function-call format)
+    renders_tools = True
 
     def __init__(self, tokenizer: Any, *, image_size: int, num_image_tokens: int,
                  chat_template: str | None = None) -> None:
@@ -132,7 +166,8 @@ class Glm4vProcessor:
         if self.chat_template is not None:
             text = self._render_jinja(conversation, add_generation_prompt, kwargs)
         else:
-            text = format_conversation(conversation, add_generation_prompt=add_generation_prompt)
+            text = format_conversation(conversation, add_generation_prompt=add_generation_prompt,
+                                       tools=kwargs.get("tools"))
         return self.encode(text, expand_images=False) if tokenize else text
 
     def _render_jinja(self, conversation: Sequence[dict[str, Any]], add_generation_prompt: bool,

@@ -176,3 +176,20 @@ def test_jinja_template_override(glm_adapter: Any) -> None:
             "[gMASK]<sop><|user|>\nHi<|assistant|>")
     finally:
         processor.chat_template = None
+
+
+def test_tools_and_tool_calls_in_glm4s_function_call_format(glm_adapter: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conversation = [
+        user("Weather in Paris?"),
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    text = glm_adapter.processor.apply_chat_template(conversation, tools=tools)
+    system = ("<|system|>\n你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"  # noqa: RUF001
+              "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具\n\n## get_weather\n\n{\n"
+              '    "name": "get_weather",\n    "parameters": {\n        "type": "object"\n    }\n}\n'
+              "在调用上述函数时，请使用 Json 格式表示调用的参数。")  # noqa: RUF001
+    assert text == (f"[gMASK]<sop>{system}<|user|>\nWeather in Paris?"
+                    '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\nsunny<|assistant|>')
