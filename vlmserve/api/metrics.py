@@ -205,9 +205,9 @@ class MeteredRenderer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._renderer, name)
 
-    def render(self, messages: list[ChatMessage], *, chat_template: str | None = None) -> PreparedPrompt:
+    def render(self, messages: list[ChatMessage], **options: Any) -> PreparedPrompt:
         started = time.monotonic()
-        prompt = self._renderer.render(messages, chat_template=chat_template)
+        prompt = self._renderer.render(messages, **options)  # chat_template, tools, template_kwargs: as given
         if prompt.image_hashes:
             self._metrics.image_preprocess_seconds.observe(time.monotonic() - started)
         return prompt
