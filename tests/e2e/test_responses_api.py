@@ -143,11 +143,10 @@ def test_cancel_stops_a_running_response(demo_client: openai.OpenAI) -> None:
         demo_client.responses.cancel(final[0].response.id)
 
 
-def test_function_tools_are_refused_until_tool_calling_exists(demo_client: openai.OpenAI) -> None:
+def test_non_function_tools_are_refused(demo_client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        demo_client.responses.create(model=MODEL, input="Hi", tools=[{
-            "type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}, "strict": False}])
-    assert refused.value.body["param"] == "tools"  # type: ignore[index]
+        demo_client.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}])  # type: ignore[list-item]
+    assert refused.value.body["param"] == "tools[0]"  # type: ignore[index]
 
 
 def test_text_format_goes_through_the_chat_paths_structured_output(demo_client: openai.OpenAI) -> None:
@@ -214,3 +213,34 @@ def test_logprobs_when_included(demo_client: openai.OpenAI) -> None:
     events = list(demo_client.responses.create(stream=True, **common))
     streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
     assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]  # type: ignore[union-attr]
+
+
+def test_function_tools_round_trip(demo_client: openai.OpenAI) -> None:
+    """A forced call (tool_choice required: the grammar makes even the demo model call) comes back as a
+    function_call item; its output sent back with previous_response_id continues the conversation."""
+    tools: list[Any] = [{"type": "function", "name": "count_shapes", "strict": True, "parameters": {
+        "type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green"]}},
+        "required": ["colour"],
+        "additionalProperties": False}}]
+    first = demo_client.responses.create(model=MODEL, input=image_input(), tools=tools, tool_choice="required",
+                                         temperature=0, max_output_tokens=200)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "completed" and calls and calls[0].name == "count_shapes"
+    assert all(json.loads(call.arguments)["colour"] in ("red", "green") for call in calls)
+    events = list(demo_client.responses.create(model=MODEL, input=image_input(), tools=tools, stream=True,
+                                               tool_choice="required", temperature=0, max_output_tokens=200))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    Response.model_validate(first.model_dump())  # strictly: the SDK builds its objects without validating
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    for event in events:
+        adapter.validate_python(event.model_dump())
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done and done[0].arguments == calls[0].arguments and events[-1].type == "response.completed"
+    second = demo_client.responses.create(model=MODEL, previous_response_id=first.id, tools=tools, temperature=0,
+                                          max_output_tokens=16, input=[{
+                                              "type": "function_call_output", "call_id": calls[0].call_id,
+                                              "output": "4"}])
+    assert second.status in ("completed", "incomplete") and second.previous_response_id == first.id

@@ -36,6 +36,8 @@ class ResponseState:
     completed_at: int | None = None
     #: per generated token, when include asks for message.output_text.logprobs
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    #: function calls the answer made: {"call_id", "name", "arguments"}
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def finish(self, finish_reason: str | None) -> None:
         self.finish_reason = finish_reason
@@ -66,6 +68,18 @@ def message_item(state: ResponseState, *, done: bool) -> dict[str, Any]:
             "content": [output_text_part(state.text, state.logprobs)] if done else []}
 
 
+def function_call_item(state: ResponseState, index: int) -> dict[str, Any]:
+    call = state.tool_calls[index]
+    return {"type": "function_call", "id": f"fc_{state.message_id.removeprefix('msg_')}_{index}",
+            "call_id": call["call_id"], "name": call["name"], "arguments": call["arguments"], "status": "completed"}
+
+
+def output_items(state: ResponseState) -> list[dict[str, Any]]:
+    """The answer's items: its message (unless it only made calls), then one function_call item per call."""
+    message = [message_item(state, done=True)] if state.text or not state.tool_calls else []
+    return message + [function_call_item(state, i) for i in range(len(state.tool_calls))]
+
+
 def response_object(state: ResponseState, model: str, *, with_output: bool = True) -> dict[str, Any]:
     request = state.request
     text_format = request.text.format.model_dump(by_alias=True, exclude_none=True) if request.text else {
@@ -76,11 +90,12 @@ def response_object(state: ResponseState, model: str, *, with_output: bool = Tru
         "completed_at": state.completed_at, "background": False, "error": state.error,
         "incomplete_details": {"reason": "max_output_tokens"} if state.status == "incomplete" else None,
         "instructions": request.instructions, "max_output_tokens": request.max_output_tokens, "model": model,
-        "output": [message_item(state, done=True)] if with_output and finished and state.error is None else [],
+        "output": output_items(state) if with_output and finished and state.error is None else [],
         "parallel_tool_calls": request.parallel_tool_calls, "previous_response_id": request.previous_response_id,
         "reasoning": {"effort": None, "summary": None}, "store": request.store,
         "temperature": 1.0 if request.temperature is None else request.temperature,
-        "text": {"format": text_format}, "tool_choice": "auto", "tools": [],
+        "text": {"format": text_format},
+        "tool_choice": request.tool_choice or "auto", "tools": request.tools or [],
         "top_p": 1.0 if request.top_p is None else request.top_p, "top_logprobs": request.top_logprobs, "truncation": request.truncation or "disabled",
         "usage": _usage(state) if finished and state.error is None else None,
         "user": request.user, "metadata": request.metadata or {},
@@ -135,6 +150,35 @@ class EventWriter:
                            part=output_text_part(state.text, state.logprobs)),
                 self.event("response.output_item.done", output_index=0, item=message_item(state, done=True)),
                 self.event(final, response=response_object(state, self._model))]
+
+    def whole(self) -> list[str]:
+        """Every event of a response generated whole (requests with tools): its message, then its calls."""
+        state = self._state
+        # the state is already final: the opening events show it as it was when generation started
+        started = {**response_object(state, self._model, with_output=False), "status": "in_progress",
+                   "usage": None, "incomplete_details": None, "completed_at": None}
+        events = [self.event("response.created", response=started),
+                  self.event("response.in_progress", response=started)]
+        index = 0
+        if state.text or not state.tool_calls:
+            events += [
+                self.event("response.output_item.added", output_index=0, item=message_item(state, done=False)),
+                self.event("response.content_part.added", item_id=state.message_id, output_index=0,
+                           content_index=0, part=output_text_part("")),
+                self.delta(state.text, state.logprobs)]
+            events += self.closing()[:-1]  # its done events; the final response event comes after the calls
+            index = 1
+        for i in range(len(state.tool_calls)):
+            item = function_call_item(state, i)
+            ids = {"item_id": item["id"], "output_index": index + i}
+            events += [self.event("response.output_item.added", output_index=index + i,
+                                  item={**item, "arguments": "", "status": "in_progress"}),
+                       self.event("response.function_call_arguments.delta", **ids, delta=item["arguments"]),
+                       self.event("response.function_call_arguments.done", **ids, name=item["name"],
+                                  arguments=item["arguments"]),
+                       self.event("response.output_item.done", output_index=index + i, item=item)]
+        final = "response.incomplete" if state.status == "incomplete" else "response.completed"
+        return [*events, self.event(final, response=response_object(state, self._model))]
 
     def failure(self, body: dict[str, Any]) -> list[str]:
         error = body["error"]

@@ -10,7 +10,7 @@ Leniency policy (the one place it is written down; every route's schemas follow 
   the known extras clients put inside nested objects: `cache_control` on content parts, `image_url.format`,
   `stream_options.include_obfuscation` / `continuous_usage_stats` (see `IGNORED_FIELDS`).
 - Refuse (400, `param` naming the field, `code` "unsupported") only what would change the answer and cannot be
-  honoured: tools until tool calling exists, `suffix`, streamed `best_of` above `n`, background responses,
+  honoured: built-in (non-function) Responses tools, `suffix`, streamed `best_of` above `n`, background responses,
   file ids.
 - Unknown fields inside nested objects that are not in `IGNORED_FIELDS`, and unknown content-part types, are
   refused: there a typo usually means a lost instruction (an image that would silently not be sent).

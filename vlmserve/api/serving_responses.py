@@ -5,8 +5,10 @@ A request becomes a `ChatCompletionRequest` — `instructions` as the system tur
 `text.format` as `response_format`), then the same engine. What comes back is written as a Response object or as
 the Responses stream events (`vlmserve.api.responses_format`).
 
-NOTE: function tools and `function_call_output` items are refused (400) until tool calling lands in the chat path
-(the `tools` branch); they then translate onto chat `tools` / `tool` turns here.
+Function tools translate onto chat `tools` / `tool_choice`, `function_call` items onto assistant tool calls and
+`function_call_output` items onto `tool` turns; the answer is read back by the chat path's tool-call parser.
+NOTE: a request with tools is generated whole, then sent (streamed as its events at the end, not token by token)
+and cannot be cancelled mid-way: the chat path parses tool calls from the whole text.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class PreparedResponse:
     #: the conversation a later previous_response_id continues (without instructions, as OpenAI does)
     conversation: list[dict[str, Any]]
     summary: dict[str, Any]
+    #: set when the request has tools: the chat path's output plan and request, to read tool calls back
+    chat_request: schemas.ChatCompletionRequest | None = None
 
 
 class ResponsesService:
@@ -79,6 +83,7 @@ class ResponsesService:
                 "top_p": request.top_p, "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
                 "repetition_penalty": request.repetition_penalty, "ignore_eos": request.ignore_eos,
                 "logprobs": logprobs, "top_logprobs": request.top_logprobs if logprobs else None,
+                **_chat_tools(request),
                 "response_format": _response_format(request)})
         with _responses_params():
             generation, summary = await self._chat.prepare(chat_request)
@@ -87,11 +92,15 @@ class ResponsesService:
         summary["request_id"] = response_id
         state = ResponseState(response_id=response_id, message_id=f"msg_{uuid.uuid4().hex}", request=request,
                               input_tokens=generation.prompt.num_tokens)
-        return PreparedResponse(state, generation, history + new_messages, summary)
+        return PreparedResponse(state, generation, history + new_messages, summary,
+                                chat_request if request.tools else None)
 
     # --- answers ---------------------------------------------------------------------------------------------
 
     async def create(self, prepared: PreparedResponse) -> dict[str, Any]:
+        if prepared.chat_request is not None:
+            await self._complete_with_tools(prepared)
+            return self._finish(prepared)
         with _responses_params():
             deltas = self._engine.generate(prepared.generation)
         async for _ in self._run(prepared, deltas):
@@ -101,10 +110,32 @@ class ResponsesService:
     def stream(self, prepared: PreparedResponse) -> tuple[AsyncIterator[str], EventWriter]:
         """The stream's events and its writer (whose `failure` ends the stream if generation fails). Raises before
         any event for every error that needs no generation."""
+        writer = EventWriter(prepared.state, prepared.state.request.model)
+        if prepared.chat_request is not None:
+            return self._stream_with_tools(prepared, writer), writer
         with _responses_params():
             deltas = self._engine.generate(prepared.generation)
-        writer = EventWriter(prepared.state, prepared.state.request.model)
         return self._stream(prepared, deltas, writer), writer
+
+    async def _complete_with_tools(self, prepared: PreparedResponse) -> None:
+        state, chat_request = prepared.state, prepared.chat_request
+        assert chat_request is not None
+        plan = self._chat.output_plan(chat_request, prepared.generation)
+        completion = await self._chat.complete(prepared.generation, state.request.model, plan)
+        choice = completion.choices[0]
+        state.text = choice.message.content or ""
+        state.tool_calls = [{"call_id": call.id, "name": call.function.name, "arguments": call.function.arguments}
+                            for call in choice.message.tool_calls or ()]
+        state.output_tokens = completion.usage.completion_tokens
+        state.cached_tokens = (completion.usage.prompt_tokens_details.cached_tokens
+                               if completion.usage.prompt_tokens_details else 0)
+        state.finish("length" if choice.finish_reason == "length" else "stop")
+
+    async def _stream_with_tools(self, prepared: PreparedResponse, writer: EventWriter) -> AsyncIterator[str]:
+        await self._complete_with_tools(prepared)
+        self._finish(prepared)
+        for event in writer.whole():
+            yield event
 
     async def _stream(self, prepared: PreparedResponse, deltas: AsyncIterator[TokenDelta],
                       writer: EventWriter) -> AsyncIterator[str]:
@@ -163,7 +194,12 @@ class ResponsesService:
         state = prepared.state
         if not state.request.store:
             return
-        conversation = [*prepared.conversation, {"role": "assistant", "content": state.text}]
+        answer: dict[str, Any] = {"role": "assistant", "content": state.text}
+        if state.tool_calls:
+            answer["tool_calls"] = [{"id": c["call_id"], "type": "function",
+                                     "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                    for c in state.tool_calls]
+        conversation = [*prepared.conversation, answer]
         self._store.put(state.response_id, StoredResponse(response_object(state, state.request.model),
                                                           conversation))
 
@@ -230,12 +266,25 @@ def _refuse_unsupported(request: ResponseCreateRequest) -> None:
     if request.background:
         raise UnsupportedFeatureError("background responses are not supported; send the request and wait, or "
                                       "stream it", param="background")
-    if request.tools:
-        raise UnsupportedFeatureError("tools in the Responses API are not supported by this server yet",
-                                      param="tools")
-    if isinstance(request.tool_choice, dict) or request.tool_choice not in (None, "auto", "none"):
-        raise UnsupportedFeatureError("tool_choice needs tools, which this server does not support yet",
-                                      param="tool_choice")
+    for i, tool in enumerate(request.tools or ()):
+        if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+            raise UnsupportedFeatureError("only function tools (type 'function' with a name) are supported",
+                                          param=f"tools[{i}]")
+
+
+def _chat_tools(request: ResponseCreateRequest) -> dict[str, Any]:
+    """tools / tool_choice / parallel_tool_calls in the chat request's shapes (nothing without tools)."""
+    if not request.tools:
+        return {}
+    tools = [{"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
+                                               if tool.get(k) is not None}} for tool in request.tools]
+    choice: Any = request.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise UnsupportedFeatureError("tool_choice must be none, auto, required or a function by name",
+                                          param="tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return {"tools": tools, "tool_choice": choice, "parallel_tool_calls": request.parallel_tool_calls}
 
 
 def _response_format(request: ResponseCreateRequest) -> dict[str, Any] | None:
@@ -261,9 +310,18 @@ def _input_messages(request: ResponseCreateRequest) -> list[dict[str, Any]]:
     for i, item in enumerate(request.input):
         if isinstance(item, MessageItem):
             messages.append({"role": item.role, "content": _content(item, f"input[{i}]")})
-        elif isinstance(item, (FunctionCallItem, FunctionCallOutputItem)):
-            raise UnsupportedFeatureError(f"{item.type} items need tool calling, which this server does not "
-                                          "support yet", param=f"input[{i}]")
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            previous = messages[-1] if messages else None
+            if previous is not None and previous["role"] == "assistant" and "tool_calls" in previous:
+                previous["tool_calls"].append(call)  # parallel calls of one turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output if isinstance(item.output, str) else "".join(
+                str(part.get("text", "")) for part in item.output if isinstance(part, dict))
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
         elif isinstance(item, ItemReference):
             raise UnsupportedFeatureError("item_reference inputs are not supported; send the item itself",
                                           param=f"input[{i}]")
