@@ -152,6 +152,13 @@ class MediaConfig:
     max_image_pixels: int = option(40_000_000, "Largest decoded image accepted, in pixels (width x height), "
                                    "checked from the header before decoding.", metavar="PIXELS",
                                    example="--max-image-pixels 20000000")
+    max_image_aspect_ratio: float = option(
+        200.0, "Longest side over shortest side, at most; checked from the header before decoding (vision processors "
+        "refuse more anyway, after the decoding cost).", metavar="RATIO", example="--max-image-aspect-ratio 50")
+    max_image_decode_bytes: int = option(
+        256 * 2**20, "Memory one image's decoding may need, estimated from the header: pixels times the bytes per "
+        "pixel of its stored format plus the RGB copy, and the format's own tile and strip buffers.",
+        metavar="BYTES", example="--max-image-decode-bytes 134217728")
     max_images_per_request: int = option(16, "Most images one request may carry.", metavar="N",
                                          example="--max-images-per-request 4")
     fetch_timeout_s: float = option(10.0, "Deadline for fetching one image URL, redirects included.",
@@ -168,11 +175,14 @@ class MediaConfig:
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers",
+                     "max_image_decode_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ConfigError("--fetch-timeout-s must be positive")
+        if self.max_image_aspect_ratio < 1:
+            raise ConfigError("--max-image-aspect-ratio must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,39 @@ class ServerConfig:
                                           metavar="SECONDS", example="--responses-store-ttl-s 86400")
     enable_docs: bool = option(True, "Serve Swagger UI at /docs (assets bundled, no outside network).",
                                example="--no-docs", flag="--docs")
+    allowed_hosts: tuple[str, ...] = option(
+        (), "Host header values accepted (a guard against DNS rebinding), as NAME or NAME:PORT; '*' accepts any. "
+        "Default: when --host is a loopback address, only localhost, 127.0.0.1 and [::1] (on --port); otherwise any.",
+        metavar="HOST", example="--allowed-hosts llm.internal llm.internal:8000")
+    header_timeout_s: float = option(
+        10.0, "A connection must send a request's line and headers within this time, or it is closed.",
+        metavar="SECONDS", example="--header-timeout-s 5")
+    body_timeout_s: float = option(
+        60.0, "A request's whole body must arrive within this time (408 beyond).", metavar="SECONDS",
+        example="--body-timeout-s 30")
+    keep_alive_timeout_s: float = option(5.0, "Idle keep-alive connections are closed after this time.",
+                                         metavar="SECONDS", example="--keep-alive-timeout-s 15")
+    max_connections: int = option(
+        1024, "Open client connections at most; beyond it new connections get 503 and are closed.", metavar="N",
+        example="--max-connections 4096")
+    enable_cache_salt: bool = option(
+        True, "Isolate the prefix cache per API key (salted block hashes), so no client can learn from cached_tokens "
+        "or timing what another key sent. Only has an effect when API keys are configured.",
+        example="--no-enable-cache-salt")
+    report_cached_tokens: bool = option(
+        True, "Report usage.prompt_tokens_details.cached_tokens (otherwise always 0).",
+        example="--no-report-cached-tokens")
+    max_sequences_per_client: int | None = option(
+        None, "Sequences (n counts each) one API key, or one client address without keys, may have running or "
+        "waiting; 429 beyond. Default: the server's capacity (--max-num-seqs + --max-waiting-requests) divided by "
+        "the number of API keys; no limit without keys.", metavar="N", example="--max-sequences-per-client 32")
+    max_tokens_per_client: int | None = option(
+        None, "Tokens (prompt plus max_tokens, times n) one API key or client address may have in flight; 429 beyond. "
+        "Default: no limit.", metavar="TOKENS", example="--max-tokens-per-client 200000")
+    max_preparing_bytes: int = option(
+        2 * 2**30, "Memory that requests still being prepared or waiting for their prefill may hold, counted as "
+        "decoded image and image-tensor bytes; beyond it new requests get 429 with Retry-After.", metavar="BYTES",
+        example="--max-preparing-bytes 1073741824")
     enable_playground: bool = option(
         True, "Serve the chat playground page at /playground (and redirect / to it). The page itself is public; "
         "its API calls need a key when --api-key is set.", example="--no-playground", flag="--playground")
@@ -225,6 +268,22 @@ class ServerConfig:
             raise ConfigError("--responses-store-max-entries and --responses-store-max-bytes must not be negative")
         if self.responses_store_ttl_s <= 0:
             raise ConfigError("--responses-store-ttl-s must be positive")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_connections", "max_sequences_per_client", "max_tokens_per_client", "max_preparing_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def resolved_allowed_hosts(self) -> tuple[str, ...]:
+        """The Host allow-list in force: the configured one, else the loopback names when listening on loopback,
+        else () meaning any host."""
+        if self.allowed_hosts:
+            return () if "*" in self.allowed_hosts else self.allowed_hosts
+        if self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127."):
+            return ("localhost", "127.0.0.1", "[::1]")
+        return ()
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from --api-key, VLMSERVE_API_KEY and --api-key-file, in that order."""

@@ -100,6 +100,36 @@ class QueueFullError(RequestError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaExceededError(QueueFullError):
+    """One client (API key or address) holds its share of the server already (429 with Retry-After)."""
+
+    code = "quota_exceeded"
+
+
+class ServerBusyError(QueueFullError):
+    """Requests being prepared hold the memory budget (--max-preparing-bytes); retry later (429)."""
+
+    code = "server_busy"
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """A request body that is not `Content-Type: application/json` (415)."""
+
+    code = "unsupported_media_type"
+
+
+class RequestTimeoutError(RequestError):
+    """The client did not send its request body in time (408)."""
+
+    code = "request_timeout"
+
+
+class HostNotAllowedError(InvalidRequestError):
+    """The Host header names no host this server answers to (400): DNS rebinding, or a missing --allowed-hosts."""
+
+    code = "host_not_allowed"
+
+
 # --- the server's state (5xx) --------------------------------------------------------------------------------
 
 

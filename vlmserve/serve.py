@@ -216,10 +216,11 @@ def log_playground_link(config: Config) -> None:
 async def _serve(adapter: ModelAdapter, config: Config) -> int:
     import uvicorn
 
+    from vlmserve.http_server import uvicorn_config
+
     app, engine = build_service(adapter, config)
     names = config.model.default_served_names()
-    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, config.server))
     _GracefulServer(server, engine, config.server.shutdown_timeout_s)
     engine.start()
     exit_code = 0

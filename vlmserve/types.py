@@ -156,6 +156,9 @@ class GenerationRequest:
     # NOTE: folded into the first prefix-cache block hash, so requests with different salts (different API keys,
     # by default) never share cached KV or learn from `cached_tokens` what another client sent.
     cache_salt: str | None = None
+    # NOTE: who sent the request (an API key's digest, or a client address): the scheduler shares running slots
+    # fairly between clients, and the API counts per-client quotas by it. None: one anonymous client.
+    client_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,68 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+# --- issue 11: one server for the resource-exhaustion and isolation tests -----------------------------------------
+
+ROUND2_MAX_CONNECTIONS = 48
+ROUND2_PREPARING_BYTES = 16 * 2**20
+ROUND2_TIMEOUT_S = 2
+
+
+def round2_server(start_server: type[ServerProcess], tiny_qwen2_vl: Path) -> ServerProcess:
+    """Tiny Qwen2-VL with two keys, 4 running + 4 waiting sequences (so 4 per key), short header and body
+    deadlines, a small connection cap and a 16 MiB preparation budget; 127.0.0.1 allowed as an image host."""
+
+    def start() -> ServerProcess:
+        return start_server([
+            str(tiny_qwen2_vl), "--served-model-name", MODEL, "--api-key", *KEYS, "--max-num-seqs", "4",
+            "--max-waiting-requests", "4", "--max-n", "4", "--header-timeout-s", str(ROUND2_TIMEOUT_S),
+            "--body-timeout-s", str(ROUND2_TIMEOUT_S), "--max-connections", str(ROUND2_MAX_CONNECTIONS),
+            "--max-preparing-bytes", str(ROUND2_PREPARING_BYTES), "--allowed-media-hosts", "127.0.0.1"])
+
+    return shared("round2", start)
+
+
+class HealthProbe:
+    """Polls /health every 0.1 s in a thread while an attack runs; `worst_s` is the slowest answer (a refused or
+    failed probe counts as infinitely slow)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        import threading
+
+        self._url = f"{server.base_url}/health"
+        self._stop = threading.Event()
+        self.latencies: list[float] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    ok = client.get(self._url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.latencies.append(time.monotonic() - started if ok else float("inf"))
+                self._stop.wait(0.1)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def worst_s(self) -> float:
+        assert self.latencies, "the probe never ran"
+        return max(self.latencies)
+
+
+def log_tail(server: ServerProcess, since: int) -> str:
+    """What the server logged after the first `since` characters."""
+    return server.log()[since:]

@@ -123,10 +123,10 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
     guard = middleware.APIKeyMiddleware(app=None, keys=("key-a", "key-b", "key-c"))  # type: ignore[arg-type]
-    assert guard._authorized(b"Bearer key-a")
+    assert guard._match(b"Bearer key-a") == 0
     assert compared == [(b"key-a", b"key-a"), (b"key-a", b"key-b"), (b"key-a", b"key-c")]  # no early exit
     compared.clear()
-    assert not guard._authorized(b"Bearer nope")
+    assert guard._match(b"Bearer nope") is None
     assert len(compared) == 3
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,13 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmserve import __version__
 from vlmserve.api import schemas
+from vlmserve.api.admission import Admission
 from vlmserve.api.errors import classify, error_response
+from vlmserve.api.guards import BodyTimeoutMiddleware, HostAllowListMiddleware, JSONContentTypeMiddleware
 from vlmserve.api.metrics import MeteredEngine, MeteredMediaLoader, MeteredRenderer, ServerMetrics
 from vlmserve.api.middleware import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
     OpenAICORSMiddleware,
     RequestLogMiddleware,
+    client_id,
     log_fields,
 )
 from vlmserve.api.openapi import body_schema, install_openapi
@@ -58,11 +62,13 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
     metrics = ServerMetrics(engine, served_model_names[0])
     metered = MeteredEngine(engine, metrics)
+    admission = Admission(engine, config)
     chat = ChatService(metered, cast(PromptRenderer, MeteredRenderer(renderer, metrics)),
                        cast(MediaLoader, MeteredMediaLoader(media, metrics)), served_model_names=served_model_names,
                        server_config=config.server, model_family=model_family,
                        tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
-                       reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser))
+                       reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser),
+                       admission=admission)
     models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
     server_cfg = config.server
     store = MemoryResponseStore(max_entries=server_cfg.responses_store_max_entries,
@@ -90,8 +96,10 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
-        request = schemas.ChatCompletionRequest.model_validate(parse_json_object(await raw_request.body()))
-        generation, summary = await chat.prepare(request)
+        request = await asyncio.to_thread(_parse_request, await raw_request.body())
+        # Preparation (fetching, decoding, rendering) stops when the client goes away.
+        generation, summary = await cancel_on_disconnect(raw_request, chat.prepare(
+            request, client_id=client_id(raw_request.scope), api_key_id=raw_request.scope.get("state", {}).get("api_key_id")))
         plan = chat.output_plan(request, generation)
         if config.server.log_requests:
             summary["messages"] = _loggable_messages(request.messages)
@@ -147,12 +155,17 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
 
 
 def _wrap_middleware(app: FastAPI, config: Config, open_paths: frozenset[str]) -> FastAPI:
-    # Added innermost first: the body cap runs after authentication, CORS outermost so preflights succeed.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_request_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=config.server.resolved_api_keys(), public_paths=open_paths)
-    if config.server.allowed_origins:
-        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(config.server.allowed_origins),
+    server = config.server
+    # Added innermost first: the body deadline and cap run after authentication and the media-type check, CORS and
+    # the Host check outside them so preflights succeed and rebound names learn nothing.
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=server.body_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
+    app.add_middleware(JSONContentTypeMiddleware)
+    app.add_middleware(APIKeyMiddleware, keys=server.resolved_api_keys(), public_paths=open_paths)
+    if server.allowed_origins:
+        app.add_middleware(OpenAICORSMiddleware, allow_origins=list(server.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostAllowListMiddleware, allowed=server.resolved_allowed_hosts(), port=server.port)
     app.add_middleware(RequestLogMiddleware)  # outermost: every request gets its line, whoever answers it
     return app
 
@@ -169,6 +182,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     from pydantic import ValidationError
 
     app.add_exception_handler(ValidationError, handle)
+
+
+def _parse_request(body: bytes) -> schemas.ChatCompletionRequest:
+    """Worker thread: the body parsed and validated (a large body must not hold the event loop)."""
+    return schemas.ChatCompletionRequest.model_validate(parse_json_object(body))
 
 
 def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from vlmserve import errors
@@ -26,6 +27,8 @@ _STATUS: dict[type[BaseException], tuple[int, str]] = {
     errors.ModelNotFoundError: (404, "invalid_request_error"),
     errors.NotFoundError: (404, "invalid_request_error"),
     errors.PayloadTooLargeError: (413, "invalid_request_error"),
+    errors.UnsupportedMediaTypeError: (415, "invalid_request_error"),
+    errors.RequestTimeoutError: (408, "invalid_request_error"),
     errors.QueueFullError: (429, "rate_limit_error"),
     errors.RequestError: (400, "invalid_request_error"),
     errors.ServiceUnavailableError: (503, "service_unavailable_error"),
@@ -45,6 +48,11 @@ def classify(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
         return (400, _validation_body(exc), {})
     if isinstance(exc, StarletteHTTPException):
         return _http_exception(exc)
+    if isinstance(exc, ClientDisconnect):
+        # The client left mid-body; nobody reads this answer, and a traceback per slow client would flood the log.
+        logger.debug("client disconnected while sending its request")
+        return (400, error_body("the client disconnected while sending the request", "invalid_request_error",
+                                None, "client_disconnected"), {})
     for cls in type(exc).__mro__:
         if cls in _STATUS:
             status, type_ = _STATUS[cls]

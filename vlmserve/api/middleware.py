@@ -7,6 +7,7 @@ slashes, case) can skip it.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -90,34 +91,56 @@ class APIKeyMiddleware:
     """Requires `Authorization: Bearer <key>` matching one of `keys`, compared in constant time.
 
     `public_paths` (exact paths, GET/HEAD only) are served without a key on top of `/health`: the playground's
-    static files, whose page then asks the user for the key its API calls need."""
+    static files, whose page then asks the user for the key its API calls need.
+
+    The matched key is recorded, as a digest, in the request's state (`api_key_id`): per-key quotas and prefix-cache
+    isolation use it, and the key itself never travels further.
+    """
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], public_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self._keys = [k.encode() for k in keys]
+        self._key_ids = [api_key_id(k) for k in keys]
         self._open_paths = _OPEN_PATHS | public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or self._is_open(scope):
             await self.app(scope, receive, send)
             return
-        if not self._authorized(_single_header(scope, b"authorization")):
+        matched = self._match(_single_header(scope, b"authorization"))
+        if matched is None:
             await send_error(send, AuthenticationError(
                 "missing or wrong API key: send 'Authorization: Bearer <key>' with a key given to --api-key"), scope)
             return
+        scope.setdefault("state", {})["api_key_id"] = self._key_ids[matched]
         await self.app(scope, receive, send)
 
     def _is_open(self, scope: Scope) -> bool:
         return scope["path"] in self._open_paths and scope["method"] in ("GET", "HEAD")
 
-    def _authorized(self, header: bytes | None) -> bool:
+    def _match(self, header: bytes | None) -> int | None:
         if header is None or header[:7].lower() != b"bearer ":
-            return False
+            return None
         presented = header[7:].strip()
-        matched = False
-        for key in self._keys:  # no early exit: time does not depend on which key matched
-            matched |= hmac.compare_digest(presented, key)
+        matched = None
+        for index, key in enumerate(self._keys):  # no early exit: time does not depend on which key matched
+            if hmac.compare_digest(presented, key):
+                matched = index
         return matched
+
+
+def api_key_id(key: str) -> str:
+    """A stable, non-reversible name for an API key (what logs, quotas and cache salts may carry)."""
+    return "key-" + hashlib.sha256(b"vlmserve-api-key\0" + key.encode()).hexdigest()[:32]
+
+
+def client_id(scope: Scope) -> str:
+    """Who sent this request, for quotas and fairness: its API key's id, else its network address."""
+    state = scope.get("state", {})
+    if "api_key_id" in state:
+        return str(state["api_key_id"])
+    client = scope.get("client")
+    return f"addr-{client[0]}" if client else "addr-unknown"
 
 
 class OpenAICORSMiddleware(CORSMiddleware):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from vlmserve.api import schemas
+from vlmserve.api.admission import Admission
 from vlmserve.api.output_constraint import output_constraint
 from vlmserve.api.output_parsing import OutputDelta, OutputPlan
 from vlmserve.api.reasoning import prompt_opens_reasoning
@@ -19,8 +20,8 @@ from vlmserve.api.streaming import ChunkWriter
 from vlmserve.api.structured_outputs import RequestedStructure, resolve_structured_output
 from vlmserve.api.tool_parsers.streaming import EmittedToolCall
 from vlmserve.api.tools import ToolPlan, message_tool_fields, plan_tools
-from vlmserve.config import ServerConfig
-from vlmserve.engine.client import EngineClient
+from vlmserve.config import Config, ServerConfig
+from vlmserve.engine.client import EngineClient, model_input_bytes
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
@@ -35,6 +36,9 @@ from vlmserve.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: temperatures below this sample greedily: 1e-45 is 0 in float32 and logits / 0 are NaN (vLLM uses the same bound)
+_GREEDY_BELOW = 1e-5
 
 
 #: template variables a request's chat_template_kwargs may not replace
@@ -59,7 +63,8 @@ class ChatService:
 
     def __init__(self, engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, *,
                  served_model_names: tuple[str, ...], server_config: ServerConfig, model_family: str = "unknown",
-                 tool_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+                 tool_parser: str | None = None, reasoning_parser: str | None = None,
+                 admission: Admission | None = None) -> None:
         """`tool_parser` / `reasoning_parser`: the resolved parser names (None: none applies)."""
         self._engine = engine
         self._family = model_family
@@ -69,38 +74,57 @@ class ChatService:
         self._media = media
         self._names = served_model_names
         self._config = server_config
-        self._num_preparing = 0  # sequences of requests admitted but still fetching images or rendering
+        self._admission = admission or Admission(engine, Config(server=server_config))
+        self._salt_caches = server_config.enable_cache_salt and bool(server_config.resolved_api_keys())
 
-    async def prepare(self, request: schemas.ChatCompletionRequest) -> tuple[GenerationRequest, dict[str, Any]]:
+    async def prepare(self, request: schemas.ChatCompletionRequest, *, client_id: str | None = None,
+                      api_key_id: str | None = None) -> tuple[GenerationRequest, dict[str, Any]]:
         """Validate against this server's limits, fetch and decode images, render the prompt (off the loop).
 
-        Returns the engine request and a loggable summary of it (never prompts, image bytes or keys)."""
+        `client_id` names the sender for quotas and fair scheduling; `api_key_id` (the digest of the key used, when
+        keys are configured) salts the prefix cache. Returns the engine request and a loggable summary of it
+        (never prompts, image bytes or keys)."""
         if request.model not in self._names:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
+        # Every cheap check before the expensive part (fetch, decode, render).
         self._check_limits(request)
+        sampling = self._sampling(request)
+        self._check_text_size(request.messages)
         resolve_structured_output(request)  # refuse conflicting constraints before any image is fetched
         tool_plan = plan_tools(request, self._tool_parser, self._family)
         template_kwargs = _template_kwargs(request.chat_template_kwargs)
         # NOTE: admission before the expensive part. Without it a burst is refused (429) only after every request
         # has fetched, decoded and rendered its images: CPU and memory would then grow with the burst, not the queue.
-        self._engine.check_can_accept(request.n, num_reserved=self._num_preparing)
-        self._num_preparing += request.n
+        max_tokens = sampling.max_tokens or self._renderer.max_model_len
+        ticket = self._admission.admit(client_id, request.n, max_tokens * request.n)
         try:
             images = await self._media.load(_image_refs(request.messages))
+            self._admission.hold_bytes(ticket, sum(3 * part.image.width * part.image.height for part in images))
             chat = _to_chat_messages(request.messages, images)
             prompt = await asyncio.to_thread(self._render, chat, request.chat_template, tool_plan.tools,
                                              template_kwargs)
+            self._admission.hold_bytes(ticket, model_input_bytes(prompt.model_inputs))
         finally:
-            self._num_preparing -= request.n
+            self._admission.release(ticket)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sampling = self._sampling(request)
         structured = self._output_constraint(request, tool_plan, prompt)
         if structured is not None:
             await self._compile(structured)
             sampling = dataclasses.replace(sampling, structured=structured.spec)
-        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling)
+        generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling, client_id=client_id,
+                                       cache_salt=api_key_id if self._salt_caches else None)
         return generation, _summary(generation, images)
+
+    def _check_text_size(self, messages: list[schemas.ChatMessageParam]) -> None:
+        """The renderer's length bound, applied before any image is fetched."""
+        num_chars = 0
+        for message in messages:
+            if isinstance(message.content, str):
+                num_chars += len(message.content)
+            elif message.content is not None:
+                num_chars += sum(len(part.text or "") for part in message.content)
+        self._renderer.check_text_size(num_chars)
 
     def output_plan(self, request: schemas.ChatCompletionRequest, generation: GenerationRequest) -> OutputPlan:
         """How `generation`'s output is read back (tool calls, reasoning); cheap, for a prepared request."""
@@ -168,8 +192,9 @@ class ChatService:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         logit_bias: dict[int, float] = {}
         for key, value in (request.logit_bias or {}).items():
-            if not key.isdigit():
-                raise InvalidRequestError(f"logit_bias keys are token ids; {key!r} is not", param="logit_bias")
+            # ASCII digits only: str.isdigit() also accepts '²' or Arabic-Indic digits, which int() refuses or reads
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise InvalidRequestError(f"logit_bias keys are token ids; {key[:32]!r} is not", param="logit_bias")
             logit_bias[int(key)] = value
         vocab = len(self._renderer.tokenizer)
         if any(token >= vocab for token in [*logit_bias, *(request.stop_token_ids or [])]):
@@ -177,7 +202,7 @@ class ChatService:
                                       param="logit_bias" if logit_bias else "stop_token_ids")
         return SamplingParams(
             max_tokens=request.max_completion_tokens or request.max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
+            temperature=_temperature(request.temperature),
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=max(request.top_k or 0, 0), min_p=request.min_p or 0.0,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
@@ -188,6 +213,9 @@ class ChatService:
             spaces_between_special_tokens=request.spaces_between_special_tokens)
 
     # --- responses -------------------------------------------------------------------------------------------
+
+    def _reported(self, cached_tokens: int) -> int:
+        return cached_tokens if self._config.report_cached_tokens else 0
 
     async def complete(self, generation: GenerationRequest, model: str,
                        plan: OutputPlan | None = None) -> schemas.ChatCompletion:
@@ -209,7 +237,7 @@ class ChatService:
                 index=i, message=_message(c, plan), finish_reason=_finish_reason(c.finish_reason, plan, c.calls),
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), cached))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), self._reported(cached)))
 
     def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
                plan: OutputPlan | None = None, progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
@@ -240,7 +268,7 @@ class ChatService:
                 calls = parsers[delta.index].tool_calls
                 yield writer.finish(delta.index, _finish_reason(delta.finish_reason.value, plan, calls) or "stop")
         if include_usage:
-            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), cached))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), self._reported(cached)))
         yield writer.done()
 
 
@@ -284,6 +312,13 @@ def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
             raise InvalidRequestError(f"chat_template_kwargs may not set {key!r} (reserved or not a name)",
                                       param="chat_template_kwargs")
     return dict(kwargs or {})
+
+
+def _temperature(value: float | None) -> float:
+    """The request's temperature; below _GREEDY_BELOW it is greedy (0), as dividing by it would overflow."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < _GREEDY_BELOW else value
 
 
 def _usage(prompt: PreparedPrompt, completion_tokens: int, cached: int) -> schemas.Usage:

@@ -18,14 +18,37 @@ T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+#: JSON nested deeper than this is refused; OpenAI requests nest a few levels (tool schemas a few dozen)
+MAX_JSON_DEPTH = 64
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError("the request body is not valid JSON", param=None) from exc
+    except RecursionError:
+        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
+                                  param=None) from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise InvalidRequestError("the request body holds a number with too many digits", param=None) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object", param=None)
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", param=None)
     return data
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` deep (iterative: deep input cannot overflow the stack here)."""
+    level: list[Any] = [data]
+    for _ in range(limit):
+        level = [child for container in level
+                 for child in (container.values() if isinstance(container, dict) else container)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 async def json_body(request: Request) -> dict[str, Any]:

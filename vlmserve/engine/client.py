@@ -40,6 +40,16 @@ from vlmserve.types import (
 logger = logging.getLogger(__name__)
 
 
+def model_input_bytes(inputs: dict[str, Any]) -> int:
+    """Bytes of the array-like model inputs (pixel values and friends), without importing torch."""
+    total = 0
+    for value in inputs.values():
+        nbytes = getattr(value, "nbytes", None)
+        if isinstance(nbytes, int):
+            total += nbytes
+    return total
+
+
 class EngineClient(Protocol):
     """What the HTTP layer may ask of an engine."""
 
@@ -66,6 +76,14 @@ class EngineClient(Protocol):
 
     @property
     def is_dead(self) -> bool: ...
+
+    def client_load(self, client_id: str | None) -> tuple[int, int]:
+        """(sequences, tokens) the client has running or waiting; tokens count prompt plus max_tokens."""
+        ...
+
+    def held_prompt_bytes(self) -> int:
+        """Bytes of model inputs (image tensors) held by the requests in the engine."""
+        ...
 
     async def shutdown(self, timeout_s: float) -> None: ...
 
@@ -100,6 +118,9 @@ class _Sequence:
     num_prompt_tokens: int
     want_logprobs: bool
     num_generated: int = 0
+    client_id: str | None = None
+    num_reserved_tokens: int = 0  # prompt + max_tokens: what the client's token quota counts
+    prompt_bytes: int = 0  # this sequence's share of its prompt's model-input bytes
 
 
 class AsyncEngine:
@@ -208,12 +229,15 @@ class AsyncEngine:
         params = request.sampling
         n = params.n
         child_ids = [request.request_id if n == 1 else f"{request.request_id}-{i}" for i in range(n)]
+        prompt_bytes = model_input_bytes(request.prompt.model_inputs)
         for index, child_id in enumerate(child_ids):
             seed = None if params.seed is None else params.seed + index
             sampling = dataclasses.replace(params, n=1, seed=seed, max_tokens=max_tokens)
             self._sequences[child_id] = _Sequence(
                 index=index, queue=queue, detokenizer=self._detokenizer(params),
-                num_prompt_tokens=request.prompt.num_tokens, want_logprobs=params.logprobs)
+                num_prompt_tokens=request.prompt.num_tokens, want_logprobs=params.logprobs,
+                client_id=request.client_id, num_reserved_tokens=request.prompt.num_tokens + max_tokens,
+                prompt_bytes=prompt_bytes // n)
             self._core.add_request(dataclasses.replace(request, request_id=child_id, sampling=sampling))
         self._wakeup.set()
         return child_ids
@@ -232,6 +256,13 @@ class AsyncEngine:
             raise QueueFullError(f"the server is at capacity ({self._max_sequences} sequences running or "
                                  "waiting, --max-num-seqs + --max-waiting-requests); retry shortly",
                                  retry_after_s=1.0)
+
+    def client_load(self, client_id: str | None) -> tuple[int, int]:
+        mine = [s for s in self._sequences.values() if s.client_id == client_id]
+        return len(mine), sum(s.num_reserved_tokens for s in mine)
+
+    def held_prompt_bytes(self) -> int:
+        return sum(s.prompt_bytes for s in self._sequences.values())
 
     def _check_prompt(self, request: GenerationRequest) -> None:
         """Refuse prompts the core cannot run: they would fail inside a step and take the engine loop down."""

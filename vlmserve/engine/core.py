@@ -28,7 +28,7 @@ from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PreparedPrompt, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_BLOCKS = 4096
 #: steps in a row in which every sequence failed before the engine counts as broken
 _MAX_CONSECUTIVE_FAILED_STEPS = 3
+#: the health probe's prompt, and the token it falls back to (id 0 exists in every vocabulary)
+_PROBE_TEXT = "ok"
+_PROBE_TOKEN_ID = 0
 
 
 class PagedEngineCore:
@@ -66,6 +69,7 @@ class PagedEngineCore:
         self._refused: list[CoreOutput] = []  # requests refused on arrival, reported by the next step
         self._sequences: dict[str, Sequence] = {}
         self._consecutive_failures = 0
+        self._health_probe: PreparedPrompt | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
@@ -106,8 +110,10 @@ class PagedEngineCore:
         """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
 
         Re-running is safe: a failed step changed no sequence's progress, and a chunk rewrites the same cache
-        slots. If every sequence keeps failing, step after step, the engine itself is broken: the error then
-        propagates and the server stops (and is restarted by its supervisor).
+        slots. Whether the *engine* is broken is decided by a health probe that no client controls, never by
+        how many client requests failed: a crafted request that fails every time it runs is that request's
+        error (a 500 for it), however often it is sent. Only when the probe fails too, step after step, does the
+        error propagate and the server stop (to be restarted by its supervisor).
         """
         logger.warning("engine step of %d sequences failed (%s); retrying them one by one", len(chunks),
                        type(exc).__name__, exc_info=exc)
@@ -126,9 +132,48 @@ class PagedEngineCore:
         if len(chunks) == 1:
             failures = 1
             emit(self._fail(chunks, exc))
-        self._consecutive_failures = self._consecutive_failures + 1 if failures == len(chunks) else 0
+        if failures < len(chunks) or self._probe_succeeds():
+            self._consecutive_failures = 0
+            return
+        self._consecutive_failures += 1
         if self._consecutive_failures >= _MAX_CONSECUTIVE_FAILED_STEPS:
-            raise RuntimeError("every sequence failed in several consecutive steps") from exc
+            raise RuntimeError("every sequence and the health probe failed in several consecutive steps") from exc
+
+    def _probe_succeeds(self) -> bool:
+        """Run a one-token text prompt of our own through the model: True when the engine itself still works."""
+        prompt = self._probe_prompt()
+        blocks = self.pool.allocate(-(-prompt.num_tokens // self.scheduler.block_size))
+        if blocks is None:
+            # NOTE: no free block to probe with means other sequences hold the pool, and they ran in this step
+            # or will in the next one; their success or failure is the evidence, so do not count this step.
+            return True
+        probe_request = GenerationRequest(request_id="vlmserve-health-probe", prompt=prompt,
+                                          sampling=SamplingParams(max_tokens=1, temperature=0.0))
+        probe = self._new_sequence(probe_request)
+        probe.block_ids = blocks
+        try:
+            self.runner.execute([ScheduledChunk(probe, 0, prompt.num_tokens)])
+        except Exception as exc:
+            logger.error("the engine's health probe failed too (%s)", type(exc).__name__)
+            return False
+        finally:
+            probe.release_prompt_state()
+            self.runner.sampler.release(probe.sampling)
+            self.pool.release(blocks)
+        return True
+
+    def _probe_prompt(self) -> PreparedPrompt:
+        """A short text prompt prepared by the model's own processor (some models need its extra inputs)."""
+        if self._health_probe is None:
+            processor = self._adapter.processor
+            try:
+                inputs = dict(processor(text=[_PROBE_TEXT], return_tensors="pt"))
+                token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
+                inputs.pop("attention_mask", None)
+            except Exception:  # NOTE: a processor that cannot do this still gets a bare probe
+                inputs, token_ids = {}, []
+            self._health_probe = PreparedPrompt(token_ids=token_ids or [_PROBE_TOKEN_ID], model_inputs=inputs)
+        return self._health_probe
 
     def _take_inbox(self) -> None:
         new, aborts = self._inbox.take()
@@ -152,12 +197,16 @@ class PagedEngineCore:
         self.runner.sampler.release(sequence.sampling)
 
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
+        sequence = self._new_sequence(request)
+        self._counters["prompt"] += request.prompt.num_tokens
+        return sequence
+
+    def _new_sequence(self, request: GenerationRequest) -> Sequence:
         sampling = make_sampling(request, eos_token_ids=self._adapter.eos_token_ids, device=self._adapter.device,
                                  tokenizer=self._adapter.tokenizer, text_policy=self._text_policy,
                                  structured=self.structured)
         sequence = Sequence(request=request, sampling=sampling)
         sampling.output_token_ids = sequence.output_token_ids  # the sampler sees tokens as they are appended
-        self._counters["prompt"] += request.prompt.num_tokens
         return sequence
 
     def _update(self, chunks: list[ScheduledChunk], sampled_sequences: list[Sequence],

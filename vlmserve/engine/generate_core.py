@@ -35,6 +35,10 @@ from vlmserve.types import EngineStats, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
+#: batches in a row in which every request and the health probe failed before the engine counts as broken
+_MAX_CONSECUTIVE_FAILED_BATCHES = 3
+_PROBE_TEXT = "ok"
+
 
 @dataclass
 class _Row:
@@ -65,6 +69,7 @@ class GenerateEngineCore:
         self._aborted: set[str] = set()  # ids of running rows whose clients went away
         self._running: list[_Row] = []
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
+        self._consecutive_failures = 0
         self._started = time.monotonic()
 
     def add_request(self, request: GenerationRequest) -> None:
@@ -91,19 +96,52 @@ class GenerateEngineCore:
         if not rows:
             return
         try:
-            self._generate(rows, emit)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            # A failure inside one batch fails its requests only; the engine keeps serving.
-            logger.exception("generate failed for a batch of %d", len(rows))
-            emit([CoreOutput(r.request.request_id, [], FinishReason.ERROR, error=type(exc).__name__)
-                  for r in rows if not r.is_done])
-            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            failed = self._run_isolated(rows, emit)
         finally:
             for row in rows:
                 self._sampler.release(row.sampling)
             self._aborted.clear()
             self._running = []
+        if not failed or self._probe_succeeds():
+            self._consecutive_failures = 0
+            return
+        # Only when our own probe fails too is the engine, not a request, at fault.
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= _MAX_CONSECUTIVE_FAILED_BATCHES:
+            raise RuntimeError("every request and the health probe failed in several consecutive batches")
+
+    def _run_isolated(self, rows: list[_Row], emit: Emit) -> bool:
+        """Run `rows` as one batch; if it fails before any token, run them alone so only the culprits fail.
+
+        Returns True when every row failed (what the health accounting looks at).
+        """
+        try:
+            self._generate(rows, emit)
+            return False
+        except Exception as exc:  # incl. out-of-memory: the batch's requests fail, the engine keeps serving
+            logger.warning("generate failed for a batch of %d (%s)", len(rows), type(exc).__name__, exc_info=exc)
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            untouched = len(rows) > 1 and not any(r.output_token_ids or r.is_done for r in rows)
+            if not untouched:
+                emit([CoreOutput(r.request.request_id, [], FinishReason.ERROR, error=type(exc).__name__)
+                      for r in rows if not r.is_done])
+                return all(not r.output_token_ids for r in rows)
+        return all([self._run_isolated([row], emit) for row in rows])
+
+    def _probe_succeeds(self) -> bool:
+        """One token of a short text prompt of our own: True when the model itself still runs."""
+        try:
+            inputs = dict(self._adapter.processor(text=[_PROBE_TEXT], return_tensors="pt"))
+            inputs = {k: v.to(self._adapter.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            with torch.inference_mode():
+                self._adapter.model.generate(**inputs, generation_config=GenerationConfig(
+                    max_new_tokens=1, do_sample=False, num_beams=1,
+                    pad_token_id=getattr(self._adapter, "pad_token_id", None)))
+        except Exception as exc:
+            logger.error("the engine's health probe failed too (%s)", type(exc).__name__)
+            return False
+        return True
 
     def _drain_inbox(self) -> None:
         """Queue new requests; drop aborted waiting ones; remember aborted running ones for `_advance`."""

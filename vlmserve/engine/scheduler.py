@@ -3,14 +3,17 @@
 Each step has a token budget (`--max-num-batched-tokens`) and a cap on running sequences (`--max-num-seqs`).
 Running sequences go first, in arrival order: one token each when decoding, the next chunk of their prompt when
 still prefilling, so a long image prompt is spread over several steps instead of stalling everyone's decode.
-Waiting sequences are admitted first-come first-served with what is left. When the block pool runs dry, the most
+Waiting sequences are admitted with what is left, fairly between clients (`GenerationRequest.client_id`): the queue
+is taken round-robin by client, the client with the fewest running sequences first, and when every slot is taken
+while a client with (at least two) fewer running sequences than another waits, the other's newest sequence gives
+its slot up. So one client's long streams cannot hold every slot while others wait. When the block pool runs dry, the most
 recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
 and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from vlmserve.engine.kv_cache import BlockPool, hash_block, images_in_range
@@ -64,6 +67,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self._share_slots(out)
         for sequence in list(self.running):
             if budget == 0:
                 break
@@ -75,6 +79,7 @@ class Scheduler:
             self._schedule_chunk(out, sequence, count)
             budget -= count
         if not out.preempted:
+            self._order_waiting_fairly()
             budget = self._admit(out, budget)
         return out
 
@@ -86,6 +91,34 @@ class Scheduler:
             if victim is sequence:
                 return False
         return True
+
+    # --- fairness between clients (GenerationRequest.client_id) ---------------------------------------------
+
+    def _order_waiting_fairly(self) -> None:
+        """Reorder the queue round-robin by client, fewest running first: a client's k-th waiting sequence ranks
+        as if it had k more running. The sort is stable, so each client's own sequences keep their order."""
+        if len(self.waiting) < 2:
+            return
+        load = Counter(s.request.client_id for s in self.running)
+        ranked = []
+        for position, sequence in enumerate(self.waiting):
+            client = sequence.request.client_id
+            ranked.append((load[client], position, sequence))
+            load[client] += 1
+        ranked.sort(key=lambda item: (item[0], item[1]))
+        self.waiting = deque(sequence for _, _, sequence in ranked)
+
+    def _share_slots(self, out: SchedulerOutput) -> None:
+        """All slots taken while a client waits with two fewer running than another: preempt that one's newest."""
+        if not self.waiting or len(self.running) < self.max_num_seqs:
+            return
+        running = Counter(s.request.client_id for s in self.running)
+        fewest = min(running[s.request.client_id] for s in self.waiting)
+        busiest, count = running.most_common(1)[0]
+        if count < fewest + 2:
+            return
+        victim = next(s for s in reversed(self.running) if s.request.client_id == busiest)
+        self._preempt(victim, out)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -25,6 +25,7 @@ _BLOCKED_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
     "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/96",  # unspecified, loopback and the deprecated IPv4-compatible addresses
     "::ffff:0:0/96",  # IPv4-mapped: refused outright whatever IPv4 address it carries
+    "::ffff:0:0:0/96",  # IPv4-translated (SIIT, RFC 2765): also reaches the IPv4 address it embeds
     "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ))
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")

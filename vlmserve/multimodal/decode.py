@@ -2,7 +2,10 @@
 
 The bytes come from strangers, so decoding is defensive:
 - the format is sniffed from the bytes, restricted to `ALLOWED_FORMATS` (the declared type is never trusted);
-- width x height from the header is checked against `--max-image-pixels` before any pixel is decoded;
+- width x height from the header is checked against `--max-image-pixels` before any pixel is decoded, and so is
+  the decoding cost (`decode_cost`): the aspect ratio (`--max-image-aspect-ratio`), the memory the stored format
+  and the RGB copy need, the format's own tile/strip buffers (a TIFF tile may be far larger than its image) and a
+  JPEG's number of progressive scans (each is a pass over the whole image) (`--max-image-decode-bytes`);
 - only the first frame of an animated image is decoded;
 - EXIF orientation is applied, then every colour mode is normalised to RGB the same way: alpha (or a
   transparency key) is flattened onto white, 16-bit and 32-bit integer samples are scaled to 8 bits
@@ -18,6 +21,7 @@ import hashlib
 import io
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -45,16 +49,27 @@ def raise_pillow_pixel_limit(max_image_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one image may cost, checked from its header before any pixel is decoded."""
+
+    max_image_pixels: int
+    max_aspect_ratio: float = 200.0
+    max_decode_bytes: int = 256 * 2**20
+    max_jpeg_scans: int = 64
+
+
 def decode_image(data: bytes, *, max_image_pixels: int, max_output_pixels: int | None = None,
-                 param: str | None = None) -> Image.Image:
+                 param: str | None = None, limits: DecodeLimits | None = None) -> Image.Image:
     """Decode `data` into an RGB image no larger than `max_output_pixels` (keeping its aspect ratio).
 
     Raises `MediaError` (with `param`) for anything that is not a decodable image within the limits.
     """
     if not data:
         raise MediaError("the image is empty", param=param)
+    limits = limits or DecodeLimits(max_image_pixels)
     try:
-        image = _decode(data, max_image_pixels, max_output_pixels, param)
+        image = _decode(data, limits, max_output_pixels, param)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -73,21 +88,68 @@ def decode_image(data: bytes, *, max_image_pixels: int, max_output_pixels: int |
     return fit_pixel_budget(image, max_output_pixels)
 
 
-def _decode(data: bytes, max_image_pixels: int, max_output_pixels: int | None,
+def _decode(data: bytes, limits: DecodeLimits, max_output_pixels: int | None,
             param: str | None) -> Image.Image:
     with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
         width, height = image.size
         if width < 1 or height < 1:
             raise MediaError("the image has no pixels", param=param)
-        if width * height > max_image_pixels:
+        if width * height > limits.max_image_pixels:
             raise MediaError(f"the image is {width}x{height} = {width * height} pixels, more than "
-                             f"{max_image_pixels} (--max-image-pixels)", param=param)
+                             f"{limits.max_image_pixels} (--max-image-pixels)", param=param)
+        check_decode_cost(image, data, limits, param)
         if max_output_pixels is not None and image.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the budget allows: much less work for big photos.
             image.draft("RGB", fit_size(width, height, max_output_pixels))
         image.load()  # frame 0 is the current frame after open: animated images give their first frame
         # Both helpers return new images, so nothing refers to `image` once the with-block closes it.
         return to_rgb(_exif_oriented(image))
+
+
+def check_decode_cost(image: Image.Image, data: bytes, limits: DecodeLimits, param: str | None) -> None:
+    """Refuse, from the header, an image whose decoding would cost more than `limits` allow."""
+    width, height = image.size
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise MediaError(f"the image is {width}x{height}, an aspect ratio above {limits.max_aspect_ratio:g} "
+                         "(--max-image-aspect-ratio)", param=param)
+    cost = decode_cost(image)
+    if cost > limits.max_decode_bytes:
+        raise MediaError(f"decoding this {width}x{height} {image.format} image would need about {cost} bytes, more "
+                         f"than {limits.max_decode_bytes} (--max-image-decode-bytes)", param=param)
+    if image.format == "JPEG" and data.count(b"\xff\xda") > limits.max_jpeg_scans:
+        # each progressive scan is a pass over the whole image; a few hundred make a tiny file cost seconds
+        raise MediaError(f"the JPEG has more than {limits.max_jpeg_scans} scans", param=param)
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes decoding needs: the stored pixels, the RGBA/RGB copies of normalisation, and the largest buffer the
+    format's codec allocates for one tile or strip (which a crafted header can make far larger than the image)."""
+    width, height = image.size
+    stored = _bytes_per_pixel(image.mode)
+    cost = width * height * (stored + 4 + 3)
+    buffer = 0
+    for tile in getattr(image, "tile", None) or ():
+        x0, y0, x1, y1 = tile[1]
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            return 2**62  # a tile outside the image: never a cost we accept
+        buffer = max(buffer, (x1 - x0) * (y1 - y0) * stored)
+    if image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        tile_width, tile_length = tags.get(322), tags.get(323)  # TileWidth, TileLength
+        if isinstance(tile_width, int) and isinstance(tile_length, int):
+            buffer = max(buffer, tile_width * tile_length * stored)
+        rows = tags.get(278)  # RowsPerStrip: libtiff clamps it to the image height
+        if isinstance(rows, int):
+            buffer = max(buffer, min(rows, height) * width * stored)
+    return cost + buffer
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    try:
+        bands = Image.getmodebands(mode)
+        return max(1, bands * (4 if mode in ("I", "F") else 2 if mode.startswith("I;16") else 1))
+    except ValueError:
+        return 8  # an exotic mode: assume the widest
 
 
 def _exif_oriented(image: Image.Image) -> Image.Image:
@@ -116,8 +178,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _wide_int_to_8bit(image: Image.Image) -> Image.Image:
     """16/32-bit greyscale → L (or LA when a transparency key is set), 0..65535 mapped onto 0..255."""
-    samples = np.asarray(image).astype(np.int64)
-    grey = Image.fromarray(((np.clip(samples, 0, 65535) + 128) // 257).astype(np.uint8))
+    samples = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # 4 bytes a pixel, not int64's 8
+    grey = Image.fromarray(((samples + 128) // 257).astype(np.uint8))
     key = image.info.get("transparency")
     if not isinstance(key, int):
         return grey

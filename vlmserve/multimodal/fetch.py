@@ -34,6 +34,9 @@ from vlmserve.errors import MediaFetchError
 from vlmserve.multimodal.addresses import AddressRefused, HostPolicy, IPAddress, check_host_syntax, parse_ip
 
 logger = logging.getLogger(__name__)
+# NOTE: httpx logs every request's full URL at INFO; image URLs are often signed (their query string is a
+# credential), so its request lines stay out of the server log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 Resolver = Callable[[str], Awaitable[list[str]]]
 
@@ -259,10 +262,15 @@ class MediaFetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise too_large(max_bytes, param)
-        # NOTE: we ask for Accept-Encoding: identity; a server that compresses anyway is decoded by httpx one
-        # network chunk at a time, so the cap below is overshot by at most one decompressed chunk.
+        # We asked for Accept-Encoding: identity. A server that compresses anyway (one layer or several, e.g.
+        # "gzip, gzip") is refused rather than decoded: decompression is how a few KB become GBs, and the cap must
+        # hold for the bytes we keep, so only an uncompressed body is ever read.
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise MediaFetchError("the image URL answered with a Content-Encoding (compression) that was not asked "
+                                  "for; serve the image uncompressed", param=param)
         body = bytearray()
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_bytes():  # no decoder runs: only identity gets here
             body += chunk
             if len(body) > max_bytes:
                 raise too_large(max_bytes, param)

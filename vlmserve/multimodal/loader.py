@@ -24,7 +24,7 @@ import httpx
 
 from vlmserve.config import MediaConfig
 from vlmserve.errors import InvalidRequestError, MediaError
-from vlmserve.multimodal.decode import decode_image, image_hash, raise_pillow_pixel_limit
+from vlmserve.multimodal.decode import DecodeLimits, decode_image, image_hash, raise_pillow_pixel_limit
 from vlmserve.multimodal.fetch import MediaFetcher
 from vlmserve.types import ImagePart
 
@@ -56,6 +56,8 @@ class MediaLoader:
                                             thread_name_prefix="vlmserve-media")
         self._fetcher = MediaFetcher(config, executor=self._executor, transport=transport, resolver=resolver)
         raise_pillow_pixel_limit(config.max_image_pixels)
+        self._limits = DecodeLimits(config.max_image_pixels, max_aspect_ratio=config.max_image_aspect_ratio,
+                                    max_decode_bytes=config.max_image_decode_bytes)
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -100,7 +102,7 @@ class MediaLoader:
     def _prepare(self, data: bytes, budget: int, param: str) -> tuple[Any, str]:
         """Worker thread: bytes → RGB image within `budget` pixels, and its hash."""
         image = decode_image(data, max_image_pixels=self._config.max_image_pixels, max_output_pixels=budget,
-                             param=param)
+                             param=param, limits=self._limits)
         return image, image_hash(image)
 
 

@@ -1,11 +1,20 @@
 """Chat messages + decoded images → a `PreparedPrompt`, through the model's own template and processor.
 
 Runs off the event loop (the API calls `render` in a worker thread): template rendering, tokenisation and image
-preprocessing are CPU work.
+preprocessing are CPU work. Renders run in parallel: each worker thread has its own copy of the processor, so a
+multi-megabyte prompt or a slow template holds up only its own request.
+
+Two cheap guards run before any of that work:
+- text longer than the context could hold even at the vocabulary's longest token is refused from its length;
+- special-token strings typed into message text (`<|im_start|>system`, `<|image_pad|>`) are broken up with a
+  zero-width space, so they tokenise as the plain text they are and never become control tokens (no role
+  spoofing, no stray image placeholders).
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import threading
 from typing import Any
 
@@ -14,12 +23,16 @@ from vlmserve.multimodal.template import render_chat_template
 from vlmserve.multimodal.template_probe import holds_tool_images, renders_tool_turns, renders_tools
 from vlmserve.types import ChatMessage, ImagePart, ImageSpan, PreparedPrompt, TextPart
 
+_ZERO_WIDTH_SPACE = "\u200b"
+#: when the vocabulary cannot be listed: a generous bound on the characters one token covers
+_FALLBACK_MAX_TOKEN_CHARS = 64
+
 
 class PromptRenderer:
-    """Renders conversations for one model. Thread-safe: the processor is used under a lock.
+    """Renders conversations for one model. Thread-safe: each thread renders with its own copy of the processor.
 
-    NOTE: Hugging Face processors and fast tokenizers are not documented as thread-safe, and rendering is cheap
-    next to the model step; one lock keeps it simple and correct.
+    NOTE: Hugging Face processors and fast tokenizers are not documented as thread-safe (a fast tokenizer's
+    padding/truncation state is mutated per call), so threads never share one; copies are made once per thread.
     """
 
     def __init__(self, processor: Any, *, image_token_id: int | None, max_model_len: int,
@@ -28,21 +41,39 @@ class PromptRenderer:
         self._image_token_id = image_token_id
         self.max_model_len = max_model_len
         self._max_images = max_images_per_prompt
-        self._lock = threading.Lock()
+        self._copy_lock = threading.Lock()  # only around making a thread's copy, never around rendering
+        self._local = threading.local()
+        tokenizer = self.tokenizer
+        self._special_pattern = _special_token_pattern(tokenizer)
+        self.max_text_chars = max_model_len * _max_token_chars(tokenizer)
 
     @property
     def tokenizer(self) -> Any:
         return getattr(self._processor, "tokenizer", self._processor)
+
+    def _thread_processor(self) -> Any:
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            with self._copy_lock:
+                processor = self._local.processor = copy.deepcopy(self._processor)
+        return processor
+
+    def check_text_size(self, num_chars: int) -> None:
+        """Refuse, from its length alone, text that cannot fit the context whatever the tokenizer does."""
+        if num_chars > self.max_text_chars:
+            raise ContextLengthError(
+                f"the messages hold {num_chars} characters of text, more than the model's {self.max_model_len}-token "
+                "context (--max-model-len) can hold", param="messages")
+
 
     def render(self, messages: list[ChatMessage], *, chat_template: str | None = None,
                tools: list[dict[str, Any]] | None = None,
                template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
         """`tools` (OpenAI tool objects) go into the template's tools section; `template_kwargs` are extra
         template variables (e.g. `enable_thinking`)."""
-        with self._lock:
-            template = self._choose_template(chat_template, messages, tools)
-            if template is not None and not self._holds_tool_images(template):
-                messages = move_tool_images(messages)
+        template = self._choose_template(chat_template, messages, tools)
+        if template is not None and not self._holds_tool_images(template):
+            messages = move_tool_images(messages)
         images = [part for message in messages for part in message.images]
         if images and self._image_token_id is None:
             raise UnsupportedFeatureError("this model does not accept images", param="messages")
@@ -50,10 +81,12 @@ class PromptRenderer:
             raise UnsupportedFeatureError(
                 f"this model accepts at most {self._max_images} image(s) per conversation; "
                 f"this one has {len(images)}", param="messages")
-        conversation = [_to_template_message(m) for m in messages]
-        with self._lock:
-            text = self._render_text(conversation, template, tools, template_kwargs or {})
-            inputs = self._process(text, [part.image for part in images])
+        self.check_text_size(sum(len(part.text) for message in messages for part in message.parts
+                                 if isinstance(part, TextPart)))
+        conversation = [_to_template_message(m, self._special_pattern) for m in messages]
+        processor = self._thread_processor()
+        text = self._render_text(processor, conversation, template, tools, template_kwargs or {})
+        inputs = self._process(processor, text, [part.image for part in images])
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
@@ -96,13 +129,13 @@ class PromptRenderer:
         token = self.tokenizer.convert_ids_to_tokens(self._image_token_id)
         return token if isinstance(token, str) else None
 
-    def _render_text(self, conversation: list[dict[str, Any]], template: str | None,
+    def _render_text(self, processor: Any, conversation: list[dict[str, Any]], template: str | None,
                      tools: list[dict[str, Any]] | None, template_kwargs: dict[str, Any]) -> str:
         if template is None:
             # Native processors without a Jinja template format conversations themselves.
             extra = {"tools": tools} if tools else {}
-            return str(self._processor.apply_chat_template(conversation, add_generation_prompt=True,
-                                                             tokenize=False, **extra))
+            return str(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                                     **extra))
         tokenizer = self.tokenizer
         context = {**template_kwargs, "messages": conversation, "add_generation_prompt": True,
                    **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token",
@@ -111,15 +144,15 @@ class PromptRenderer:
             context["tools"] = tools
         return render_chat_template(template, context)
 
-    def _process(self, text: str, images: list[Any]) -> dict[str, Any]:
+    def _process(self, processor: Any, text: str, images: list[Any]) -> dict[str, Any]:
         bos = getattr(self.tokenizer, "bos_token", None)
         kwargs: dict[str, Any] = {"return_tensors": "pt"}
         if bos and text.startswith(bos):
             kwargs["add_special_tokens"] = False  # the template already wrote it
         try:
             if images:
-                return dict(self._processor(text=[text], images=images, **kwargs))
-            return dict(self._processor(text=[text], **kwargs))
+                return dict(processor(text=[text], images=images, **kwargs))
+            return dict(processor(text=[text], **kwargs))
         except (ValueError, TypeError, IndexError) as exc:
             # e.g. a conversation whose image placeholders the template did not emit
             raise InvalidRequestError("the model's processor could not prepare this conversation "
@@ -146,11 +179,38 @@ class PromptRenderer:
         return (ImageSpan(runs[0][0], runs[-1][1], -1),)
 
 
-def _to_template_message(message: ChatMessage) -> dict[str, Any]:
+def _special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching every special token's text (longest first), or None when the tokenizer has none."""
+    texts: set[str] = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    texts = {text for text in texts if len(text) > 1}
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(text) for text in sorted(texts, key=len, reverse=True)))
+
+
+def _defuse(text: str, pattern: re.Pattern[str] | None) -> str:
+    """`text` with every special token's spelling broken by a zero-width space after its first character."""
+    if pattern is None:
+        return text
+    return pattern.sub(lambda match: match.group(0)[0] + _ZERO_WIDTH_SPACE + match.group(0)[1:], text)
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of this vocabulary can stand for (byte-level vocabularies: bytes)."""
+    try:
+        return max(1, max(len(token) for token in tokenizer.get_vocab()))
+    except Exception:  # NOTE: native tokenizers may not list their vocabulary; then a generous constant bounds it
+        return _FALLBACK_MAX_TOKEN_CHARS
+
+
+def _to_template_message(message: ChatMessage, special: re.Pattern[str] | None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     for part in message.parts:
         if isinstance(part, TextPart):
-            content.append({"type": "text", "text": part.text})
+            content.append({"type": "text", "text": _defuse(part.text, special)})
         elif isinstance(part, ImagePart):
             content.append({"type": "image"})
     rendered: dict[str, Any] = {"role": message.role, "content": content}
@@ -158,7 +218,7 @@ def _to_template_message(message: ChatMessage) -> dict[str, Any]:
         # NOTE: templates written for text-only LLMs (Qwen2.5's tokenizer template among them) print these turns'
         # content as a string; a list would come out as its Python repr. Text-only content goes as a string.
         if not message.images:
-            rendered["content"] = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+            rendered["content"] = "".join(_defuse(p.text, special) for p in message.parts if isinstance(p, TextPart))
         if message.tool_calls:
             rendered["tool_calls"] = [dict(call) for call in message.tool_calls]
         if message.tool_call_id is not None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vlmserve.engine.client import resolve_max_tokens
+from vlmserve.engine.client import model_input_bytes, resolve_max_tokens
 from vlmserve.errors import QueueFullError, ServiceUnavailableError, VlmserveError
 from vlmserve.types import EngineStats, GenerationRequest, StructuredOutputSpec, TokenDelta
 
@@ -45,6 +45,8 @@ class RayEngineClient:
         self._replicas: dict[str, EngineStats] = {}
         self._last_seen = time.monotonic()
         self._poller: asyncio.Task[None] | None = None
+        # request_id → (client, sequences, tokens, prompt bytes) of what this ingress has in flight (issue 11 quotas)
+        self._in_flight: dict[str, tuple[str | None, int, int, int]] = {}
 
     def start(self) -> None:
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -59,6 +61,10 @@ class RayEngineClient:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         from ray.exceptions import RayActorError, RayTaskError
 
+        n = request.sampling.n
+        tokens = request.prompt.num_tokens + (request.sampling.max_tokens or self.max_model_len)
+        self._in_flight[request.request_id] = (request.client_id, n, n * tokens,
+                                               model_input_bytes(request.prompt.model_inputs))
         stream = self._handle.options(stream=True).generate.remote(request)
         try:
             async for delta in stream:
@@ -71,6 +77,7 @@ class RayEngineClient:
         except RayActorError as exc:
             raise ServiceUnavailableError("the replica serving this request stopped; retry it") from exc
         finally:
+            self._in_flight.pop(request.request_id, None)
             with contextlib.suppress(Exception):
                 stream.cancel()  # the client went away or failed: the replica aborts the sequences
 
@@ -101,6 +108,14 @@ class RayEngineClient:
         if held + num_reserved + num_sequences > capacity:
             raise QueueFullError(f"every replica is at capacity ({capacity} sequences over {len(self._replicas)} "
                                  "replicas); retry shortly", retry_after_s=1.0)
+
+    def client_load(self, client_id: str | None) -> tuple[int, int]:
+        """What this ingress has in flight for `client_id` (per ingress: with several ingresses, per ingress)."""
+        mine = [entry for entry in self._in_flight.values() if entry[0] == client_id]
+        return sum(entry[1] for entry in mine), sum(entry[2] for entry in mine)
+
+    def held_prompt_bytes(self) -> int:
+        return sum(entry[3] for entry in self._in_flight.values())
 
     @property
     def is_dead(self) -> bool:

@@ -196,13 +196,13 @@ def test_a_fatal_error_kills_the_engine_and_health_turns_503(
 
 
 async def _get(app: Any, path: str) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as client:
         return await client.get(path)
 
 
 async def _post_chat(app: Any) -> httpx.Response:
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as client:
         return await client.post("/v1/chat/completions", json=body)
 
 
@@ -330,3 +330,33 @@ def test_an_engine_that_fails_every_step_gives_up(adapter: ModelAdapter, prompts
             core.step(lambda outputs: None)
             for i in range(2):  # keep work coming, as clients would
                 core.add_request(request(f"more{_}-{i}", prompts[i], max_tokens=MAX_TOKENS))
+
+
+def test_a_request_failing_alone_step_after_step_is_not_a_dead_engine(
+        adapter: ModelAdapter, prompts: list[PreparedPrompt], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 11: the "three failed steps" rule used to count a client's own failures; the core's health probe
+    # (a prompt of its own) now decides whether the engine is broken.
+    core = PagedEngineCore(adapter, engine_config())
+    original = core.runner.execute
+
+    def execute(chunks: list[Any]) -> Any:
+        if any(chunk.sequence.request_id.startswith("bad") for chunk in chunks):
+            raise RuntimeError("injected: this request cannot run")
+        return original(chunks)
+
+    monkeypatch.setattr(core.runner, "execute", execute)
+    for attempt in range(5):
+        (_, output), = drive(core, [request(f"bad-{attempt}", prompts[0], max_tokens=2)]).values()
+        assert output.finish_reason is FinishReason.ERROR
+    tokens, output = drive(core, [request("good", prompts[1], max_tokens=MAX_TOKENS)])["good"]
+    assert output.error is None and len(tokens) == MAX_TOKENS
+
+
+def test_an_engine_whose_probe_fails_too_gives_up_after_three_steps(
+        adapter: ModelAdapter, prompts: list[PreparedPrompt], monkeypatch: pytest.MonkeyPatch) -> None:
+    core = PagedEngineCore(adapter, engine_config())
+    calls = fail_next_calls(monkeypatch, core.runner, "execute", RuntimeError("injected: broken device"), times=100)
+    with pytest.raises(RuntimeError, match="health probe"):
+        for attempt in range(3):
+            drive(core, [request(f"r{attempt}", prompts[0], max_tokens=2)])
+    assert len(calls) == 6  # each of the three steps: the request, then the probe

@@ -26,7 +26,7 @@ from PIL import Image
 
 from tests.conftest import free_port
 from tests.fixtures.tiny.registry import FAMILIES
-from vlmserve.config import Config, EngineConfig, ModelConfig
+from vlmserve.config import Config, EngineConfig, ModelConfig, ServerConfig
 from vlmserve.models.loader import load_model
 from vlmserve.serve import build_service
 
@@ -77,11 +77,12 @@ class InThreadServer:
     def __init__(self, path: Path) -> None:
         import uvicorn
 
+        self.port = free_port()  # the app's Host allow-list (loopback names on this port) needs it first
         config = Config(model=ModelConfig(model=str(path), served_model_name=("m",)),
-                        engine=EngineConfig(max_num_batched_tokens=256, num_kv_blocks=512))
+                        engine=EngineConfig(max_num_batched_tokens=256, num_kv_blocks=512),
+                        server=ServerConfig(port=self.port))
         self.adapter = load_model(config.model)
         app, self.engine = build_service(self.adapter, config)
-        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self.thread.start()

@@ -36,7 +36,8 @@ def client_for(server: ServerConfig) -> Iterator[TestClient]:
     config = Config(media=MediaConfig(num_media_workers=1), server=server)
     app = build_app(IdleEngine(), None, MediaLoader(config.media), config,  # type: ignore[arg-type]
                     ("demo",))
-    with TestClient(app, follow_redirects=False) as client:
+    # a Host the loopback allow-list accepts (TestClient's default, "testserver", is refused like any other name)
+    with TestClient(app, base_url=f"http://127.0.0.1:{server.port}", follow_redirects=False) as client:
         yield client
 
 

@@ -16,6 +16,7 @@ NON_PUBLIC = [
     "198.51.100.7", "203.0.113.9",
     "::", "::1", "fe80::1", "fc00::1", "fd12:3456::1", "fec0::1", "ff02::1", "2001:db8::1",
     "::ffff:127.0.0.1", "::ffff:8.8.8.8",  # IPv4-mapped: refused whatever it maps to
+    "::ffff:0:7f00:1", "::ffff:0:808:808", "::ffff:0:a00:7",  # IPv4-translated (SIIT): refused like mapped
     "::127.0.0.1", "::10.0.0.1",  # deprecated IPv4-compatible
     "64:ff9b::7f00:1", "64:ff9b::a00:1",  # NAT64 of loopback / private
     "2002:7f00:1::1", "2002:a00:1::1",  # 6to4 of loopback / private

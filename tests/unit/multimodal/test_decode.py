@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import re
 import struct
+import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,8 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.fixtures import crafted_images
 from vlmserve.errors import MediaError
-from vlmserve.multimodal.decode import decode_image, fit_size, image_hash, raise_pillow_pixel_limit
+from vlmserve.multimodal.decode import (
+    DecodeLimits,
+    decode_image,
+    fit_size,
+    image_hash,
+    raise_pillow_pixel_limit,
+)
 
 from .helpers import encode
 
@@ -372,3 +381,29 @@ def test_corrupt_images_give_rgb_or_a_clean_media_error(data: st.DataObject) -> 
     assert image.mode == "RGB"
     assert 1 <= image.width * image.height <= 40 * 40
     image.tobytes()  # fully materialised
+
+
+# --- decoding cost (issue 11, class 2) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (lambda: crafted_images.encoded((40_000, 1)), "--max-image-aspect-ratio"),
+    (lambda: crafted_images.encoded((1, 30_000), mode="L"), "--max-image-aspect-ratio"),
+    (crafted_images.tiled_tiff, "--max-image-decode-bytes"),
+    (lambda: crafted_images.encoded((6000, 6000), mode="RGBA"), "--max-image-decode-bytes"),
+    (crafted_images.many_scan_jpeg, "scans"),
+], ids=["wide-png", "tall-png", "tiff-tile-beyond-image", "rgba-over-budget", "jpeg-scans"])
+def test_costly_images_are_refused_from_the_header(make: Callable[[], bytes], says: str) -> None:
+    data = make()  # built here, not at collection: some take a second to encode
+    limits = DecodeLimits(40_000_000, max_decode_bytes=256 * 2**20)
+    started = time.process_time()
+    with pytest.raises(MediaError, match=says.replace("-", r"\-")) as caught:
+        decode_image(data, max_image_pixels=40_000_000, param="p", limits=limits)
+    assert caught.value.param == "p"
+    assert time.process_time() - started < 2  # refused from the header, not after seconds of decoding
+
+
+def test_an_ordinary_large_photo_fits_the_default_budget() -> None:
+    image = decode_image(crafted_images.encoded((3000, 2000)), max_image_pixels=40_000_000,
+                         limits=DecodeLimits(40_000_000))
+    assert image.size == (3000, 2000)

@@ -196,6 +196,30 @@ def test_byte_cap_ignores_a_lying_content_length() -> None:
     assert consumed <= 11  # stopped right after the cap, not after 100 MB
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip", "br", "deflate, identity", "x-custom"])
+def test_an_encoding_we_did_not_ask_for_is_refused_unread(encoding: str) -> None:
+    """Issue 11: nested compression used to be decoded on the event loop and past the byte cap."""
+    import gzip
+
+    bomb = gzip.compress(gzip.compress(b"\0" * 20_000_000))  # ~20 KB that would decode to 20 MB
+    consumed = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal consumed
+        for start in range(0, len(bomb), 1024):
+            consumed += 1
+            yield bomb[start:start + 1024]
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": encoding}, content=body())
+
+    resolver = FakeResolver({"zip.example": ["93.184.216.34"]})
+    exc = load_error(ALLOW, [ref("http://zip.example/x.png")], transport=httpx.MockTransport(respond),
+                     resolver=resolver)
+    assert_refused(exc, "Content-Encoding")
+    assert consumed == 0
+
+
 def test_redirects_are_bounded(canary: Canary) -> None:
     config = MediaConfig(allowed_media_hosts=("127.0.0.1",), max_redirects=3)
     [part] = load(config, [ref(canary.url("/chain/3"))])

@@ -48,7 +48,7 @@ def run_chat(processor: QwenVLChatProcessor, answer_ids: list[int], **fields: An
         app = build_app(engine, renderer, media, Config(), ("tiny",), grounding_format="qwen-vl")
         engine.start()
         try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as client:
                 whole = (await client.post("/v1/chat/completions", json=body)).json()
                 streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
                 models = (await client.get("/v1/models")).json()
