@@ -239,11 +239,10 @@ def profiled_steps(core: PagedEngineCore, prompts: list[Any], concurrency: int, 
 
 
 def gil_during_gpu_wait() -> dict[str, float]:
-    """How far another Python thread gets while this one waits for the GPU: with `tolist()` and with the engine's
-    event wait (`sampler._to_host_list`). Iterations per ms of a spinning thread; near zero means the GIL is held."""
+    """How far another Python thread gets while this one waits for the GPU in `tolist()` (what the sampler does),
+    against a wait that surely releases the GIL (`time.sleep` for as long). Iterations per ms of a spinning thread;
+    `tolist` far below `sleep` would mean the engine thread holds the GIL while it waits."""
     import threading
-
-    from vlmserve.engine.sampler import _to_host_list
 
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     counter = [0]
@@ -256,17 +255,18 @@ def gil_during_gpu_wait() -> dict[str, float]:
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
     rates: dict[str, float] = {}
-    waits: dict[str, Callable[[torch.Tensor], list[int]]] = {
-        "tolist": lambda y: y.argmax(-1).tolist(), "event_wait": lambda y: _to_host_list(y.argmax(-1))}
-    for name, wait in waits.items():
+    for name in ("tolist", "sleep"):
         samples = []
         for _ in range(5):
             torch.cuda.synchronize()
             before, started = counter[0], time.perf_counter()
-            y = x
-            for _ in range(30):
-                y = x @ x
-            wait(y)
+            if name == "tolist":
+                y = x
+                for _ in range(30):
+                    y = x @ x
+                y.argmax(-1).tolist()
+            else:
+                time.sleep(0.05)
             samples.append((counter[0] - before) / (1000 * (time.perf_counter() - started)))
         rates[name] = round(sorted(samples)[2], 1)
     stop.set()

@@ -200,14 +200,15 @@ class HealthProbe:
         import time
 
         with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
+            while True:  # at least one probe, even when the block under watch ends before the thread gets going
                 started = time.monotonic()
                 try:
                     ok = client.get(self._url).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 self.latencies.append(time.monotonic() - started if ok else float("inf"))
-                self._stop.wait(0.1)
+                if self._stop.wait(0.1):
+                    return
 
     def __enter__(self) -> HealthProbe:
         self._thread.start()

@@ -98,7 +98,7 @@ def tokenizer_corpus() -> list[str]:
 def build_tokenizer() -> Any:
     """A byte-level BPE (any text encodes) with Qwen2-VL's special tokens, as a `Qwen2TokenizerFast`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]  # lazily exported: no stub sees it
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -129,6 +129,8 @@ def model_config(token_ids: dict[str, int], vocab_size: int, tiny: bool = False)
     from transformers import Qwen2VLConfig
 
     text, vision = (TINY_TEXT_CONFIG, TINY_VISION_CONFIG) if tiny else (TEXT_CONFIG, VISION_CONFIG)
+    # Top-level token ids go through **kwargs: the config class does not declare them, yet generate() reads them.
+    top_level: dict[str, Any] = {"eos_token_id": token_ids["<|im_end|>"], "pad_token_id": token_ids["<|endoftext|>"]}
     return Qwen2VLConfig(
         text_config=dict(text, vocab_size=vocab_size, bos_token_id=token_ids["<|endoftext|>"],
                          eos_token_id=token_ids["<|im_end|>"], pad_token_id=token_ids["<|endoftext|>"],
@@ -136,7 +138,7 @@ def model_config(token_ids: dict[str, int], vocab_size: int, tiny: bool = False)
         vision_config=dict(vision, hidden_size=text["hidden_size"]),
         image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
-        eos_token_id=token_ids["<|im_end|>"], pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=True,
+        tie_word_embeddings=True, **top_level,
     )
 
 

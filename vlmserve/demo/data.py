@@ -137,9 +137,11 @@ class _RopeIndexer:
     def __init__(self, config: Any) -> None:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
-        self._get_rope_index = Qwen2VLModel.get_rope_index
+        # Unbound methods called with a stand-in for the model: typed as what they are used as.
+        self._get_rope_index: Any = Qwen2VLModel.get_rope_index
         self.config = config
-        self.get_vision_position_ids = lambda *a, **k: Qwen2VLModel.get_vision_position_ids(None, *a, **k)
+        vision_position_ids: Any = Qwen2VLModel.get_vision_position_ids
+        self.get_vision_position_ids = lambda *a, **k: vision_position_ids(None, *a, **k)
 
     def positions(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, grid_thw: torch.Tensor
                   ) -> torch.Tensor:
@@ -272,7 +274,7 @@ class ConversationBatches(torch.utils.data.IterableDataset):
         codec = PixelCodec.of(encoder.processor.image_processor) if self.compact_pixels else None
         return collate(items, encoder.pad_id, codec)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
@@ -312,7 +314,7 @@ class VisionBatches(torch.utils.data.IterableDataset):
         return {"pixel_rows": pixel_rows, "pixel_index": torch.arange(len(pixel_rows)),
                 "image_grid_thw": torch.cat(grids), "vision_labels": torch.cat(labels)}
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageTextToText
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
+    model: Any = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    model = model.to(device).eval()
     processor = load_demo_processor(args.model_dir)
     start = time.monotonic()
     cases = (single_turn_cases(args.seed, args.num_samples) + later_turn_cases(args.seed, args.num_extra)

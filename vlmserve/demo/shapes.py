@@ -338,10 +338,10 @@ def _question_text(qtype: int, scene: Scene, rng: random.Random) -> str | None:
         return template.format(**_exists_params(scene, rng))
     if qtype == 6:
         combos = Counter((s.color, s.kind) for s in shapes)
-        options = [s for s in shapes if combos[(s.color, s.kind)] == 1 and side_of(scene, s) is not None]
-        if not options:
+        candidates = [s for s in shapes if combos[(s.color, s.kind)] == 1 and side_of(scene, s) is not None]
+        if not candidates:
             return None
-        target = rng.choice(options)
+        target = rng.choice(candidates)
         return template.format(color=target.color, shape=target.kind)
     return template  # 3 and 7 always apply
 

@@ -198,8 +198,8 @@ def save(model: Any, args: argparse.Namespace, probe: torch.nn.Module | None = N
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, codec: PixelCodec | None
               ) -> dict[str, torch.Tensor]:
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    inputs = {k: moved[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "answer_types")
-              if k in moved}
+    inputs: dict[str, torch.Tensor] = {
+        k: moved[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "answer_types") if k in moved}
     if "pixel_rows" in moved:
         inputs["pixel_values"] = batch_pixel_values(moved, codec)
         inputs["image_grid_thw"] = moved["image_grid_thw"]
@@ -226,6 +226,7 @@ def train_step(model: Any, probe: VisionProbe, optimizer: torch.optim.Optimizer,
     loss = answer_loss if answer_loss is not None else vision_loss
     if answer_loss is not None and vision_loss is not None and args.vision_loss_weight:
         loss = loss + args.vision_loss_weight * vision_loss
+    assert loss is not None, "a step has an answer loss, a vision loss, or both"
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.parameters()), args.max_grad_norm)
     optimizer.step()

@@ -3,8 +3,9 @@
 Every transformers decoder whose attention goes through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
 calls `paged_attention_forward` once per layer with that layer's rotary-embedded q, k, v for the packed step.
 It writes the step's keys and values into the layer's cache blocks, then attends over each sequence's blocks.
-Because every layer writes before it reads, a sequence may attend to blocks another sequence of the same step is
-writing (how n > 1 siblings share their prompt's blocks from the first step).
+A sequence reads only its own rows of the step and blocks written by earlier, completed steps (the prefix cache
+hands out a block only after its step completed: `kv_cache_manager`), so no order between the rows of one step,
+or between the forwards a step is split into, matters.
 
 The step's metadata (slots, block tables, lengths) is set by the model runner around the forward call through
 `AttentionBatch.active()`; the model itself knows nothing of it.

@@ -17,7 +17,8 @@ import torch
 from vlmserve.config import EngineConfig
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.inbox import Inbox
-from vlmserve.engine.kv_cache import BlockPool, KVCache
+from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.model_runner import ModelRunner
 from vlmserve.engine.protocol import CoreOutput, Emit
 from vlmserve.engine.request import Sequence
@@ -55,10 +56,11 @@ class PagedEngineCore:
             logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
                            "(raise --num-kv-blocks or --kv-cache-memory-fraction)", self.max_model_len,
                            num_blocks, config.block_size)
-        self.pool = BlockPool(num_blocks, enable_prefix_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
                                  device=adapter.device)
-        self.scheduler = Scheduler(self.pool, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
@@ -110,14 +112,15 @@ class PagedEngineCore:
         """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
 
         Re-running is safe: a failed step changed no sequence's progress, and a chunk rewrites the same cache
-        slots. Whether the *engine* is broken is decided by a health probe that no client controls, never by
-        how many client requests failed: a crafted request that fails every time it runs is that request's
-        error (a 500 for it), however often it is sent. Only when the probe fails too, step after step, does the
-        error propagate and the server stop (to be restarted by its supervisor).
+        slots. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
+        completed, so none of the failed step's blocks was ever findable. Whether the *engine* is broken is
+        decided by a health probe that no client controls, never by how many client requests failed: a crafted
+        request that fails every time it runs is that request's error (a 500 for it), however often it is sent.
+        Only when the probe fails too, step after step, does the error propagate and the server stop (to be
+        restarted by its supervisor).
         """
         logger.warning("engine step of %d sequences failed (%s); retrying them one by one", len(chunks),
                        type(exc).__name__, exc_info=exc)
-        self.pool.reset_prefix_cache()  # blocks registered this step may hold partial KV
         if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         failures = 0
@@ -142,15 +145,13 @@ class PagedEngineCore:
     def _probe_succeeds(self) -> bool:
         """Run a one-token text prompt of our own through the model: True when the engine itself still works."""
         prompt = self._probe_prompt()
-        blocks = self.pool.allocate(-(-prompt.num_tokens // self.scheduler.block_size))
-        if blocks is None:
-            # NOTE: no free block to probe with means other sequences hold the pool, and they ran in this step
-            # or will in the next one; their success or failure is the evidence, so do not count this step.
-            return True
         probe_request = GenerationRequest(request_id="vlmserve-health-probe", prompt=prompt,
                                           sampling=SamplingParams(max_tokens=1, temperature=0.0))
         probe = self._new_sequence(probe_request)
-        probe.block_ids = blocks
+        if not self.kv.allocate_slots(probe, prompt.num_tokens):
+            # NOTE: no free block to probe with means other sequences hold the pool, and they ran in this step
+            # or will in the next one; their success or failure is the evidence, so do not count this step.
+            return True
         try:
             self.runner.execute([ScheduledChunk(probe, 0, prompt.num_tokens)])
         except Exception as exc:
@@ -159,7 +160,7 @@ class PagedEngineCore:
         finally:
             probe.release_prompt_state()
             self.runner.sampler.release(probe.sampling)
-            self.pool.release(blocks)
+            self.kv.free(probe)  # never cached: the probe's step is not a completed step of any sequence
         return True
 
     def _probe_prompt(self) -> PreparedPrompt:
@@ -214,6 +215,7 @@ class PagedEngineCore:
         for chunk in chunks:
             sequence = chunk.sequence
             sequence.num_computed_tokens = chunk.end
+            self.kv.cache_full_blocks(sequence)  # their KV is written now, and only now may others find them
             if chunk.end >= sequence.num_prompt_tokens:
                 sequence.release_prompt_state()
         outputs: list[CoreOutput] = []
@@ -255,7 +257,7 @@ class PagedEngineCore:
             self._recent.popleft()
 
     def stats(self) -> EngineStats:
-        pool, c = self.pool, self._counters
+        pool, c = self.kv.pool, self._counters
         window = self._recent[-1][0] - self._recent[0][0] if len(self._recent) > 1 else 0.0
         rate = sum(n for _, n in list(self._recent)[1:]) / window if window > 0 else 0.0
         return EngineStats(

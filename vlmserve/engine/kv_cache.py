@@ -6,8 +6,9 @@ images therefore never share the blocks holding (or following) the images, while
 the same image shares them. Keys are BLAKE2b digests, not Python's `hash`: a client must not be able to craft a
 collision with someone else's prefix.
 
-Blocks whose last user left keep their KV and stay findable (least recently used first to be reused) until the
-pool needs them.
+The chain starts from a root derived from the request's `cache_salt`, so requests with different salts never share
+a block. Blocks whose last user left keep their KV and stay findable (least recently used first to be reused) until
+the pool needs them. When a block becomes findable is `kv_cache_manager`'s business: only after its KV was written.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from vlmserve.types import ImageSpan
 BlockHash = bytes
 
 
-def hash_block(parent: BlockHash | None, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
+def root_hash(cache_salt: str | None) -> BlockHash:
+    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains."""
+    if cache_salt is None:
+        return b"root"
+    return hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+
+
+def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent or b"root")
+    digest.update(parent)
     digest.update(b"t" + ",".join(map(str, token_ids)).encode())
     for image in image_hashes:
         digest.update(b"i" + image.encode())
@@ -44,11 +52,12 @@ def images_in_range(spans: Seq[ImageSpan], image_hashes: Seq[str], start: int, e
 
 
 class BlockPool:
-    """Allocation, reference counts and the prefix cache's hash ↔ block maps."""
+    """Allocation, reference counts and the prefix cache's hash ↔ block maps. Whether and when blocks are cached
+    is the `KVCacheManager`'s decision: the pool registers what it is told to (a freshly allocated block never has a
+    hash), and finds only what was registered."""
 
-    def __init__(self, num_blocks: int, *, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))  # unreferenced, holding nothing worth keeping
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached content, LRU first
@@ -92,15 +101,13 @@ class BlockPool:
 
     def match_prefix(self, hashes: Seq[BlockHash]) -> list[int]:
         """Take a reference on the longest run of cached blocks matching `hashes` from the start."""
-        if not self.enable_prefix_caching:
-            return []
         blocks: list[int] = []
         for block_hash in hashes:
             block = self._by_hash.get(block_hash)
             if block is None:
                 break
-            if self._ref_counts[block] == 0:
-                self._evictable.pop(block, None)
+            if self._ref_counts[block] == 0:  # cached and unreferenced: it was waiting for eviction
+                del self._evictable[block]
             self._ref_counts[block] += 1
             blocks.append(block)
         return blocks
@@ -110,14 +117,20 @@ class BlockPool:
         self.num_queries += queried_tokens
         self.num_hits += hit_tokens
 
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._hash_of
+
     def register(self, block: int, block_hash: BlockHash) -> None:
         """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
-        if self.enable_prefix_caching and block_hash not in self._by_hash and block not in self._hash_of:
+        if block_hash not in self._by_hash:
             self._by_hash[block_hash] = block
             self._hash_of[block] = block_hash
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (after a failed step, whose blocks may hold partial KV)."""
+        """Forget every cached block; blocks in use stay with their sequences."""
         for block in list(self._evictable):
             self._free.append(block)
         self._evictable.clear()

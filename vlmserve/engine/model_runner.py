@@ -131,8 +131,7 @@ class ModelRunner:
 
         With CUDA graphs, the step's single-token chunks replay a captured decode graph and only the prefill chunks
         run eagerly, so a prompt joining the batch does not turn everyone's decode into an eager, launch-bound
-        forward. The eager part runs first: a sequence in the graph part may read prefix-cache blocks that a
-        prefill chunk of this same step writes (a sibling of an `n > 1` request, say).
+        forward. The two parts may run in either order: no sequence reads blocks another writes in the same step.
         """
         graphed, eager = self._partition(chunks)
         sequences: list[Sequence] = []

@@ -33,8 +33,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    #: chained content hashes of this sequence's full blocks that are registered in the prefix cache
+    #: chained content hashes of the full blocks of its known tokens, computed once each (see kv_cache_manager)
     block_hashes: list[bytes] = field(default_factory=list)
+    #: leading blocks already findable in the prefix cache (found there, or cached after their step completed)
+    num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
     finish_reason: FinishReason | None = None
     #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)
@@ -61,10 +63,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + len(self.output_token_ids)
 
-    def token_at(self, index: int) -> int:
-        prompt = self.request.prompt.token_ids
-        return prompt[index] if index < len(prompt) else self.output_token_ids[index - len(prompt)]
-
     def tokens(self, start: int, end: int) -> list[int]:
         prompt = self.request.prompt.token_ids
         if end <= len(prompt):
@@ -72,10 +70,6 @@ class Sequence:
         if start >= len(prompt):
             return self.output_token_ids[start - len(prompt):end - len(prompt)]
         return prompt[start:] + self.output_token_ids[:end - len(prompt)]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def release_prompt_state(self) -> None:
         self.prompt_embeds = None

@@ -9,6 +9,7 @@ while a client with (at least two) fewer running sequences than another waits, t
 its slot up. So one client's long streams cannot hold every slot while others wait. When the block pool runs dry, the most
 recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
 and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
+An `n > 1` sibling waits in the queue (others may pass it) while its leader computes their shared prompt blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from vlmserve.engine.kv_cache import BlockPool, hash_block, images_in_range
+from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.request import Sequence, SequenceStatus
 
 
@@ -49,9 +50,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.pool = pool
-        self.block_size = block_size
+    """Decides each step's chunks; blocks come from the `KVCacheManager`, which the scheduler only asks for slots."""
+
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -76,7 +78,7 @@ class Scheduler:
             count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
             if not self._reserve(sequence, count, out):
                 continue
-            self._schedule_chunk(out, sequence, count)
+            out.chunks.append(ScheduledChunk(sequence, sequence.num_computed_tokens, count))
             budget -= count
         if not out.preempted:
             self._order_waiting_fairly()
@@ -84,8 +86,8 @@ class Scheduler:
         return out
 
     def _reserve(self, sequence: Sequence, count: int, out: SchedulerOutput) -> bool:
-        """Blocks for `count` more tokens of a running sequence, preempting the newest others if needed."""
-        while not self._grow(sequence, sequence.num_computed_tokens + count):
+        """Slots for `count` more tokens of a running sequence, preempting the newest others if needed."""
+        while not self.kv.allocate_slots(sequence, count):
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is sequence:
@@ -121,71 +123,31 @@ class Scheduler:
         self._preempt(victim, out)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        held_back: list[Sequence] = []  # n > 1 siblings waiting for their leader's prompt blocks
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            sequence = self.waiting[0]
-            queried = self._attach_cached_prefix(sequence)
+            sequence = self.waiting.popleft()
+            if self.kv.is_waiting_for(sequence, self.running):
+                held_back.append(sequence)
+                continue
+            queried = self.kv.lookup(sequence)
             count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
-            if not self._grow(sequence, sequence.num_computed_tokens + count):
-                self._detach(sequence)  # a waiting sequence holds no blocks, or waiters could starve each other
-                break  # no room now; it stays first in line
-            self.pool.record_lookup(queried, sequence.num_computed_tokens)
+            if not self.kv.allocate_slots(sequence, count):
+                self.kv.free(sequence)  # a waiting sequence holds no blocks, or waiters could starve each other
+                self.waiting.appendleft(sequence)  # no room now; it stays first in line
+                break
+            self.kv.pool.record_lookup(queried, sequence.num_computed_tokens)
             if sequence.num_preemptions == 0:
                 sequence.num_cached_tokens = sequence.num_computed_tokens
-            self.waiting.popleft()
             sequence.status = SequenceStatus.RUNNING
             self.running.append(sequence)
-            self._schedule_chunk(out, sequence, count)
+            out.chunks.append(ScheduledChunk(sequence, sequence.num_computed_tokens, count))
             budget -= count
+        self.waiting.extendleft(reversed(held_back))
         return budget
-
-    def _schedule_chunk(self, out: SchedulerOutput, sequence: Sequence, count: int) -> None:
-        chunk = ScheduledChunk(sequence, sequence.num_computed_tokens, count)
-        out.chunks.append(chunk)
-        # Register now, not after the step: a sibling admitted later in this same step (n > 1) then finds these
-        # blocks, and reads them after this step's layers wrote them (each layer writes before it reads).
-        self.register_full_blocks(sequence, chunk.end)
-
-    def _attach_cached_prefix(self, sequence: Sequence) -> int:
-        """Start `sequence` on the cached blocks of its longest cached prefix; returns the tokens looked up."""
-        hashes = self._prompt_block_hashes(sequence)
-        # Always leave at least one token to compute: its logits give the first new token.
-        usable = hashes[:(sequence.num_tokens - 1) // self.block_size]
-        blocks = self.pool.match_prefix(usable)
-        sequence.block_ids = blocks
-        sequence.block_hashes = usable[:len(blocks)]
-        sequence.num_computed_tokens = len(blocks) * self.block_size
-        return len(usable) * self.block_size
-
-    def _detach(self, sequence: Sequence) -> None:
-        self.pool.release(sequence.block_ids)
-        sequence.block_ids = []
-        sequence.block_hashes = []
-        sequence.num_computed_tokens = 0
-
-    def _prompt_block_hashes(self, sequence: Sequence) -> list[bytes]:
-        prompt = sequence.request.prompt
-        hashes: list[bytes] = []
-        parent: bytes | None = None
-        size = self.block_size
-        for start in range(0, sequence.num_tokens - size + 1, size):
-            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
-            parent = hash_block(parent, sequence.tokens(start, start + size), images)
-            hashes.append(parent)
-        return hashes
-
-    def _grow(self, sequence: Sequence, num_tokens: int) -> bool:
-        needed = -(-num_tokens // self.block_size) - len(sequence.block_ids)
-        if needed <= 0:
-            return True
-        blocks = self.pool.allocate(needed)
-        if blocks is None:
-            return False
-        sequence.block_ids.extend(blocks)
-        return True
 
     def _preempt(self, sequence: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(sequence)
-        self._detach(sequence)
+        self.kv.free(sequence)
         sequence.release_prompt_state()
         sequence.status = SequenceStatus.WAITING
         sequence.num_preemptions += 1
@@ -193,25 +155,11 @@ class Scheduler:
         self.waiting.appendleft(sequence)
         out.preempted.append(sequence)
 
-    def register_full_blocks(self, sequence: Sequence, known_tokens: int) -> None:
-        """Make the blocks filled by the first `known_tokens` tokens findable in the prefix cache."""
-        prompt = sequence.request.prompt
-        size = self.block_size
-        while (len(sequence.block_hashes) + 1) * size <= known_tokens:
-            index = len(sequence.block_hashes)
-            start = index * size
-            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
-            parent = sequence.block_hashes[-1] if sequence.block_hashes else None
-            block_hash = hash_block(parent, sequence.tokens(start, start + size), images)
-            sequence.block_hashes.append(block_hash)
-            self.pool.register(sequence.block_ids[index], block_hash)
-
     def finish(self, sequence: Sequence) -> None:
         if sequence in self.running:
             self.running.remove(sequence)
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
-        self.pool.release(sequence.block_ids)
-        sequence.block_ids = []
+        self.kv.free(sequence)
         sequence.release_prompt_state()
         sequence.status = SequenceStatus.FINISHED

@@ -36,8 +36,6 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    #: per layer: None for full attention, else the window (tokens a query may look back, itself included)
-    sliding_windows: tuple[int | None, ...]
 
 
 @dataclass

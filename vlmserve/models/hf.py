@@ -99,12 +99,9 @@ class HFAdapter(ModelAdapter):
         cfg = self._text_config
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
-        num_layers = cfg.num_hidden_layers
-        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
-        window = getattr(cfg, "sliding_window", None)
-        windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
-        return KVLayout(num_layers=num_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", num_heads),
-                        head_dim=head_dim, sliding_windows=windows)
+        # Sliding windows need nothing here: transformers passes each layer's window to the attention function.
+        return KVLayout(num_layers=cfg.num_hidden_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", num_heads),
+                        head_dim=head_dim)
 
     @property
     def num_position_rows(self) -> int:

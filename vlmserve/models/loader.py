@@ -100,10 +100,9 @@ def load_model(config: ModelConfig) -> ModelAdapter:
     logger.info("loading %s on %s (%s)", path, device, str(dtype).removeprefix("torch."))
     raw_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     for module_name in NATIVE_ADAPTERS:
-        try:
-            native = importlib.import_module(module_name)
-        except ImportError:
-            continue
+        # NOTE: no ImportError is caught here: the ports are part of this package, and a broken one falling through
+        # to the generic loader would serve its checkpoint wrongly (or fail later, far from the cause).
+        native = importlib.import_module(module_name)
         if native.matches(raw_config):
             adapter = native.load(path, device=device, dtype=dtype, max_model_len=config.max_model_len)
             break

@@ -56,6 +56,12 @@ class ScriptedEngine:
     def check_can_accept(self, num_sequences: int, *, num_reserved: int = 0) -> None:
         pass
 
+    def client_load(self, client_id: str | None) -> tuple[int, int]:
+        return 0, 0
+
+    def held_prompt_bytes(self) -> int:
+        return 0
+
     async def compile_structured(self, spec: StructuredOutputSpec) -> None:
         pass
 
@@ -80,7 +86,7 @@ def call(renderer: PromptRenderer, script: str, request: dict[str, Any], *, reas
         media = MediaLoader(config.media)
         app = build_app(engine, renderer, media, config, ("demo",), model_family="qwen2_vl")  # type: ignore[arg-type]
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
-            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x", http_client=http, max_retries=0)
             if not stream:
                 return await client.chat.completions.create(model="demo", messages=MESSAGES, **request)
             return [chunk async for chunk in await client.chat.completions.create(
@@ -190,7 +196,7 @@ def test_tool_turns_go_back_into_the_template(renderer: PromptRenderer) -> None:
         config = Config()
         app = build_app(engine, renderer, MediaLoader(config.media), config, ("demo",),  # type: ignore[arg-type]
                         model_family="qwen2_vl")
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as http:
             response = await http.post("/v1/chat/completions", json={"model": "demo", "messages": history,
                                                                      "tools": TOOLS})
             assert response.status_code == 200, response.text

@@ -133,7 +133,7 @@ def test_qwen3_vl_template_renders_our_tool_turns_in_its_format() -> None:
     from vlmserve.multimodal.prompt import _to_template_message
     from vlmserve.multimodal.template import render_chat_template
 
-    messages: list[dict[str, Any]] = [_to_template_message(m) for m in screenshot_turns(TextPart("ok"))]
+    messages: list[dict[str, Any]] = [_to_template_message(m, None) for m in screenshot_turns(TextPart("ok"))]
     text = render_chat_template(QWEN3_VL, {"messages": messages, "tools": TOOLS, "add_generation_prompt": True})
     assert '<tool_call>\n{"name": "take_screenshot", "arguments": {}}\n</tool_call>' in text
     assert "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text

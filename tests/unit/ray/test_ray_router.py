@@ -40,6 +40,18 @@ def test_the_key_covers_full_blocks_only_and_is_salted() -> None:
     assert request_block_hashes(request(TOKENS, salt="key-a"), 4) != request_block_hashes(request(TOKENS), 4)
 
 
+@pytest.mark.parametrize("salt", [None, "key-a"])
+def test_the_key_is_the_engines_own_block_hash_chain(salt: str | None) -> None:
+    from vlmserve.engine.kv_cache_manager import KVCacheManager
+    from vlmserve.engine.request import Sequence
+
+    routed = request(TOKENS, ("cat", "dog"), SPANS, salt=salt)
+    sequence = Sequence(request=routed, sampling=None)  # type: ignore[arg-type]  # never sampled here
+    manager = KVCacheManager(8, block_size=4, enable_prefix_caching=True)
+    manager.lookup(sequence)
+    assert request_block_hashes(routed, 4) == sequence.block_hashes
+
+
 @dataclass(frozen=True)
 class FakeId:
     unique_id: str

@@ -105,7 +105,7 @@ class Glm4vAdapter(ModelAdapter):
     def kv_layout(self) -> KVLayout:
         config = self.config
         return KVLayout(num_layers=config.num_layers, num_kv_heads=config.num_key_value_heads,
-                        head_dim=config.kv_channels, sliding_windows=(None,) * config.num_layers)
+                        head_dim=config.kv_channels)
 
     def image_spans(self, token_ids: list[int]) -> tuple[ImageSpan, ...]:
         """Each image's whole run, boi to eoi inclusive (the rows `encode_images` fills)."""

@@ -145,7 +145,6 @@ class Glm4vProcessor:
         self.chat_template = chat_template
         ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (
             "<|begin_of_image|>", "<|end_of_image|>", "<|endoftext|>", "[gMASK]", "<sop>", *ROLE_TOKENS)}
-        self.special_ids = ids
         self.boi_token_id = ids["<|begin_of_image|>"]
         self.eoi_token_id = ids["<|end_of_image|>"]
         self.image_token_id = ids["<|endoftext|>"]

@@ -86,7 +86,7 @@ class QwenVLChatAdapter(ModelAdapter):
     def kv_layout(self) -> KVLayout:
         config = self.model.config
         return KVLayout(num_layers=config.num_hidden_layers, num_kv_heads=config.num_attention_heads,
-                        head_dim=config.kv_channels, sliding_windows=(None,) * config.num_hidden_layers)
+                        head_dim=config.kv_channels)
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:

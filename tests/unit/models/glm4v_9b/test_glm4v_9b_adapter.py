@@ -64,7 +64,6 @@ def test_layout_and_limits(glm_adapter: Any, photo: Image.Image) -> None:
     config = glm_adapter.config
     layout = glm_adapter.kv_layout
     assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (config.num_layers, 2, config.kv_channels)
-    assert layout.sliding_windows == (None,) * config.num_layers
     assert glm_adapter.paged_support() is None and glm_adapter.num_position_rows == 1
     assert glm_adapter.max_model_len == config.seq_length
     assert glm_adapter.eos_token_ids == frozenset(config.eos_token_id)

@@ -112,7 +112,6 @@ def test_layout_and_engine_choice(qwen_vl_chat_adapter: Any) -> None:
     adapter = qwen_vl_chat_adapter
     layout = adapter.kv_layout
     assert (layout.num_layers, layout.num_kv_heads, layout.head_dim) == (2, 4, 32)
-    assert layout.sliding_windows == (None, None)
     assert adapter.num_position_rows == 1
     assert adapter.max_model_len == 2048 and adapter.paged_support() is None
     longer = QwenVLChatAdapter(adapter.model, adapter.processor, max_model_len=4096)

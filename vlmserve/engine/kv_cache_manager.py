@@ -1,0 +1,99 @@
+"""The KV-cache lifecycle of every sequence: which blocks it holds, which it found cached, which it makes findable.
+
+    waiting ──lookup──► attached to its longest cached prefix ──allocate_slots──► running
+    running ──step completed──► cache_full_blocks (full blocks whose KV is written become findable)
+    finished / preempted / aborted / failed ──free──► blocks back to the pool (cached ones stay findable)
+
+The one rule that keeps sharing safe: a block becomes findable only *after* the step that wrote its KV completed.
+Nothing then depends on the order in which one step's rows are computed (an eager prefill and a graphed decode of
+the same step read only blocks written by earlier steps, and their own), and a failed step leaves nothing half
+written in the prefix cache. The price: `n > 1` siblings admitted in the same step as their leader would compute
+the prompt twice, so the scheduler admits them after the leader's prompt blocks are cached (`is_waiting_for`).
+
+Block hashes are computed once per sequence, incrementally, as its tokens become known (`Sequence.block_hashes`);
+a sequence's tokens only grow, so a preempted sequence keeps its hashes.
+"""
+
+from __future__ import annotations
+
+from vlmserve.engine.kv_cache import BlockHash, BlockPool, hash_block, images_in_range, root_hash
+from vlmserve.engine.request import Sequence
+
+
+class KVCacheManager:
+    """Owns the block pool; the scheduler asks it for slots, the core tells it when a step's KV is written."""
+
+    def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def lookup(self, sequence: Sequence) -> int:
+        """Attach a sequence holding no blocks to the longest cached prefix of its tokens; returns the tokens
+        looked up. Its computed tokens then start after the cached blocks."""
+        assert not sequence.block_ids, "lookup is for a sequence that holds no blocks"
+        usable: list[BlockHash] = []
+        if self.enable_prefix_caching:
+            # Always leave at least one token to compute: its logits give the next token.
+            usable = self._full_block_hashes(sequence)[:(sequence.num_tokens - 1) // self.block_size]
+        blocks = self.pool.match_prefix(usable)
+        sequence.block_ids = blocks
+        sequence.num_cached_blocks = len(blocks)
+        sequence.num_computed_tokens = len(blocks) * self.block_size
+        return len(usable) * self.block_size
+
+    def allocate_slots(self, sequence: Sequence, num_new_tokens: int) -> bool:
+        """Blocks for `num_new_tokens` tokens after the computed ones; False, taking nothing, if the pool is short."""
+        needed = -(-(sequence.num_computed_tokens + num_new_tokens) // self.block_size) - len(sequence.block_ids)
+        blocks = self.pool.allocate(max(needed, 0))
+        if blocks is None:
+            return False
+        sequence.block_ids.extend(blocks)
+        return True
+
+    def cache_full_blocks(self, sequence: Sequence) -> None:
+        """Make the full blocks among the sequence's computed tokens findable. Call only once the step that wrote
+        their KV has completed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = sequence.num_computed_tokens // self.block_size
+        hashes = self._full_block_hashes(sequence)
+        for index in range(sequence.num_cached_blocks, num_full):
+            self.pool.register(sequence.block_ids[index], hashes[index])
+        sequence.num_cached_blocks = num_full
+
+    def free(self, sequence: Sequence) -> None:
+        """Give back every block of the sequence; its progress restarts from nothing (its hashes stay valid)."""
+        self.pool.release(sequence.block_ids)
+        sequence.block_ids = []
+        sequence.num_cached_blocks = 0
+        sequence.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
+    def num_shareable_tokens(self, sequence: Sequence) -> int:
+        """Prompt tokens another sequence with the same prompt could find cached once this one computed them."""
+        return (sequence.num_prompt_tokens - 1) // self.block_size * self.block_size
+
+    def is_waiting_for(self, sequence: Sequence, running: list[Sequence]) -> bool:
+        """Whether `sequence` should stay queued until a running sibling (same prompt object: the `n > 1` fan-out)
+        has computed, and so cached, the prompt blocks they can share.
+        NOTE: with prefix caching off there is nothing to wait for: each sibling computes its prompt itself."""
+        if not self.enable_prefix_caching:
+            return False
+        shareable = self.num_shareable_tokens(sequence)
+        return any(other.request.prompt is sequence.request.prompt and other.num_computed_tokens < shareable
+                   and other.request.cache_salt == sequence.request.cache_salt for other in running)
+
+    def _full_block_hashes(self, sequence: Sequence) -> list[BlockHash]:
+        """Chained hashes of every full block of the sequence's known tokens, extending those computed before."""
+        hashes = sequence.block_hashes
+        prompt = sequence.request.prompt
+        size = self.block_size
+        parent = hashes[-1] if hashes else root_hash(sequence.request.cache_salt)
+        for start in range(len(hashes) * size, sequence.num_tokens - size + 1, size):
+            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
+            parent = hash_block(parent, sequence.tokens(start, start + size), images)
+            hashes.append(parent)
+        return hashes
