@@ -217,6 +217,9 @@ class HFAdapter(ModelAdapter):
         inputs = dict(prompt.model_inputs)
         inputs["input_ids"] = ids.unsqueeze(0)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        if not prompt.image_spans:
+            # a prompt built without the processor (token ids sent to /v1/completions) is all text: type 0
+            inputs.setdefault("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         kwargs = _matching_kwargs(self._base.get_rope_index, inputs, self.device, self.dtype)
         position_ids, deltas = self._base.get_rope_index(**kwargs)
         positions = position_ids[:, 0, :]
