@@ -95,9 +95,13 @@ def check_tiny_on_cuda() -> dict[str, Any]:
     # A fixed pool: a profiled one takes most of the card, and the first core's would still be held when the
     # second one profiles. The 7-B part below sizes its pool by profiling.
     for name, cfg in {"graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8, num_kv_blocks=256),
+                      "graphs-vision-graphs": EngineConfig(max_num_batched_tokens=128, max_num_seqs=8,
+                                                           num_kv_blocks=256, enable_vision_graphs=True),
                       "graphs-mixed-steps": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256),
                       "eager-chunked": EngineConfig(max_num_batched_tokens=19, enable_cuda_graphs=False,
-                                                    num_kv_blocks=256)}.items():
+                                                    num_kv_blocks=256),
+                      "graphs-compiled": EngineConfig(max_num_batched_tokens=24, max_num_seqs=8, num_kv_blocks=256,
+                                                      compile_decoder=True)}.items():
         core = PagedEngineCore(engine_adapter, cfg)
         reqs = [GenerationRequest(f"t{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(prompts)]
@@ -274,7 +278,25 @@ def gil_during_gpu_wait() -> dict[str, float]:
     return rates
 
 
-def bench_7b(out_dir: Path) -> dict[str, Any]:
+def compile_trial(adapter: Any, renderer: PromptRenderer, reference_tokens: dict[str, list[int]]) -> dict[str, Any]:
+    """Decode step times with the decoder `torch.compile`d before graph capture (a fixed pool: the profiled
+    core is gone), and how many greedy requests give the same tokens as without compile."""
+    from vlmserve.engine.cuda_graphs import DecodeGraphs
+
+    core = PagedEngineCore(adapter, EngineConfig(enable_cuda_graphs=False, num_kv_blocks=8192))
+    started = time.perf_counter()
+    core.runner._graphs = DecodeGraphs(adapter, core.runner.cache, max_batch=64, max_model_len=core.max_model_len,
+                                       compile_decoder=True)
+    report: dict[str, Any] = {"compile_and_capture_s": round(time.perf_counter() - started, 1)}
+    report["decode_step_ms"] = {b: round(decode_step_ms(core, renderer, b, 1000 * b), 3) for b in (1, 8, 64)}
+    reqs = [GenerationRequest(f"eq{i}", render(renderer, 1000 + i),
+                              SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)) for i in range(8)]
+    got, _, _ = run_all(core, reqs)
+    report["greedy_equal_of_8"] = sum(got[f"eq{i}"] == reference_tokens.get(f"eq{i}") for i in range(8))
+    return report
+
+
+def bench_7b(out_dir: Path, *, quick: bool = False, compile_decoder: bool = False) -> dict[str, Any]:
     from bench.models import build_qwen25_vl
 
     path = Path("/tmp/bench-qwen2.5-vl-7b")
@@ -283,22 +305,44 @@ def bench_7b(out_dir: Path) -> dict[str, Any]:
     meta = json.loads((path / "bench_meta.json").read_text())
     adapter = load_model(ModelConfig(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096))
     renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id, max_model_len=4096)
+    from vlmserve.engine.memory import profile_vision_bytes
+
+    geometry = getattr(adapter, "vision_geometry", None)
+    vision_bytes = profile_vision_bytes(adapter)
+    tower = {"patch_budget": geometry.patch_budget if geometry else None,
+             "peak_gib": round(vision_bytes / 2**30, 2) if vision_bytes is not None else None}
+    print(json.dumps({"vision_tower_at_budget": tower}), flush=True)
     started = time.perf_counter()
     core = PagedEngineCore(adapter, EngineConfig())  # the server's defaults
     report: dict[str, Any] = {"engine_init_s": round(time.perf_counter() - started, 1), "meta": meta,
-                              "prompt_tokens": render(renderer, 0).num_tokens,
-                              "gil_spin_iterations_per_ms": gil_during_gpu_wait()}
+                              "vision_tower_at_budget": tower,
+                              "prompt_tokens": render(renderer, 0).num_tokens}
+    if not quick:
+        report["gil_spin_iterations_per_ms"] = gil_during_gpu_wait()
     print(json.dumps(report, default=str), flush=True)
     report["decode_step_ms"] = {b: round(decode_step_ms(core, renderer, b, 1000 * b), 3) for b in (1, 8, 64)}
     print(json.dumps(report["decode_step_ms"]), flush=True)
     # Fresh images in each phase: a repeated one would hit the image and prefix caches.
     prompts = [render(renderer, 5000 + i) for i in range(64 * 9)]
-    report["w1_core_closed_loop_c64"] = closed_loop(core, prompts[:256], 64)
-    print(json.dumps(report["w1_core_closed_loop_c64"]), flush=True)
+    if not quick:
+        report["w1_core_closed_loop_c64"] = closed_loop(core, prompts[:256], 64)
+        print(json.dumps(report["w1_core_closed_loop_c64"]), flush=True)
     report["w1_core_closed_loop_c64_timed"] = instrumented_closed_loop(core, prompts[256:448], 64)
     print(json.dumps(report["w1_core_closed_loop_c64_timed"]), flush=True)
     report["profile_head"] = profiled_steps(core, prompts[448:], 64, out_dir)
     report["stats"] = core.stats().__dict__
+    if compile_decoder:
+        reqs = [GenerationRequest(f"eq{i}", render(renderer, 1000 + i),
+                                  SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)) for i in range(8)]
+        reference, _, _ = run_all(core, reqs)
+        del core
+        torch.cuda.empty_cache()
+        (out_dir / "engine_direct.json").write_text(json.dumps(report, indent=2, default=str))
+        try:
+            report["compiled_decoder"] = compile_trial(adapter, renderer, reference)
+        except Exception as exc:  # a result too: what broke
+            report["compiled_decoder"] = {"error": f"{type(exc).__name__}: {str(exc)[:1500]}"}
+        print(json.dumps(report["compiled_decoder"]), flush=True)
     return report
 
 
@@ -306,13 +350,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")))
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="skip the GIL check and the untimed closed loop")
+    parser.add_argument("--compile-decoder", action="store_true", help="then decode steps with a compiled decoder")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     report: dict[str, Any] = {"device": name, "torch": torch.__version__}
     report.update(check_tiny_on_cuda())
     print(json.dumps(report), flush=True)
     if not args.skip_7b:
-        report.update(bench_7b(args.out))
+        args.out.mkdir(parents=True, exist_ok=True)
+        report.update(bench_7b(args.out, quick=args.quick, compile_decoder=args.compile_decoder))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_direct.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=1, default=str))

@@ -69,6 +69,13 @@ PRESETS = {
     # request at a time, so a few requests already give their throughput and latency).
     "onecall": Plan(w2_requests=8, w1={1: 8, 8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0,
                     w1_c64_cap_s=45.0, num_warmup=1, serial_cap_s=15.0, drain_s=4.0),
+    # The round's final call: our server without the c=1 W1 phase (W2 is the same requests at c=1); the
+    # baselines run apart (preset probe) since they serve one request at a time.
+    "final": Plan(w2_requests=8, w1={8: 64, 64: 640}, w3_conversations=2, phase_cap_s=20.0, w1_c64_cap_s=35.0,
+                  num_warmup=1, drain_s=3.0),
+    # A quick look at one server's latency (W2 and W1 at c=1), e.g. a baseline beside an in-process diagnosis.
+    "probe": Plan(w2_requests=3, w1={1: 2}, w3_conversations=0, phase_cap_s=40.0, w1_c64_cap_s=40.0, num_warmup=1,
+                  drain_s=2.0),
     # CPU harness check with a tiny-layer model.
     "smoke": Plan(w2_requests=2, w1={1: 2, 2: 4}, w3_conversations=1, phase_cap_s=120.0, w1_c64_cap_s=120.0,
                   num_warmup=1, w3_max_tokens=8, server_ready_timeout_s=240.0),
@@ -161,7 +168,7 @@ async def run_phases(server: RunningServer, plan: Plan, inputs: Inputs, budget: 
                 # A server that does not abort on disconnect (the seed) may still be generating for a cancelled
                 # request: let it finish before the next phase measures.
                 await asyncio.sleep(budget.cap(plan.drain_s))
-        if "w3" in spec.workloads:
+        if "w3" in spec.workloads and plan.w3_conversations:
             cap = budget.cap(plan.phase_cap_s)
             w3_options = RequestOptions(options.model, plan.w3_max_tokens, options.dialect)
             if cap < 5 or not server.is_alive():
@@ -177,13 +184,13 @@ def run_server(spec: ServerSpec, index: int, args: argparse.Namespace, plan: Pla
                budget: Budget) -> dict[str, Any]:
     entry: dict[str, Any] = {"label": spec.label, "command": " ".join(spec.argv(
         model=str(args.model_dir), port=8100 + index, device=args.device))}
-    if budget.left() < 60:
+    if budget.left() < 30:
         entry["error"] = "skipped: run budget spent before this server could start"
         return entry
     server = start_server(spec, model=str(args.model_dir), port=8100 + index, device=args.device,
                           log_dir=args.log_dir)
     try:
-        entry["ready_s"] = round(server.wait_ready(min(plan.server_ready_timeout_s, budget.left() - 30)), 1)
+        entry["ready_s"] = round(server.wait_ready(min(plan.server_ready_timeout_s, budget.left() - 10)), 1)
         log(f"{spec.key} ready after {entry['ready_s']} s")
         entry["runs"] = asyncio.run(run_phases(server, plan, inputs, budget, str(args.model_dir), args.max_tokens))
     except Exception as exc:  # a server that cannot start or serve is a result too
@@ -223,6 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--reserve-s", type=float, default=25.0, help="kept back from the budget for the report")
+    parser.add_argument("--skip-hw", action="store_true", help="do not measure the card's ceilings again")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/bench-logs"))
     args = parser.parse_args(argv)
     keys = GROUPS.get(args.only) or tuple(k.strip() for k in args.only.split(","))
@@ -236,14 +245,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, reserve_s=args.reserve_s)
     plan = PRESETS[args.preset]
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                "preset": args.preset, "plan": plan.__dict__, "max_tokens": args.max_tokens,
                                "servers": {}}
     try:
-        results["info"] = run_json_subprocess([sys.executable, "-m", "bench.hw"], timeout_s=120)
+        results["info"] = {"skipped": "--skip-hw"} if args.skip_hw else \
+            run_json_subprocess([sys.executable, "-m", "bench.hw"], timeout_s=120)
         log(f"device: {json.dumps(results['info'])}")
         results["model"] = ensure_model(args.model, args.model_dir, args.scale, args.device,
                                         timeout_s=max(60, budget.left()))

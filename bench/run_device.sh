@@ -5,8 +5,8 @@ set -o pipefail
 source bench/device_env.sh
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-    python3 -c "import torch, transformers, fastapi, uvicorn, pydantic, openai; print('torch', torch.__version__, \
+    python3 -c "import torch, transformers, fastapi, uvicorn, pydantic; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, \
-'pydantic', pydantic.__version__, 'openai', openai.__version__)"
+'pydantic', pydantic.__version__)"
     python3 -m bench.run_all --out "$OUT" "$@"
 } 2>&1 | tee "$OUT/run.log"

@@ -51,7 +51,9 @@ class ServerSpec:
 SERVERS: dict[str, ServerSpec] = {
     spec.key: spec
     for spec in (
-        ServerSpec("ours", "vlmserve (paged)", OURS_COMMAND, is_ours=True),
+        # BENCH_OURS_ARGS: extra flags for our main server (e.g. --compile-decoder once the CUDA check passed)
+        ServerSpec("ours", "vlmserve (paged)", OURS_COMMAND, is_ours=True,
+                   extra_args=os.environ.get("BENCH_OURS_ARGS", "")),
         ServerSpec("ours-nocache", "vlmserve (paged, prefix cache off)", OURS_COMMAND, is_ours=True,
                    extra_args="--no-enable-prefix-caching --image-cache-bytes 0", workloads=("w3",)),
         ServerSpec("ours-generate", "vlmserve (generate fallback)", OURS_COMMAND, engine="generate", is_ours=True),

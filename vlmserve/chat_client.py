@@ -19,8 +19,8 @@ from vlmserve.grounding import GROUNDING_FORMATS, GroundingFormat, draw_boxes, p
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the question (read from the terminal with --interactive)")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL. Example: --url "
-                        "http://10.0.0.5:8000")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL, with or without /v1. "
+                        "Example: --url http://10.0.0.5:8000/v1")
     parser.add_argument("--api-key", default=None, help="API key (default: VLMSERVE_API_KEY). Example: "
                         "--api-key sk-local")
     parser.add_argument("--model", default=None, help="model name (default: the server's first). Example: "
@@ -43,6 +43,16 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
                         "for the model). Example: --grounding-format qwen2.5-vl")
 
 
+class ChatClientError(RuntimeError):
+    """A problem to report in one line (no traceback): unreadable image, server error, refused request."""
+
+
+def base_url(url: str) -> str:
+    """The server root: `http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all name the same."""
+    url = url.rstrip("/")
+    return url[:-len("/v1")] if url.endswith("/v1") else url
+
+
 def image_to_url(source: str) -> str:
     """A URL the server accepts for `source`: URLs pass through, files and stdin become data URIs."""
     if source.startswith(("http://", "https://", "data:")):
@@ -51,7 +61,11 @@ def image_to_url(source: str) -> str:
         data, mime = sys.stdin.buffer.read(), "image/png"
     else:
         path = Path(source).expanduser()
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ChatClientError(f"cannot read the image {source!r}: {exc.strerror or type(exc).__name__}") \
+                from None
         mime = mimetypes.guess_type(path.name)[0] or "image/png"
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -73,13 +87,13 @@ def stream_answer(client: httpx.Client, body: dict[str, Any], out: Any) -> str:
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
-            raise RuntimeError(_error_message(response))
+            raise ChatClientError(_error_message(response))
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[len("data: "):])
             if "error" in event:
-                raise RuntimeError(event["error"].get("message", "server error"))
+                raise ChatClientError(event["error"].get("message", "server error"))
             for choice in event.get("choices", []):
                 piece = choice.get("delta", {}).get("content") or ""
                 text += piece
@@ -99,13 +113,14 @@ def _error_message(response: httpx.Response) -> str:
 def run_chat(args: argparse.Namespace) -> int:
     key = args.api_key or client_api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    images = [image_to_url(s) for s in args.image]
-    if args.sample_image:
-        images.append(_sample_image_url(args.seed))
     prompt = args.prompt or ("Describe the image." if args.sample_image and not args.interactive else None)
     try:
-        with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-            cards = client.get("/v1/models").raise_for_status().json()["data"]
+        images = [image_to_url(s) for s in args.image]
+        if args.sample_image:
+            images.append(_sample_image_url(args.seed))
+        with httpx.Client(base_url=base_url(args.url), headers=headers,
+                          timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+            cards = _model_cards(client)
             model = args.model or cards[0]["id"]
             if args.draw_boxes:
                 args.grounding_format = args.grounding_format or _reported_format(cards, model)
@@ -113,6 +128,13 @@ def run_chat(args: argparse.Namespace) -> int:
     except (httpx.HTTPError, RuntimeError) as exc:
         print(f"vlmserve chat: {exc}", file=sys.stderr)
         return 1
+
+
+def _model_cards(client: httpx.Client) -> list[dict[str, Any]]:
+    response = client.get("/v1/models")
+    if response.status_code != 200:
+        raise ChatClientError(_error_message(response))
+    return list(response.json()["data"])
 
 
 def _converse(client: httpx.Client, model: str, images: list[str], prompt: str | None,

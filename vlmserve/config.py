@@ -119,6 +119,13 @@ class EngineConfig:
         example="--image-cache-bytes 1073741824")
     enable_cuda_graphs: bool = option(True, "Capture decode steps in CUDA graphs (GPU only).",
                                       example="--no-enable-cuda-graphs")
+    # NOTE: off by default until a GPU run has checked it (the CPU stand-in tests pass; see bench/RESULTS.md).
+    enable_vision_graphs: bool = option(
+        False, "Replay the vision tower from CUDA graphs, one per set of image sizes (Qwen2-VL, Qwen2.5-VL; GPU "
+        "only, with --enable-cuda-graphs).", example="--enable-vision-graphs")
+    compile_decoder: bool = option(
+        False, "torch.compile the decoder before capturing decode graphs (GPU only): fuses its norm, rotary and "
+        "SiLU kernels; adds about a minute to start-up.", example="--compile-decoder")
     enable_paged_self_check: bool = option(
         True, "At load, check that the paged engine reproduces the model's own generate on a short image prompt "
         "(logprobs within a dtype-aware tolerance); on a mismatch the model is served by the generate engine.",
@@ -212,6 +219,16 @@ class ServerConfig:
     shutdown_timeout_s: float = option(30.0, "On SIGTERM, how long in-flight requests may finish.",
                                        metavar="SECONDS", example="--shutdown-timeout-s 10")
     log_requests: bool = option(False, "Log prompts (never keys or image bytes).", example="--log-requests")
+    responses_store_max_entries: int = option(
+        1000, "Most responses kept for previous_response_id and GET /v1/responses/{id} (store: true); the least "
+        "recently used go first. 0 keeps none.", metavar="N", example="--responses-store-max-entries 10000")
+    responses_store_max_bytes: int = option(
+        256 * 2**20, "Most bytes (JSON size, inline images included) the kept responses may hold.",
+        metavar="BYTES", example="--responses-store-max-bytes 1073741824")
+    responses_store_ttl_s: float = option(3600.0, "How long a kept response stays retrievable.",
+                                          metavar="SECONDS", example="--responses-store-ttl-s 86400")
+    enable_docs: bool = option(True, "Serve Swagger UI at /docs (assets bundled, no outside network).",
+                               example="--no-docs", flag="--docs")
     allowed_hosts: tuple[str, ...] = option(
         (), "Host header values accepted (a guard against DNS rebinding), as NAME or NAME:PORT; '*' accepts any. "
         "Default: when --host is a loopback address, only localhost, 127.0.0.1 and [::1] (on --port); otherwise any.",
@@ -254,6 +271,10 @@ class ServerConfig:
             raise ConfigError("--port must be between 0 and 65535")
         if self.max_n < 1:
             raise ConfigError("--max-n must be at least 1")
+        if self.responses_store_max_entries < 0 or self.responses_store_max_bytes < 0:
+            raise ConfigError("--responses-store-max-entries and --responses-store-max-bytes must not be negative")
+        if self.responses_store_ttl_s <= 0:
+            raise ConfigError("--responses-store-ttl-s must be positive")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -192,6 +192,7 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     logprobs: list[PositionLogprobs] | None = None
     token_texts: list[str] | None = None  # text of each token in `logprobs`, for the API's `token` field
+    top_token_texts: list[list[str]] | None = None  # text of each alternative in `logprobs[i].top`
     num_cached_tokens: int = 0
 
     @property
@@ -219,6 +220,8 @@ class EngineStats:
     generation_tokens_per_s: float = 0.0
     num_aborted: int = 0
     num_finished: int = 0
+    num_grammars_compiled: int = 0  # structured-output grammars compiled (cache misses)
+    grammar_compile_seconds: float = 0.0  # their compile time, summed
     engine: str = ""
 
     @property

@@ -52,3 +52,4 @@ def test_chat_reports_server_errors_cleanly(server: ServerProcess) -> None:
                            "Hi"], capture_output=True, cwd=REPO, timeout=60)
     assert done.returncode == 1
     assert b"Traceback" not in done.stderr and b"401" in done.stderr
+    assert b"missing or wrong API key" in done.stderr  # the server's message, not httpx's

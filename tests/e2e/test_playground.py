@@ -15,6 +15,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +47,15 @@ SCRIPTS = {"[markup]": MARKUP, "[long]": LONG}  # trigger in the user's turn -> 
 EVIL_NAME = "<img src=y onerror=\"document.title='pwned'\">.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DOCS = REPO / "docs"
+# NOTE: screenshots go to docs/ (the README shows them) only when asked for, so a test run leaves the tree as it
+# was: VLMSERVE_UPDATE_SCREENSHOTS=1 python -m pytest tests/e2e/test_playground.py
+DOCS = (REPO / "docs" if os.environ.get("VLMSERVE_UPDATE_SCREENSHOTS")
+        else Path(tempfile.gettempdir()) / "vlmserve-playground-shots")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    DOCS.mkdir(exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium

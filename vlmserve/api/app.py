@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmserve import __version__
@@ -20,6 +20,7 @@ from vlmserve.api import schemas
 from vlmserve.api.admission import Admission
 from vlmserve.api.errors import classify, error_response
 from vlmserve.api.guards import BodyTimeoutMiddleware, HostAllowListMiddleware, JSONContentTypeMiddleware
+from vlmserve.api.metrics import MeteredEngine, MeteredMediaLoader, MeteredRenderer, ServerMetrics
 from vlmserve.api.middleware import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
@@ -30,18 +31,27 @@ from vlmserve.api.middleware import (
 )
 from vlmserve.api.openapi import body_schema, install_openapi
 from vlmserve.api.reasoning import reasoning_parser_name_for
+from vlmserve.api.responses_store import MemoryResponseStore
 from vlmserve.api.serving_chat import ChatService
+from vlmserve.api.serving_completions import CompletionsService
 from vlmserve.api.serving_models import ModelsService
 from vlmserve.api.serving_playground import install_playground, load_assets, public_paths
-from vlmserve.api.streaming import guarded
+from vlmserve.api.serving_responses import ResponsesService
+from vlmserve.api.serving_tokenize import TokenizeService
+from vlmserve.api.surface_routes import (
+    install_completions_routes,
+    install_docs,
+    install_metrics_route,
+    install_responses_routes,
+    install_tokenize_routes,
+)
 from vlmserve.api.tool_parsers import parser_name_for
+from vlmserve.api.transport import cancel_on_disconnect, parse_json_object, sse_response
 from vlmserve.config import Config
 from vlmserve.engine.client import EngineClient
-from vlmserve.errors import InvalidRequestError, ServiceUnavailableError, VlmserveError
+from vlmserve.errors import VlmserveError
 from vlmserve.multimodal.loader import MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
-
-T = TypeVar("T")
 
 
 def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader, config: Config,
@@ -50,29 +60,45 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
     """The HTTP application. `engine` must be started by the caller's lifespan owner (see `vlmserve.serve`).
 
     `model_family` (config.json's model_type) picks the tool-call and reasoning parsers unless flags override."""
+    metrics = ServerMetrics(engine, served_model_names[0])
+    metered = MeteredEngine(engine, metrics)
     admission = Admission(engine, config)
-    chat = ChatService(engine, renderer, media, served_model_names=served_model_names, server_config=config.server,
-                       model_family=model_family,
+    chat = ChatService(metered, cast(PromptRenderer, MeteredRenderer(renderer, metrics)),
+                       cast(MediaLoader, MeteredMediaLoader(media, metrics)), served_model_names=served_model_names,
+                       server_config=config.server, model_family=model_family,
                        tool_parser=parser_name_for(model_family, config.model.tool_call_parser),
                        reasoning_parser=reasoning_parser_name_for(model_family, config.model.reasoning_parser),
                        admission=admission)
     models = ModelsService(served_model_names, created=int(time.time()), grounding_format=grounding_format)
+    server_cfg = config.server
+    store = MemoryResponseStore(max_entries=server_cfg.responses_store_max_entries,
+                                max_bytes=server_cfg.responses_store_max_bytes, ttl_s=server_cfg.responses_store_ttl_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await media.aclose()
 
-    app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan)
+    # /docs is ours (bundled Swagger UI assets; FastAPI's default loads them from a CDN); ReDoc has no bundle
+    app = FastAPI(title="vlmserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
     _install_error_handlers(app)
     install_openapi(app, requires_api_key=bool(config.server.resolved_api_keys()))
+    install_responses_routes(app, ResponsesService(chat, metered, store))
+    install_completions_routes(app, CompletionsService(metered, renderer,
+                                                       served_model_names=served_model_names,
+                                                       server_config=config.server))
+    install_tokenize_routes(app, TokenizeService(chat, renderer, max_model_len=engine.max_model_len,
+                                                 served_model_names=served_model_names))
+    install_metrics_route(app, metrics)
+    if config.server.enable_docs:
+        install_docs(app)
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, openapi_extra=body_schema())
     async def create_chat_completion(raw_request: Request) -> Response:
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
         # Preparation (fetching, decoding, rendering) stops when the client goes away.
-        generation, summary = await _cancel_on_disconnect(raw_request, chat.prepare(
+        generation, summary = await cancel_on_disconnect(raw_request, chat.prepare(
             request, client_id=client_id(raw_request.scope), api_key_id=raw_request.scope.get("state", {}).get("api_key_id")))
         plan = chat.output_plan(request, generation)
         if config.server.log_requests:
@@ -80,15 +106,11 @@ def build_app(engine: EngineClient, renderer: PromptRenderer, media: MediaLoader
         fields = log_fields(raw_request.scope)
         fields.update(summary)  # the line then carries the completion's id (chatcmpl-...)
         if request.stream:
-            # Refuse with a status (429/503) while we still can: once streaming starts, only an error event is left.
-            # NOTE: a request admitted here can still lose the race for the last slot before its generator runs;
-            # it then gets 200 and an SSE error event carrying the same OpenAI error (queue_full).
-            engine.check_can_accept(generation.sampling.n)
+            # chat.stream() starts the generation at the call: what needs no generation (context, a full queue, a
+            # dead engine) raises here and gets its status, never a 200 followed by an error event
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _logged(guarded(chat.stream(generation, request.model, include_usage, plan)), fields)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await _cancel_on_disconnect(raw_request, chat.complete(generation, request.model, plan))
+            return sse_response(chat.stream(generation, request.model, include_usage, plan, progress=fields), fields)
+        completion = await cancel_on_disconnect(raw_request, chat.complete(generation, request.model, plan))
         fields["completion_tokens"] = completion.usage.completion_tokens
         return JSONResponse(completion.model_dump(mode="json"))
 
@@ -162,65 +184,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, handle)
 
 
-#: JSON nested deeper than this is refused; OpenAI requests nest a few levels (tool schemas a few dozen)
-MAX_JSON_DEPTH = 64
-
-
 def _parse_request(body: bytes) -> schemas.ChatCompletionRequest:
     """Worker thread: the body parsed and validated (a large body must not hold the event loop)."""
-    return schemas.ChatCompletionRequest.model_validate(_parse_json_object(body))
-
-
-def _parse_json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError("the request body is not valid JSON", param=None) from exc
-    except RecursionError:
-        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels",
-                                  param=None) from None
-    except ValueError:  # Python refuses integers of more than 4300 digits
-        raise InvalidRequestError("the request body holds a number with too many digits", param=None) from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object", param=None)
-    if _depth_exceeds(data, MAX_JSON_DEPTH):
-        raise InvalidRequestError(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", param=None)
-    return data
-
-
-def _depth_exceeds(data: Any, limit: int) -> bool:
-    """Whether containers nest more than `limit` deep (iterative: deep input cannot overflow the stack here)."""
-    level: list[Any] = [data]
-    for _ in range(limit):
-        level = [child for container in level
-                 for child in (container.values() if isinstance(container, dict) else container)
-                 if isinstance(child, (dict, list))]
-        if not level:
-            return False
-    return True
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (which aborts the generation) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def client_gone() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        raise ServiceUnavailableError("the client disconnected")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
+    return schemas.ChatCompletionRequest.model_validate(parse_json_object(body))
 
 
 def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[str, Any]]:
@@ -233,15 +199,6 @@ def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[st
                 header = url.split(",", 1)[0]
                 part["image_url"]["url"] = f"{header[:64]},<{len(url)} characters>"
     return dumped
-
-
-async def _logged(events: AsyncIterator[str], fields: dict[str, Any]) -> AsyncIterator[str]:
-    try:
-        async for event in events:
-            yield event
-    except BaseException:
-        fields["status"] = 499  # the client closed the stream (the response itself started as 200)
-        raise
 
 
 __all__ = ["build_app", "classify"]

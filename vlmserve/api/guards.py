@@ -59,6 +59,10 @@ class JSONContentTypeMiddleware:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        length = _header(scope, b"content-length")
+        if _header(scope, b"transfer-encoding") is None and (length is None or length.strip() == "0"):
+            await self.app(scope, receive, send)  # no body (POST /v1/responses/{id}/cancel): nothing to declare
+            return
         declared = _header(scope, b"content-type")
         media_type = declared.split(";", 1)[0].strip().lower() if declared is not None else ""
         if media_type != "application/json":

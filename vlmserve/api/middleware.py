@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -24,6 +25,8 @@ from vlmserve.api.errors import classify
 from vlmserve.errors import AuthenticationError, InvalidRequestError, PayloadTooLargeError
 
 _OPEN_PATHS = frozenset({"/health"})
+#: an incoming X-Request-Id is kept only if it looks like an id: it lands in log lines and response headers
+_CLIENT_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 request_logger = logging.getLogger("vlmserve.requests")
 
 
@@ -47,7 +50,8 @@ async def send_error(send: Send, exc: BaseException, scope: Scope | None = None)
 class RequestLogMiddleware:
     """Writes one line per HTTP request, whoever answered it: id, method, path, status, milliseconds, and what the
     route added (prompt and image summaries, error code and param). Never bodies, keys or prompts (unless the route
-    adds them under --log-requests). The id is also sent back as `X-Request-Id`."""
+    adds them under --log-requests). The id is also sent back as `X-Request-Id`: the client's own when it sent a sane
+    one (1-128 characters of letters, digits and `._:-`, sent once), else the response's id or a new `req-<hex>`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -58,14 +62,16 @@ class RequestLogMiddleware:
             return
         started = time.monotonic()
         fields = log_fields(scope)
-        fields.update(request_id=f"req-{uuid.uuid4().hex}", method=scope["method"], path=scope["path"])
+        client_id = client_request_id(scope)
+        fields.update(request_id=client_id or f"req-{uuid.uuid4().hex}", method=scope["method"], path=scope["path"])
         status = 500  # if nothing is sent at all
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", []), (b"x-request-id", str(fields["request_id"]).encode())]
+                echoed = client_id or str(fields["request_id"])
+                headers = [*message.get("headers", []), (b"x-request-id", echoed.encode())]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -73,6 +79,9 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             line = {**fields, "status": fields.get("status", status), "ms": round((time.monotonic() - started) * 1000)}
+            if client_id is not None and line["request_id"] != client_id:
+                # the route named the response (chatcmpl-...); keep both, the client's id first
+                line.update(request_id=client_id, response_id=fields["request_id"])
             # health probes come every few seconds from supervisors: only their failures are worth a line at INFO
             level = logging.DEBUG if scope["path"] in _OPEN_PATHS and line["status"] == 200 else logging.INFO
             request_logger.log(level, "request %s", json.dumps(line, default=str))
@@ -176,6 +185,15 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-Id if it is sent once and is a sane id, else None (never an error: ids are a
+    courtesy, and refusing a request over one would break clients that send long trace ids)."""
+    value = _single_header(scope, b"x-request-id")
+    if value is None or _CLIENT_REQUEST_ID.fullmatch(value) is None:
+        return None
+    return str(value.decode("ascii"))
 
 
 def _single_header(scope: Scope, name: bytes) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from vlmserve.api import schemas
 
@@ -27,6 +28,8 @@ _ERRORS = {
     "503": "Shutting down, or the engine died",
 }
 _OPEN_PATHS = ("/health",)
+#: request models of routes that parse their own bodies; their nested definitions join the components
+_BODY_MODELS: list[type[BaseModel]] = []
 _SSE_EVENT = {
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "A ChatCompletionChunk as JSON (or an ErrorResponse "
@@ -35,7 +38,14 @@ _SSE_EVENT = {
 
 def body_schema() -> dict[str, Any]:
     """`openapi_extra` for the chat route: its JSON body."""
-    schema = schemas.ChatCompletionRequest.model_json_schema(ref_template=REF_TEMPLATE)
+    return body_schema_of(schemas.ChatCompletionRequest)
+
+
+def body_schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its own JSON body as `model` (its definitions are added to the
+    document's components by `build_document`)."""
+    _BODY_MODELS.append(model)
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
     schema.pop("$defs", None)
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -56,11 +66,16 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
 
     document = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = document.setdefault("components", {}).setdefault("schemas", {})
-    components.update(schemas.ChatCompletionRequest.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
+    body_models: list[type[BaseModel]] = [schemas.ChatCompletionRequest, *_BODY_MODELS]
+    for model in body_models:
+        components.update(model.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {}))
     error_schema = schemas.ErrorResponse.model_json_schema(ref_template=REF_TEMPLATE)
     components.update(error_schema.pop("$defs", {}))
     components["ErrorResponse"] = error_schema
     components["ContentPart"] = _content_part_schema()
+    for name, ignored in schemas.IGNORED_FIELDS.items():  # accepted and ignored: say so in the document
+        for field in sorted(ignored):
+            components.get(name, {}).get("properties", {}).setdefault(field, {"description": "accepted, ignored"})
     components["ChatMessageParam"] = _message_schema()
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)  # FastAPI's 422 shapes: this server answers 400 with ErrorResponse
@@ -73,6 +88,12 @@ def build_document(app: FastAPI, *, requires_api_key: bool) -> dict[str, Any]:
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]
     chat["description"] = "A chat completion, or with stream: true a server-sent event stream of chunks"
     chat["content"]["text/event-stream"] = {"schema": _SSE_EVENT}  # before OpenAPI 3.2: the schema of one event
+    for path, what in (("/v1/completions", "Completion chunk"), ("/v1/responses", "Responses stream event")):
+        ok = document["paths"].get(path, {}).get("post", {}).get("responses", {}).get("200")
+        if ok is not None:
+            event = {"type": "object", "required": ["data"], "properties": {"data": {
+                "type": "string", "description": f"A {what} as JSON (an error event if the request failed mid-stream)"}}}
+            ok.setdefault("content", {})["text/event-stream"] = {"schema": event}
     return document
 
 
@@ -88,14 +109,17 @@ def _declare_errors(operation: dict[str, Any], *, is_open: bool) -> None:
         operation["security"] = []  # /health answers without a key
 
 
+_CACHE_CONTROL = {"description": "accepted, ignored"}
+
+
 def _text_part() -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "required": ["type", "text"],
-            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}, "cache_control": _CACHE_CONTROL}}
 
 
 def _content_part_schema() -> dict[str, Any]:
     image_part = {"type": "object", "additionalProperties": False, "required": ["type", "image_url"],
-                  "properties": {"type": {"const": "image_url"},
+                  "properties": {"type": {"const": "image_url"}, "cache_control": _CACHE_CONTROL,
                                  "image_url": {"$ref": REF_TEMPLATE.format(model="ImageURL")}}}
     return {"title": "ContentPart", "oneOf": [_text_part(), image_part],
             "description": schemas.ContentPart.__doc__}

@@ -1,21 +1,64 @@
 """Pydantic models mirroring the OpenAI chat completions API (plus the vLLM sampling extensions), nothing else.
 
 Request models validate shape and ranges; limits that depend on the server's configuration (n, stop strings,
-messages, images) are checked in `serving_chat`. Unknown top-level fields are ignored, as clients such as
-LangChain and Dify send parameters this server has no use for; unknown content-part types are refused.
+messages, images) are checked in `serving_chat`.
+
+Leniency policy (the one place it is written down; every route's schemas follow it):
+- Be as lenient as OpenAI is. A field that changes nothing this server does is accepted and ignored, with one
+  DEBUG log line per field name for the life of the process. That covers unknown top-level fields (clients such
+  as LangChain and Dify send parameters this server has no use for, e.g. `user`, `metadata`, `service_tier`) and
+  the known extras clients put inside nested objects: `cache_control` on content parts, `image_url.format`,
+  `stream_options.include_obfuscation` / `continuous_usage_stats` (see `IGNORED_FIELDS`).
+- Refuse (400, `param` naming the field, `code` "unsupported") only what would change the answer and cannot be
+  honoured: built-in (non-function) Responses tools, `suffix`, streamed `best_of` above `n`, background responses,
+  file ids.
+- Unknown fields inside nested objects that are not in `IGNORED_FIELDS`, and unknown content-part types, are
+  refused: there a typo usually means a lost instruction (an image that would silently not be sent).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+logger = logging.getLogger(__name__)
+
 # --- requests ---------------------------------------------------------------------------------------------------
 
 
+#: per nested object, the extra fields clients send that change nothing here: accepted, then dropped
+IGNORED_FIELDS: dict[str, frozenset[str]] = {
+    "ContentPart": frozenset({"cache_control"}),
+    "ImageURL": frozenset({"format", "cache_control"}),
+    "StreamOptions": frozenset({"include_obfuscation", "continuous_usage_stats"}),
+}
+_logged_ignored: set[str] = set()
+
+
+def note_ignored(where: str, name: str) -> None:
+    """Log an accepted-and-ignored field once per process (at DEBUG: it is expected, not a problem)."""
+    key = f"{where}.{name}"
+    if key not in _logged_ignored:
+        _logged_ignored.add(key)
+        logger.debug("ignoring %s: it changes nothing this server does (logged once)", key)
+
+
 class _Strict(BaseModel):
+    """Unknown fields refused, except the ones `IGNORED_FIELDS` lists for this class, which are dropped."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        ignored = IGNORED_FIELDS.get(cls.__name__)
+        if not ignored or not isinstance(data, dict) or not ignored.intersection(data):
+            return data
+        for name in ignored.intersection(data):
+            note_ignored(cls.__name__, name)
+        return {k: v for k, v in data.items() if k not in ignored}
 
 
 class ImageURL(_Strict):

@@ -239,9 +239,16 @@ class ChatService:
                 for i, c in enumerate(choices)],
             usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), self._reported(cached)))
 
-    async def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
-                     plan: OutputPlan | None = None) -> AsyncIterator[str]:
-        plan = plan or OutputPlan()
+    def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
+               plan: OutputPlan | None = None, progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
+        """The SSE events of a streamed completion. Errors that need no generation raise here, before any event;
+        `progress` gets `completion_tokens` as they come (for the request's log line)."""
+        deltas = self._engine.generate(generation)
+        return self._stream(generation, deltas, model, include_usage, plan or OutputPlan(),
+                            {} if progress is None else progress)
+
+    async def _stream(self, generation: GenerationRequest, deltas: AsyncIterator[TokenDelta], model: str,
+                      include_usage: bool, plan: OutputPlan, progress: dict[str, Any]) -> AsyncIterator[str]:
         writer = ChunkWriter(generation.request_id, model, include_usage=include_usage)
         num_choices = generation.sampling.n
         for index in range(num_choices):
@@ -249,8 +256,9 @@ class ChatService:
         parsers = [plan.new_parser() for _ in range(num_choices)]
         completion_tokens = [0] * num_choices
         cached = 0
-        async for delta in self._engine.generate(generation):
+        async for delta in deltas:
             completion_tokens[delta.index] = delta.num_generated_tokens
+            progress["completion_tokens"] = sum(completion_tokens)
             cached = max(cached, delta.num_cached_tokens)
             entries = _logprob_entries(delta) if generation.sampling.logprobs else None
             parsed = parsers[delta.index].feed(delta.text, final=delta.finish_reason is not None)
@@ -324,10 +332,12 @@ def _logprob_entries(delta: TokenDelta) -> list[schemas.TokenLogprobEntry]:
     if not delta.logprobs:
         return []
     texts = delta.token_texts or [""] * len(delta.logprobs)
+    top_texts = delta.top_token_texts or [[""] * len(lp.top) for lp in delta.logprobs]
     return [schemas.TokenLogprobEntry(
         token=text, logprob=lp.chosen.logprob, bytes=list(text.encode("utf-8")),
-        top_logprobs=[schemas.TopLogprob(token=str(alt.token_id), logprob=alt.logprob) for alt in lp.top])
-        for text, lp in zip(texts, delta.logprobs, strict=True)]
+        top_logprobs=[schemas.TopLogprob(token=alt_text, logprob=alt.logprob, bytes=list(alt_text.encode("utf-8")))
+                      for alt_text, alt in zip(alternatives, lp.top, strict=True)])
+        for text, alternatives, lp in zip(texts, top_texts, delta.logprobs, strict=True)]
 
 
 def _image_refs(messages: list[schemas.ChatMessageParam]) -> list[ImageRef]:

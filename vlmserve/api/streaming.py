@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vlmserve.api import schemas
@@ -88,12 +88,23 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Pass events through; an exception becomes an SSE error event and `[DONE]` instead of a cut connection."""
+def chat_error_events(body: dict[str, Any]) -> list[str]:
+    """How a chat or completions stream ends on an error: the OpenAI error body as an event, then [DONE]."""
+    return [ChunkWriter._event(body), ChunkWriter.done()]
+
+
+async def guarded(events: AsyncIterator[str], fields: dict[str, Any] | None = None,
+                  error_events: Callable[[dict[str, Any]], list[str]] = chat_error_events) -> AsyncIterator[str]:
+    """Pass events through; an exception becomes the stream's error events instead of a cut connection.
+
+    `fields` (the request's log line) then records the failure: the status the error would have had, its code,
+    and `stream_failed` (the HTTP status sent was 200), next to the token counts the stream recorded so far."""
     try:
         async for event in events:
             yield event
     except Exception as exc:
-        _, body, _ = classify(exc)
-        yield ChunkWriter._event(body)
-        yield ChunkWriter.done()
+        status, body, _ = classify(exc)
+        if fields is not None:
+            fields.update(status=status, code=body["error"]["code"], stream_failed=True)
+        for event in error_events(body):
+            yield event

@@ -56,7 +56,10 @@ class EngineClient(Protocol):
     max_model_len: int
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Deltas of every sequence of the request (n of them), each ending with a finish_reason."""
+        """Deltas of every sequence of the request (n of them), each ending with a finish_reason.
+
+        Errors that do not depend on generation (context length, queue full, a dead engine) raise at the call,
+        before the iterator is returned; only failures while generating raise from the iterator."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -83,6 +86,26 @@ class EngineClient(Protocol):
         ...
 
     async def shutdown(self, timeout_s: float) -> None: ...
+
+
+def resolve_max_tokens(request: GenerationRequest, max_model_len: int) -> int:
+    """The request's output budget: its max_tokens, or the rest of the context when it has none. Raises
+    `ContextLengthError` when the prompt leaves no room or max_tokens asks for more than is left."""
+    prompt_tokens = request.prompt.num_tokens
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens (image tokens included) but the model's context is "
+            f"{max_model_len} tokens (--max-model-len)", param="messages")
+    wanted = request.sampling.max_tokens
+    if wanted is None:
+        return room
+    if wanted > room:
+        raise ContextLengthError(
+            f"max_tokens is {wanted} but only {room} tokens are left in the model's {max_model_len}-token "
+            f"context after the {prompt_tokens}-token prompt (image tokens included); lower max_tokens",
+            param="max_tokens")
+    return wanted
 
 
 @dataclasses.dataclass
@@ -145,7 +168,12 @@ class AsyncEngine:
         return self._max_sequences
 
     def stats(self) -> EngineStats:
-        return self._core.stats()
+        stats = self._core.stats()
+        structured = getattr(self._core, "structured", None)
+        if structured is None:
+            return stats
+        return dataclasses.replace(stats, num_grammars_compiled=structured.num_compiled,
+                                   grammar_compile_seconds=structured.compile_seconds)
 
     async def shutdown(self, timeout_s: float) -> None:
         """Stop accepting, let running sequences finish for up to `timeout_s`, abort the rest, stop the thread."""
@@ -172,10 +200,15 @@ class AsyncEngine:
                                           param="response_format")
         await structured.compile(spec)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        # NOTE: a plain function, so every check that does not need the model raises here, at the call: a
+        # streaming route calls this before its first byte and can still answer 4xx instead of an error event.
         self.check_can_accept(request.sampling.n)
         self._check_prompt(request)
         max_tokens = self._resolve_max_tokens(request)
+        return self._generate(request, max_tokens)
+
+    async def _generate(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[TokenDelta]:
         queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         child_ids = self._submit(request, max_tokens, queue)
         remaining = set(child_ids)
@@ -251,21 +284,7 @@ class AsyncEngine:
                     "(special tokens typed into message text are not allowed)", param="messages")
 
     def _resolve_max_tokens(self, request: GenerationRequest) -> int:
-        prompt_tokens = request.prompt.num_tokens
-        room = self.max_model_len - prompt_tokens
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens (image tokens included) but the model's context is "
-                f"{self.max_model_len} tokens (--max-model-len)", param="messages")
-        wanted = request.sampling.max_tokens
-        if wanted is None:
-            return room
-        if wanted > room:
-            raise ContextLengthError(
-                f"max_tokens is {wanted} but only {room} tokens are left in the model's {self.max_model_len}-token "
-                f"context after the {prompt_tokens}-token prompt (image tokens included); lower max_tokens",
-                param="max_tokens")
-        return wanted
+        return resolve_max_tokens(request, self.max_model_len)
 
     def _abort(self, request_id: str) -> None:
         if self._sequences.pop(request_id, None) is not None:
@@ -321,6 +340,7 @@ class AsyncEngine:
         if sequence.want_logprobs and output.new_logprobs:
             delta.logprobs = [lp for lp in output.new_logprobs if lp is not None]
             delta.token_texts = [detokenizer.token_text(lp.chosen.token_id) for lp in delta.logprobs]
+            delta.top_token_texts = [[detokenizer.token_text(alt.token_id) for alt in lp.top] for lp in delta.logprobs]
         if finish is not None:
             delta.text += detokenizer.flush()
             delta.finish_reason = finish

@@ -64,7 +64,9 @@ class PagedEngineCore:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs)
+                                  max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs,
+                                  compile_decoder=config.compile_decoder,
+                                  enable_vision_graphs=config.enable_vision_graphs)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
         self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()

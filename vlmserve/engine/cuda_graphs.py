@@ -23,11 +23,26 @@ logger = logging.getLogger(__name__)
 _CANDIDATE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
+def compiled_decoder(text_model: torch.nn.Module, *, backend: str = "inductor") -> Any:
+    """`torch.compile` of the decoder for graph capture: fuses the RMSNorm, rotary, SiLU-mul and residual kernels
+    between attention calls. Our paged attention (Triton kernels reading the step's metadata) stays outside the
+    compiled graphs, so one compilation (dynamic batch) serves every captured size."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vlmserve.engine import attention
+
+    ALL_ATTENTION_FUNCTIONS.register(attention.ATTENTION_NAME,
+                                     torch.compiler.disable(attention.paged_attention_forward))
+    return torch.compile(text_model, dynamic=True, backend=backend)
+
+
 class DecodeGraphs:
     """Captured decode steps for batch sizes up to `max_batch`; `run` replays the smallest that fits."""
 
-    def __init__(self, adapter: ModelAdapter, cache: KVCache, *, max_batch: int, max_model_len: int) -> None:
+    def __init__(self, adapter: ModelAdapter, cache: KVCache, *, max_batch: int, max_model_len: int,
+                 compile_decoder: bool = False) -> None:
         self._adapter = adapter
+        self._decoder = compiled_decoder(adapter.text_model) if compile_decoder else adapter.text_model
         self._cache = cache
         self._max_model_len = max_model_len
         self.sizes = sorted({s for s in _CANDIDATE_SIZES if s < max_batch} | {max_batch})
@@ -61,7 +76,7 @@ class DecodeGraphs:
         positions = self._positions[:, :size]
         position_ids = positions.unsqueeze(1) if self._rows > 1 else positions
         with batch.active():
-            output = self._adapter.text_model(inputs_embeds=self._embeds[:size].unsqueeze(0),
+            output = self._decoder(inputs_embeds=self._embeds[:size].unsqueeze(0),
                                               position_ids=position_ids, use_cache=False)
         return self._adapter.compute_logits(output.last_hidden_state[0])
 

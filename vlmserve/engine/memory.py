@@ -14,8 +14,30 @@ from vlmserve.models.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-#: kept free for the vision tower's activations, CUDA graphs and allocator fragmentation
+#: kept free for the vision tower's activations, CUDA graphs and allocator fragmentation, where the tower's own
+#: peak cannot be measured (adapters without a per-call patch budget)
 _RESERVE_BYTES = 3 * 2**30
+#: kept free beside the measured tower peak: CUDA graphs and allocator fragmentation
+_GRAPH_RESERVE_BYTES = 1 * 2**30
+
+
+def profile_vision_bytes(adapter: ModelAdapter) -> int | None:
+    """GPU memory one vision-tower call at the adapter's patch budget allocates beyond what is allocated already
+    (the engine never makes a larger call); None where the adapter has no budget."""
+    device = adapter.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        if not adapter.run_vision_at_budget():
+            return None
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeError("the vision tower cannot encode one call of the largest image the processor makes on "
+                           "this GPU; lower the processor's max_pixels or serve on a larger card") from exc
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return peak
 
 
 @torch.inference_mode()
@@ -24,6 +46,8 @@ def profile_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
     layout = adapter.kv_layout
     tokens = config.max_num_batched_tokens
     block_size = config.block_size
+    vision = profile_vision_bytes(adapter)
+    reserve = _RESERVE_BYTES if vision is None else vision + _GRAPH_RESERVE_BYTES
     scratch = KVCache.allocate(layout, -(-tokens // block_size), block_size, dtype=adapter.dtype, device=device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -47,11 +71,13 @@ def profile_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
     del scratch, out, embeds
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    available = total * config.kv_cache_memory_fraction - peak - _RESERVE_BYTES
+    available = total * config.kv_cache_memory_fraction - peak - reserve
     per_block = KVCache.bytes_per_block(layout, block_size, adapter.dtype)
     num_blocks = int(available // per_block)
-    logger.info("GPU memory: %.1f GiB total, %.1f GiB peak after a %d-token step, %d KV blocks (%.1f GiB)",
-                total / 2**30, peak / 2**30, tokens, num_blocks, num_blocks * per_block / 2**30)
+    logger.info("GPU memory: %.1f GiB total, %.1f GiB peak after a %d-token step, %.1f GiB kept for the vision "
+                "tower (%s), %d KV blocks (%.1f GiB)", total / 2**30, peak / 2**30, tokens, reserve / 2**30,
+                "measured at its patch budget" if vision is not None else "flat guess", num_blocks,
+                num_blocks * per_block / 2**30)
     if num_blocks < 1:
         raise RuntimeError("no GPU memory left for the KV cache; lower --max-num-batched-tokens or raise "
                            "--kv-cache-memory-fraction")

@@ -107,7 +107,8 @@ class _Rows:
 
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
-                 max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool) -> None:
+                 max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
+                 compile_decoder: bool = False, enable_vision_graphs: bool = False) -> None:
         self.adapter = adapter
         self.cache = cache
         self.image_cache = image_cache
@@ -118,7 +119,10 @@ class ModelRunner:
         self._graphs: DecodeGraphs | None = None
         if enable_cuda_graphs and self.device.type == "cuda":
             try:
-                self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len)
+                self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
+                                            compile_decoder=compile_decoder)
+                if enable_vision_graphs:
+                    adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
                 # NOTE: capture of every architecture has not been verified on a GPU; eager decode is always right.
                 logger.exception("CUDA graph capture failed for %s; decode steps run eagerly", adapter.family)

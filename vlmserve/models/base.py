@@ -116,6 +116,15 @@ class ModelAdapter(ABC):
         override this: a tower over one image is launch-bound on a GPU, so batching is most of its speed."""
         return [self.encode_images(prompt) for prompt in prompts]
 
+    def enable_vision_graphs(self) -> bool:
+        """Replay the vision tower from CUDA graphs where it can be captured; False where it cannot."""
+        return False
+
+    def run_vision_at_budget(self) -> bool:
+        """Run the vision tower once on the largest input one engine call may hand it (random pixels), so that
+        the memory profile can measure its peak; False where the adapter has no such bound."""
+        return False
+
     @abstractmethod
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
         """Text embeddings with `image_embeds` merged at the image-token positions, and positions."""

@@ -19,6 +19,9 @@ import torch
 from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.models.families import FamilySpec, family_spec, refusal
+from vlmserve.models.vision_attention import VARLEN_VISION_FAMILIES
+from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
+from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ class HFAdapter(ModelAdapter):
         self.spec = family_spec(self.family)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
+        # Tower calls are cut at a patch budget where images are independent rows of one packed input.
+        self.vision_geometry = patch_geometry(processor) if self.family in VARLEN_VISION_FAMILIES else None
+        self._vision_graphs: VisionGraphs | None = None
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -133,7 +139,40 @@ class HFAdapter(ModelAdapter):
         return [list(features.split(s)) for features, s in zip(per_prompt, sizes, strict=True)]
 
     def _image_features(self, model_inputs: dict[str, Any]) -> torch.Tensor:
-        """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden)."""
+        """The vision tower's output for every image in `model_inputs`, as (image tokens, hidden), in calls of at
+        most the patch budget (the memory profile ran one call at that budget)."""
+        if self.vision_geometry is None:
+            return self._tower(model_inputs)
+        parts = [self._tower(part) for part in split_by_patches(model_inputs, self.vision_geometry.patch_budget)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.inference_mode()
+    def run_vision_at_budget(self) -> bool:
+        if self.vision_geometry is None:
+            return False
+        budget = self.vision_geometry.patch_budget
+        self._tower(synthetic_inputs(self.vision_geometry, budget, self.device, self.dtype))
+        return True
+
+    def enable_vision_graphs(self) -> bool:
+        if self.family not in GRAPHABLE_VISION_FAMILIES or self.device.type != "cuda":
+            return False
+        # NOTE: calls over the graphs' patch cap run eagerly; the memory profile measured an eager call at the
+        # (larger) patch budget, and the graph pool needs at most about one such call's activations.
+        self._vision_graphs = VisionGraphs(self._base.visual)
+        return True
+
+    def _tower(self, model_inputs: dict[str, Any]) -> torch.Tensor:
+        if self._vision_graphs is not None and "image_grid_thw" in model_inputs:
+            pixels = model_inputs["pixel_values"].to(self.device, self.dtype)
+            try:
+                features = self._vision_graphs(pixels, model_inputs["image_grid_thw"])
+            except Exception:  # a tower that cannot be captured still runs, only slower
+                logger.exception("vision tower graph capture failed for %s; the tower runs eagerly", self.family)
+                self._vision_graphs = None
+                features = None
+            if features is not None:
+                return features
         kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
         output = self._base.get_image_features(**kwargs)
         deepstack = hf_compat.deepstack_features(output) if self._has_deepstack else None
@@ -179,6 +218,9 @@ class HFAdapter(ModelAdapter):
         inputs = dict(prompt.model_inputs)
         inputs["input_ids"] = ids.unsqueeze(0)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        if not prompt.image_spans:
+            # a prompt built without the processor (token ids sent to /v1/completions) is all text: type 0
+            inputs.setdefault("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         positions, delta = hf_compat.rope_index(
             self._base, {k: _to_device(v, self.device, self.dtype) for k, v in inputs.items()})
         if positions.shape[0] != self.num_position_rows:

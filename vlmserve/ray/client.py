@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vlmserve.engine.client import model_input_bytes
+from vlmserve.engine.client import model_input_bytes, resolve_max_tokens
 from vlmserve.errors import QueueFullError, ServiceUnavailableError, VlmserveError
 from vlmserve.types import EngineStats, GenerationRequest, StructuredOutputSpec, TokenDelta
 
@@ -51,10 +51,16 @@ class RayEngineClient:
     def start(self) -> None:
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        # NOTE: checked here, at the call, as AsyncEngine does: a streaming route then still answers 4xx/429
+        # instead of a 200 and an error event (the replica checks again; its engine has the last word)
+        self.check_can_accept(request.sampling.n)
+        resolve_max_tokens(request, self.max_model_len)
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         from ray.exceptions import RayActorError, RayTaskError
 
-        self.check_can_accept(request.sampling.n)
         n = request.sampling.n
         tokens = request.prompt.num_tokens + (request.sampling.max_tokens or self.max_model_len)
         self._in_flight[request.request_id] = (request.client_id, n, n * tokens,

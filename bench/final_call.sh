@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The round's whole measurement in one GPU call (issue 12 and issue 19's tower item), every number on one card,
+# most important first; optional steps are skipped when less than their time is left of LIMIT_S (default 470 s):
+# 1. the paged engine's CUDA correctness check (tiny Qwen2-VL fp32: paged == generate, token for token, with
+#    decode + vision-tower graphs, mixed steps, eager chunks, and the compiled decoder);
+# 2. the plain-transformers baselines without HTTP: one-at-a-time generate with each piece the seed server adds,
+#    static-batched generate at batch 8 and 64;
+# 3. vlmserve through HTTP with the prefix cache on (COMPILE=1: with --compile-decoder if its check passed) and off;
+# 4. the seed-style server through HTTP (preset probe);
+# 5. the vision tower's time and peak memory against the number of images (segmented vs the old dense mask);
+# 6. if the sampling tree's bench/structured_overhead.py was copied to ../sampling, its measurement.
+# Results: $OUT/call.tgz (saved after every step), plus the reply's output tail.
+#   run(command="cd .scratch/perf && bash bench/final_call.sh", carry=[".scratch/perf", ".scratch/sampling"])
+set -o pipefail
+source bench/device_env.sh
+LIMIT_S="${LIMIT_S:-470}"
+R="$OUT/r"
+mkdir -p "$R"
+save() { tar czf "$OUT/call.tgz" -C "$OUT" r; }
+trap save EXIT
+left() { echo $((LIMIT_S - SECONDS)); }
+MODEL=/tmp/bench-qwen2.5-vl-7b
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, transformers, fastapi; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fastapi', fastapi.__version__)"
+} 2>&1 | tee "$R/env.txt"
+(timeout 75 python3 -m bench.engine_direct --out "$R" --skip-7b > "$R/check.log" 2>&1; echo "check exit $?") &
+[ -f $MODEL/bench_meta.json ] || timeout 90 python3 -m bench.models qwen2.5-vl-7b $MODEL 2>&1 | tail -1 > "$R/model.json"
+wait
+save; grep -A5 tiny_fp32 "$R/check.log" | head -7
+matches() { python3 -c "import json; print(json.load(open('$R/engine_direct.json'))['tiny_fp32_cuda_matches_of_8'].get('$1'))" 2>/dev/null; }
+# vision graphs serve once their CUDA check passed; COMPILE=1 adds --compile-decoder (~45 s more start-up) likewise
+[ "$(matches graphs-vision-graphs)" = "8" ] && export BENCH_OURS_ARGS="--enable-vision-graphs"
+[ "$(matches graphs-compiled)" = "8" ] && [ "${COMPILE:-0}" = 1 ] && export BENCH_OURS_ARGS="${BENCH_OURS_ARGS:-} --compile-decoder"
+echo "ours extra args: ${BENCH_OURS_ARGS:-none}; $(left) s left"
+if [ "$(left)" -gt 40 ]; then
+    timeout ${BASELINES_S:-75} python3 -m bench.baselines_direct $MODEL --out "$R" --requests 1 \
+        --variants "${VARIANTS-plain,stop_criterion,streamer_thread,seed_structure}" 2>&1 \
+        | grep -v -e "Loading weights" > "$R/baselines.log"
+    rc=$?; save; echo "baselines exit $rc"; grep '^{' "$R/baselines.log"
+fi
+SERVE_BUDGET="${SERVE_BUDGET:-190}"
+[ "$SERVE_BUDGET" -gt "$(( $(left) - 5 ))" ] && SERVE_BUDGET=$(( $(left) - 5 ))
+[ "$SERVE_BUDGET" -gt 30 ] && timeout $((SERVE_BUDGET + 5)) python3 -m bench.run_all --out "$R/serve" --only "${SERVE_SERVERS:-ours-nocache,ours}" \
+    --preset final --budget-s "$SERVE_BUDGET" --reserve-s 5 \
+    > "$R/serve.log" 2>&1
+rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9
+if [ "$(left)" -gt 65 ]; then
+    timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 --reserve-s 3 --skip-hw > "$R/seed.log" 2>&1
+    rc=$?; save; echo "seed exit $rc"; grep -e "done," -e "failed" "$R/seed.log" | tail -3
+fi
+if [ "$(left)" -gt 20 ]; then
+    timeout 30 python3 -m bench.vision_scaling --device cuda --out "$R" --budget-s $(( $(left) < 25 ? $(left) - 5 : 20 )) \
+        --repeats 2 --counts 1,4,16 > "$R/vision.log" 2>&1
+    rc=$?; save; echo "vision exit $rc"; grep '^|' "$R/vision.log" | tail -7
+fi
+if [ -f ../sampling/bench/structured_overhead.py ] && [ "$(left)" -gt 60 ]; then
+    (cd ../sampling && PYTHONPATH=/tmp/site:. timeout $(left) python3 -m bench.structured_overhead \
+        --out "$R/structured" --requests 128) > "$R/structured.log" 2>&1
+    rc=$?; save; echo "structured exit $rc"; tail -4 "$R/structured.log"
+fi
+echo "done at $SECONDS s"

@@ -1,0 +1,101 @@
+"""ResponsesService over a scripted engine: what the store keeps when a response fails or is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from vlmserve.api.responses_format import ResponseState
+from vlmserve.api.responses_store import MemoryResponseStore
+from vlmserve.api.schemas_responses import ResponseCreateRequest
+from vlmserve.api.serving_responses import PreparedResponse, ResponsesService
+from vlmserve.errors import InternalError
+from vlmserve.types import FinishReason, GenerationRequest, PreparedPrompt, SamplingParams, TokenDelta
+
+
+class ScriptedEngine:
+    """Yields one delta per step; `fail_after` raises after that many; records whether the stream was closed."""
+
+    def __init__(self, steps: int, fail_after: int | None = None) -> None:
+        self.steps = steps
+        self.fail_after = fail_after
+        self.closed = False
+        self.started = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        return self._deltas(request)
+
+    async def _deltas(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        try:
+            for i in range(self.steps):
+                if i == self.fail_after:
+                    raise InternalError("boom")
+                last = i == self.steps - 1
+                yield TokenDelta(request_id=request.request_id, index=0, text=f"t{i} ", token_ids=[i],
+                                 num_prompt_tokens=3, num_generated_tokens=i + 1,
+                                 finish_reason=FinishReason.LENGTH if last else None)
+                self.started.set()
+                await self.proceed.wait()
+        finally:
+            self.closed = True
+
+
+def prepared(store: bool = True) -> PreparedResponse:
+    request = ResponseCreateRequest.model_validate({"model": "m", "input": "hi", "store": store})
+    generation = GenerationRequest(request_id="resp_1", prompt=PreparedPrompt(token_ids=[1, 2, 3]),
+                                   sampling=SamplingParams(max_tokens=5))
+    state = ResponseState(response_id="resp_1", message_id="msg_1", request=request, input_tokens=3)
+    return PreparedResponse(state, generation, [{"role": "user", "content": "hi"}], {})
+
+
+def service(engine: ScriptedEngine) -> tuple[ResponsesService, MemoryResponseStore]:
+    store = MemoryResponseStore(max_entries=10, max_bytes=10**6, ttl_s=60)
+    return ResponsesService(chat=None, engine=engine, store=store), store  # type: ignore[arg-type]
+
+
+def test_a_failure_mid_generation_is_stored_as_failed() -> None:
+    engine = ScriptedEngine(steps=5, fail_after=2)
+    engine.proceed.set()
+    responses, store = service(engine)
+    with pytest.raises(InternalError):
+        asyncio.run(responses.create(prepared()))
+    kept: Any = store.get("resp_1")
+    assert kept.response["status"] == "failed" and kept.response["error"]["code"] == "server_error"
+    assert kept.response["output"] == [] and engine.closed
+
+
+def test_cancel_stops_generation_and_keeps_a_cancelled_response() -> None:
+    engine = ScriptedEngine(steps=50)
+    responses, store = service(engine)
+
+    async def run() -> dict[str, Any]:
+        task = asyncio.ensure_future(responses.create(prepared()))
+        await engine.started.wait()
+        assert responses.get("resp_1")["status"] == "in_progress"
+        assert responses.cancel("resp_1")["status"] == "cancelled"
+        engine.proceed.set()
+        return await task
+
+    body = asyncio.run(run())
+    assert body["status"] == "cancelled" and body["usage"]["output_tokens"] < 50 and engine.closed
+    assert store.get("resp_1").response["status"] == "cancelled"  # type: ignore[union-attr]
+    conversation = store.get("resp_1").conversation  # type: ignore[union-attr]
+    assert conversation[-1] == {"role": "assistant", "content": body["output"][0]["content"][0]["text"]}
+
+
+def test_a_finished_response_is_stored_once_complete_and_store_false_keeps_nothing() -> None:
+    engine = ScriptedEngine(steps=3)
+    engine.proceed.set()
+    responses, store = service(engine)
+    body = asyncio.run(responses.create(prepared()))
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert store.get("resp_1").response == body  # type: ignore[union-attr]
+    engine2 = ScriptedEngine(steps=3)
+    engine2.proceed.set()
+    responses2, store2 = service(engine2)
+    asyncio.run(responses2.create(prepared(store=False)))
+    assert len(store2) == 0
