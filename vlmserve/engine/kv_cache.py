@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from vlmserve.models.base import KVLayout
-from vlmserve.types import ImageSpan
+from vlmserve.types import ImageSpan, PreparedPrompt
 
 BlockHash = bytes
 
@@ -40,6 +41,21 @@ def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -
     for image in image_hashes:
         digest.update(b"i" + image.encode())
     return digest.digest()
+
+
+def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Seq[int]], num_tokens: int,
+                        prompt: PreparedPrompt, cache_salt: str | None, block_size: int) -> list[BlockHash]:
+    """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
+    `num_tokens` tokens (`tokens(start, end)` reads them); images come from `prompt`'s spans. Returns `hashes`.
+
+    The one definition of a block's prefix-cache key: the KV-cache manager and the Ray router both use it.
+    """
+    parent = hashes[-1] if hashes else root_hash(cache_salt)
+    for start in range(len(hashes) * block_size, num_tokens - block_size + 1, block_size):
+        images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + block_size)
+        parent = hash_block(parent, tokens(start, start + block_size), images)
+        hashes.append(parent)
+    return hashes
 
 
 def images_in_range(spans: Seq[ImageSpan], image_hashes: Seq[str], start: int, end: int) -> list[str]:

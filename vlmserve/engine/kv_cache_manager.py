@@ -16,7 +16,7 @@ a sequence's tokens only grow, so a preempted sequence keeps its hashes.
 
 from __future__ import annotations
 
-from vlmserve.engine.kv_cache import BlockHash, BlockPool, hash_block, images_in_range, root_hash
+from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
 from vlmserve.engine.request import Sequence
 
 
@@ -88,12 +88,6 @@ class KVCacheManager:
 
     def _full_block_hashes(self, sequence: Sequence) -> list[BlockHash]:
         """Chained hashes of every full block of the sequence's known tokens, extending those computed before."""
-        hashes = sequence.block_hashes
-        prompt = sequence.request.prompt
-        size = self.block_size
-        parent = hashes[-1] if hashes else root_hash(sequence.request.cache_salt)
-        for start in range(len(hashes) * size, sequence.num_tokens - size + 1, size):
-            images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + size)
-            parent = hash_block(parent, sequence.tokens(start, start + size), images)
-            hashes.append(parent)
-        return hashes
+        request = sequence.request
+        return extend_block_hashes(sequence.block_hashes, sequence.tokens, sequence.num_tokens, request.prompt,
+                                   request.cache_salt, self.block_size)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from vlmserve.engine.kv_cache import hash_block, images_in_range, root_hash
+from vlmserve.engine.kv_cache import extend_block_hashes
 from vlmserve.types import GenerationRequest
 
 #: block hashes remembered (LRU); at 16 tokens a block, a million blocks cover ~16 M prompt tokens
@@ -28,13 +28,8 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 def request_block_hashes(request: GenerationRequest, block_size: int) -> list[bytes]:
     """The prefix-cache keys of the request's full prompt blocks, as the engine's KV-cache manager computes them."""
     prompt = request.prompt
-    hashes: list[bytes] = []
-    parent = root_hash(request.cache_salt)
-    for start in range(0, prompt.num_tokens - block_size + 1, block_size):
-        images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + block_size)
-        parent = hash_block(parent, prompt.token_ids[start:start + block_size], images)
-        hashes.append(parent)
-    return hashes
+    return extend_block_hashes([], lambda start, end: prompt.token_ids[start:end], prompt.num_tokens, prompt,
+                               request.cache_salt, block_size)
 
 
 class AffinityTable:

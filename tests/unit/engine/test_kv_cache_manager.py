@@ -188,7 +188,7 @@ def test_block_hashes_are_computed_once_and_extend_as_tokens_arrive(monkeypatch:
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr("vlmserve.engine.kv_cache_manager.hash_block", counting)
+    monkeypatch.setattr("vlmserve.engine.kv_cache.hash_block", counting)
     kv = manager()
     sequence = make_sequence(list(range(6)))
     compute(kv, sequence)
