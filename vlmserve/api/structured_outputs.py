@@ -11,6 +11,7 @@ keyword llguidance does not implement, a bad regex) is checked by compiling it b
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,15 +60,8 @@ def _from_response_format(fmt: schemas.ResponseFormat | None) -> list[RequestedS
 def _from_structured_outputs(params: schemas.StructuredOutputsParams | None) -> list[RequestedStructure]:
     if params is None:
         return []
-    found: list[RequestedStructure] = []
-    if params.json_ is not None:
-        found.append(RequestedStructure(_json_spec(params.json_, "structured_outputs.json"), "structured_outputs.json"))
-    if params.regex is not None:
-        found.append(_text_spec("regex", params.regex, "structured_outputs.regex"))
-    if params.choice is not None:
-        found.append(_choice_spec(params.choice, "structured_outputs.choice"))
-    if params.grammar is not None:
-        found.append(_text_spec("grammar", params.grammar, "structured_outputs.grammar"))
+    found = _from_vllm_fields(params.json_, params.regex, params.choice, params.grammar,
+                              lambda kind: f"structured_outputs.{kind}")
     if params.json_object:
         found.append(RequestedStructure(StructuredOutputSpec("json_object"), "structured_outputs.json_object"))
     if not found:
@@ -77,15 +71,22 @@ def _from_structured_outputs(params: schemas.StructuredOutputsParams | None) -> 
 
 
 def _from_guided(request: schemas.ChatCompletionRequest) -> list[RequestedStructure]:
+    return _from_vllm_fields(request.guided_json, request.guided_regex, request.guided_choice, request.guided_grammar,
+                             lambda kind: f"guided_{kind}")
+
+
+def _from_vllm_fields(json_: dict[str, Any] | str | None, regex: str | None, choice: list[str] | None,
+                      grammar: str | None, param: Callable[[str], str]) -> list[RequestedStructure]:
+    """vLLM's four constraint kinds, spelled as `structured_outputs.*` or as the older `guided_*` fields."""
     found: list[RequestedStructure] = []
-    if request.guided_json is not None:
-        found.append(RequestedStructure(_json_spec(request.guided_json, "guided_json"), "guided_json"))
-    if request.guided_regex is not None:
-        found.append(_text_spec("regex", request.guided_regex, "guided_regex"))
-    if request.guided_choice is not None:
-        found.append(_choice_spec(request.guided_choice, "guided_choice"))
-    if request.guided_grammar is not None:
-        found.append(_text_spec("grammar", request.guided_grammar, "guided_grammar"))
+    if json_ is not None:
+        found.append(RequestedStructure(_json_spec(json_, param("json")), param("json")))
+    if regex is not None:
+        found.append(_text_spec("regex", regex, param("regex")))
+    if choice is not None:
+        found.append(_choice_spec(choice, param("choice")))
+    if grammar is not None:
+        found.append(_text_spec("grammar", grammar, param("grammar")))
     return found
 
 
