@@ -139,6 +139,10 @@ REFUSED: dict[str, str] = {
 }
 
 
+#: families whose vision tower runs vlmserve.models.vision_attention's segmented varlen attention
+VARLEN_VISION_FAMILIES = frozenset(t for spec in _SPECS if spec.vision_attention == "varlen" for t in spec.model_types)
+
+
 def family_spec(model_type: str) -> FamilySpec | None:
     return FAMILY_SPECS.get(model_type)
 

@@ -19,7 +19,6 @@ import torch
 from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.models.families import FamilySpec, family_spec, refusal
-from vlmserve.models.vision_attention import VARLEN_VISION_FAMILIES
 from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
@@ -47,7 +46,8 @@ class HFAdapter(ModelAdapter):
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_token_id: int = pad if pad is not None else min(eos_token_ids, default=0)
         # Tower calls are cut at a patch budget where images are independent rows of one packed input.
-        self.vision_geometry = patch_geometry(processor) if self.family in VARLEN_VISION_FAMILIES else None
+        self.vision_geometry = (patch_geometry(processor) if self.spec is not None and self.spec.vision_attention == "varlen"
+                                else None)
         self._vision_graphs: VisionGraphs | None = None
 
     # --- generate engine -------------------------------------------------------------------------------------

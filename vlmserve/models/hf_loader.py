@@ -44,8 +44,7 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
                              "--trust-remote-code")
     model = model.to(device).eval()
     spec = family_spec(str(hf_config.model_type))
-    if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(
-            model, str(hf_config.model_type)):
+    if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(model):
         logger.info("vision tower: one varlen attention call per layer")
     processor = load_processor(path, chat_template=chat_template, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None:

@@ -27,8 +27,6 @@ from vlmserve.models import hf_compat
 
 VISION_ATTENTION_NAME = "vlmserve_varlen_flash_compatible"
 
-#: families whose vision tower passes cu_seqlens through the flash path (checked in their modeling code)
-VARLEN_VISION_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "glm4v"})
 
 
 @dataclass(frozen=True)
@@ -124,10 +122,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def install_vision_attention(model: torch.nn.Module, family: str) -> bool:
-    """Switch the vision tower of a supported family to segmented varlen attention; False if not supported."""
-    if family not in VARLEN_VISION_FAMILIES:
-        return False
+def install_vision_attention(model: torch.nn.Module) -> bool:
+    """Switch the vision tower to segmented varlen attention; False when the model has no vision config.
+
+    Only for families whose `FamilySpec.vision_attention` is "varlen" (their towers pass cu_seqlens through the
+    flash path: checked in their modeling code); the caller decides from the spec."""
     vision_config = getattr(model.config, "vision_config", None)
     if vision_config is None:
         return False

@@ -14,9 +14,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from tests.fixtures.tiny.registry import FAMILIES
+from vlmserve.models.families import VARLEN_VISION_FAMILIES
 from vlmserve.models.hf_processor import load_processor
 from vlmserve.models.vision_attention import (
-    VARLEN_VISION_FAMILIES,
     install_vision_attention,
     plan_segments,
     segmented_attention,
@@ -37,7 +37,7 @@ def test_segmented_vision_attention_matches_stock_and_one_image_at_a_time(family
     images = _images()
     stock = AutoModelForImageTextToText.from_pretrained(path).eval()
     ours = AutoModelForImageTextToText.from_pretrained(path).eval()
-    assert install_vision_attention(ours, family)
+    assert install_vision_attention(ours)
     assert ours.config.vision_config._attn_implementation != stock.config.vision_config._attn_implementation
     with torch.inference_mode():
         inputs = processor.image_processor(images=images, return_tensors="pt")
