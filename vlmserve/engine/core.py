@@ -228,7 +228,6 @@ class PagedEngineCore:
             finish = finish_reason(sequence.sampling, token, num_tokens=sequence.num_tokens,
                                    max_model_len=self.max_model_len)
             if finish is not None:
-                sequence.finish_reason = finish
                 self._finish_sequence(sequence)
                 self._sequences.pop(sequence.request_id, None)
                 self._counters["finished"] += 1

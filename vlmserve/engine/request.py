@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmserve.engine.sampler import SequenceSampling
-from vlmserve.types import FinishReason, GenerationRequest
+from vlmserve.types import GenerationRequest
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,6 @@ class Sequence:
     #: leading blocks already findable in the prefix cache (found there, or cached after their step completed)
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
-    finish_reason: FinishReason | None = None
     #: set while the prompt is being prefilled: embeddings (tokens, hidden) and positions (rows, tokens)
     prompt_embeds: torch.Tensor | None = None
     prompt_positions: torch.Tensor | None = None
