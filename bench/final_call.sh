@@ -6,11 +6,11 @@
 # 2. the plain-transformers baselines without HTTP: one-at-a-time generate with each piece the seed server adds,
 #    static-batched generate at batch 8 and 64;
 # 3. vlmserve through HTTP with the prefix cache on (COMPILE=1: with --compile-decoder if its check passed) and off;
-# 4. the seed-style server through HTTP (preset probe);
-# 5. the vision tower's time and peak memory against the number of images (segmented vs the old dense mask);
-# 6. if the sampling tree's bench/structured_overhead.py was copied to ../sampling, its measurement.
+# 4. structured outputs' cost: W1 c=64 through the core with a JSON schema on every request vs without (issue 10);
+# 5. the seed-style server through HTTP (preset probe);
+# 6. the vision tower's time and peak memory against the number of images (segmented vs the old dense mask).
 # Results: $OUT/call.tgz (saved after every step), plus the reply's output tail.
-#   run(command="cd .scratch/perf && bash bench/final_call.sh", carry=[".scratch/perf", ".scratch/sampling"])
+#   run(command="LIMIT_S=550 bash bench/final_call.sh", carry=[".whl"], timeout_s=600)
 set -o pipefail
 source bench/device_env.sh
 LIMIT_S="${LIMIT_S:-470}"
@@ -44,6 +44,11 @@ SERVE_BUDGET="${SERVE_BUDGET:-190}"
     --preset final --budget-s "$SERVE_BUDGET" --reserve-s 5 \
     > "$R/serve.log" 2>&1
 rc=$?; save; echo "serve exit $rc"; grep -e "done," -e "failed" -e "ready after" "$R/serve.log" | tail -9
+if [ "$(left)" -gt 90 ]; then
+    timeout $(( $(left) - 25 < 150 ? $(left) - 25 : 150 )) python3 -m bench.structured_overhead --out "$R/structured" --requests 128 \
+        > "$R/structured.log" 2>&1
+    rc=$?; save; echo "structured exit $rc"; tail -4 "$R/structured.log"
+fi
 if [ "$(left)" -gt 65 ]; then
     timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 --reserve-s 3 --skip-hw > "$R/seed.log" 2>&1
     rc=$?; save; echo "seed exit $rc"; grep -e "done," -e "failed" "$R/seed.log" | tail -3
@@ -52,10 +57,5 @@ if [ "$(left)" -gt 20 ]; then
     timeout 30 python3 -m bench.vision_scaling --device cuda --out "$R" --budget-s $(( $(left) < 25 ? $(left) - 5 : 20 )) \
         --repeats 2 --counts 1,4,16 > "$R/vision.log" 2>&1
     rc=$?; save; echo "vision exit $rc"; grep '^|' "$R/vision.log" | tail -7
-fi
-if [ -f ../sampling/bench/structured_overhead.py ] && [ "$(left)" -gt 60 ]; then
-    (cd ../sampling && PYTHONPATH=/tmp/site:. timeout $(left) python3 -m bench.structured_overhead \
-        --out "$R/structured" --requests 128) > "$R/structured.log" 2>&1
-    rc=$?; save; echo "structured exit $rc"; tail -4 "$R/structured.log"
 fi
 echo "done at $SECONDS s"
