@@ -21,6 +21,7 @@ from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.model_runner import ModelRunner
 from vlmserve.engine.protocol import CoreOutput, Emit
+from vlmserve.engine.recurrent_state import RecurrentStates, StateSlots
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
@@ -56,8 +57,9 @@ class PagedEngineCore:
             logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
                            "(raise --num-kv-blocks or --kv-cache-memory-fraction)", self.max_model_len,
                            num_blocks, config.block_size)
+        states, slots = self._recurrent_states(adapter, config)
         self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+                                 enable_prefix_caching=config.enable_prefix_caching, state_slots=slots)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
                                  device=adapter.device)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -66,7 +68,7 @@ class PagedEngineCore:
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs,
                                   compile_decoder=config.compile_decoder,
-                                  enable_vision_graphs=config.enable_vision_graphs)
+                                  enable_vision_graphs=config.enable_vision_graphs, states=states)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
         self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
@@ -113,8 +115,8 @@ class PagedEngineCore:
     def _recover(self, chunks: list[ScheduledChunk], exc: Exception, emit: Emit) -> None:
         """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
 
-        Re-running is safe: a failed step changed no sequence's progress, and a chunk rewrites the same cache
-        slots. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
+        Re-running is safe: a failed step changed no sequence's progress, a chunk rewrites the same cache
+        slots, and a hybrid decoder's recurrent states are written back only by a step that succeeded. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
         completed, so none of the failed step's blocks was ever findable. Whether the *engine* is broken is
         decided by a health probe that no client controls, never by how many client requests failed: a crafted
         request that fails every time it runs is that request's error (a 500 for it), however often it is sent.
@@ -269,6 +271,22 @@ class PagedEngineCore:
             num_preemptions=self.scheduler.num_preemptions, num_steps=c["steps"], num_generated_tokens=c["generated"],
             num_prompt_tokens=c["prompt"], generation_tokens_per_s=rate, num_aborted=c["aborted"],
             num_finished=c["finished"], engine=self.name)
+
+    @staticmethod
+    def _recurrent_states(adapter: ModelAdapter, config: EngineConfig
+                          ) -> tuple[RecurrentStates | None, StateSlots | None]:
+        """A hybrid decoder's state pool: one slot per running sequence plus one for the health probe."""
+        layout = adapter.recurrent_layout
+        if layout is None:
+            return None, None
+        num_slots = config.max_num_seqs + 1
+        if config.enable_prefix_caching:
+            logger.info("prefix caching off for %s: its %d linear-attention layers keep a recurrent state that a "
+                        "cached KV block cannot restore", adapter.family, len(layout.layers))
+        logger.info("recurrent state: %d slots of %.1f MiB (%d linear-attention layers)", num_slots,
+                    layout.bytes_per_sequence(adapter.dtype) / 2**20, len(layout.layers))
+        states = RecurrentStates.allocate(layout, num_slots, dtype=adapter.dtype, device=adapter.device)
+        return states, StateSlots(num_slots)
 
     @staticmethod
     def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:

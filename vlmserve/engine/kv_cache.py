@@ -156,7 +156,8 @@ class BlockPool:
 
 @dataclass
 class KVCache:
-    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim] ([0, ...] for a
+    layer that keeps no KV)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -165,12 +166,16 @@ class KVCache:
     @classmethod
     def allocate(cls, layout: KVLayout, num_blocks: int, block_size: int, *, dtype: torch.dtype,
                  device: torch.device) -> KVCache:
-        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        def layer_cache(layer: int) -> torch.Tensor:
+            # a layer without KV (a hybrid decoder's recurrent layer) gets an empty tensor: indices stay layer ids
+            blocks = num_blocks if layout.has_kv(layer) else 0
+            return torch.zeros((blocks, block_size, layout.num_kv_heads, layout.head_dim), dtype=dtype, device=device)
+
+        keys = [layer_cache(layer) for layer in range(layout.num_layers)]
+        values = [layer_cache(layer) for layer in range(layout.num_layers)]
         return cls(keys=keys, values=values, block_size=block_size)
 
     @staticmethod
     def bytes_per_block(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int:
         element = torch.tensor([], dtype=dtype).element_size()
-        return 2 * layout.num_layers * block_size * layout.num_kv_heads * layout.head_dim * element
+        return 2 * layout.num_kv_layers * block_size * layout.num_kv_heads * layout.head_dim * element

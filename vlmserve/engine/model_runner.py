@@ -12,17 +12,19 @@ token.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmserve.engine import attention
+from vlmserve.engine import attention, recurrent_state
 from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.recurrent_state import RecurrentStates, RecurrentStep
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
@@ -108,16 +110,23 @@ class _Rows:
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
-                 compile_decoder: bool = False, enable_vision_graphs: bool = False) -> None:
+                 compile_decoder: bool = False, enable_vision_graphs: bool = False,
+                 states: RecurrentStates | None = None) -> None:
         self.adapter = adapter
         self.cache = cache
         self.image_cache = image_cache
+        self.states = states
         self.device = adapter.device
         self.sampler = Sampler(self.device)
         self._rows = adapter.num_position_rows
         attention.install(adapter.text_model)
+        if states is not None:
+            recurrent_state.install(adapter, attention.current_batch)
         self._graphs: DecodeGraphs | None = None
-        if enable_cuda_graphs and self.device.type == "cuda":
+        if enable_cuda_graphs and self.device.type == "cuda" and states is not None:
+            # NOTE: the recurrent layers gather and scatter per-sequence state on the host side of each step
+            logger.info("CUDA graphs off for %s: its recurrent layers' state is not captured", adapter.family)
+        elif enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
                                             compile_decoder=compile_decoder)
@@ -140,8 +149,9 @@ class ModelRunner:
         graphed, eager = self._partition(chunks)
         sequences: list[Sequence] = []
         logits: list[torch.Tensor] = []
+        eager_step = None
         if eager:
-            step = self._prepare(eager)
+            step = eager_step = self._prepare(eager)
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
                                                  use_cache=False, **step.decoder_extras)
@@ -155,9 +165,17 @@ class ModelRunner:
             sequences += step.sample_sequences
             logits.append(self._graphs.run(step.inputs_embeds[0], positions, step.attention))
         if not sequences:
+            self._commit(eager_step)
             return [], None
         batch_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        return sequences, self.sampler(batch_logits, [s.sampling for s in sequences])
+        sampled = self.sampler(batch_logits, [s.sampling for s in sequences])
+        self._commit(eager_step)  # only now: a step that failed anywhere before leaves every state as it was
+        return sequences, sampled
+
+    @staticmethod
+    def _commit(step: StepInputs | None) -> None:
+        if step is not None and step.attention.recurrent is not None:
+            step.attention.recurrent.commit()
 
     def _partition(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
         """(chunks for the decode graph, chunks to run eagerly)."""
@@ -211,11 +229,25 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
             max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
+        batch.recurrent = self._recurrent_step(chunks, cu_seqlens)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
                           attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences,
                           decoder_extras=rows.decoder_extras(device))
+
+    def _recurrent_step(self, chunks: list[ScheduledChunk], cu_seqlens: list[int]) -> RecurrentStep | None:
+        if self.states is None:
+            return None
+        slots = []
+        for chunk in chunks:
+            if chunk.sequence.state_slot is None:
+                raise RuntimeError(f"sequence {chunk.sequence.request_id} holds no recurrent-state slot")
+            slots.append(chunk.sequence.state_slot)
+        step = RecurrentStep(self.states, slots, list(itertools.pairwise(cu_seqlens)),
+                             [c.start == 0 for c in chunks], [c.end for c in chunks])
+        step.check([c.start for c in chunks])
+        return step
 
     def _embed_prompts(self, sequences: list[Sequence]) -> None:
         """Prompt embeddings and positions of the sequences whose prefill starts this step. Their images come

@@ -45,6 +45,8 @@ class Sequence:
     prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
     num_preemptions: int = 0
+    #: its slot in the recurrent-state pool while it holds one (hybrid decoders only; see engine.recurrent_state)
+    state_slot: int | None = None
 
     @property
     def request_id(self) -> str:

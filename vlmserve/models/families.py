@@ -91,6 +91,10 @@ class FamilySpec:
     #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
     extras: tuple[str, ...] = ()
+    #: "gated_delta_net": a hybrid decoder whose "linear_attention" layers (Qwen3.5's gated delta-net) keep a
+    #: per-sequence recurrent state instead of KV; `vlmserve.models.gated_delta_net` runs them on the packed step,
+    #: the engine keeps their state in a slot pool (no prefix caching: a cached block has no state to resume from)
+    recurrent: Literal["gated_delta_net"] | None = None
 
 
 #: extras the model runner packs per step
@@ -119,6 +123,9 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("llava_onevision",), image_layout="touching"),
     FamilySpec(("idefics2",), decoder="text_model"),
     FamilySpec(("idefics3", "smolvlm"), decoder="text_model", image_layout="tiles"),
+    # Qwen3-VL's vision side without deepstack, a hybrid decoder: 3 of 4 layers gated delta-net (linear attention)
+    FamilySpec(("qwen3_5", "qwen3_5_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               recurrent="gated_delta_net"),
     # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
     # self-check is what stands behind it.
     FamilySpec(("mistral3",), image_layout="tiles"),
@@ -134,8 +141,6 @@ REFUSED: dict[str, str] = {
                        "step yet); its head also divides the logits by logits_scaling",
     "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
     "mllama": "cross-attention layers over image states",
-    "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
-    "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
 }
 
 

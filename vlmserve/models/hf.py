@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from vlmserve.models import hf_compat
-from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
+from vlmserve.models import gated_delta_net, hf_compat
+from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, family_spec, refusal
 from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
@@ -97,6 +97,10 @@ class HFAdapter(ModelAdapter):
         if getattr(self._text_config, "is_encoder_decoder", False):
             return "encoder-decoder architecture"
         other = set(getattr(self._text_config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if self.spec.recurrent == "gated_delta_net" and "linear_attention" in other:
+            if self.recurrent_layout is None:
+                return "the spec names gated delta-net layers but the decoder has no layers[i].linear_attn"
+            other.discard("linear_attention")
         if other:
             return f"decoder layers of type {', '.join(sorted(other))} are not plain attention"
         return None
@@ -106,9 +110,27 @@ class HFAdapter(ModelAdapter):
         cfg = self._text_config
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        recurrent = self.recurrent_layout
+        attention_layers = None if recurrent is None else tuple(
+            i for i in range(cfg.num_hidden_layers) if i not in recurrent.layers)
         # Sliding windows need nothing here: transformers passes each layer's window to the attention function.
         return KVLayout(num_layers=cfg.num_hidden_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", num_heads),
-                        head_dim=head_dim)
+                        head_dim=head_dim, attention_layers=attention_layers)
+
+    @property
+    def recurrent_layout(self) -> RecurrentLayout | None:
+        if self.spec is None or self.spec.recurrent is None or self._decoder is None:
+            return None
+        return gated_delta_net.recurrent_layout(self._decoder)
+
+    def recurrent_modules(self) -> dict[int, torch.nn.Module]:
+        if self.recurrent_layout is None:
+            return {}
+        return hf_compat.linear_attention_modules(self.text_model)
+
+    def run_recurrent(self, module: torch.nn.Module, hidden: torch.Tensor, segments: list[tuple[int, int]],
+                      conv: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gated_delta_net.packed_forward(module, hidden, segments, conv, state)
 
     @property
     def num_position_rows(self) -> int:

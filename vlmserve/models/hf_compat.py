@@ -184,3 +184,28 @@ def placeholder_video_processor() -> Any:
     from transformers.video_processing_utils import BaseVideoProcessor
 
     return BaseVideoProcessor()
+
+
+# --- hybrid decoders (Qwen3.5's gated delta-net layers) ---------------------------------------------------------
+
+def linear_attention_modules(decoder: Any) -> dict[int, torch.nn.Module]:
+    """A hybrid decoder's linear-attention token mixers by layer index: `layers[i].linear_attn` where the text
+    config's `layer_types[i]` is "linear_attention" (Qwen3.5, Qwen3.5-MoE, Qwen3-Next)."""
+    layer_types = list(getattr(decoder.config, "layer_types", None) or ())
+    return {index: layer.linear_attn for index, layer in enumerate(decoder.layers)
+            if index < len(layer_types) and layer_types[index] == "linear_attention"}
+
+
+def gated_delta_rules(module: torch.nn.Module) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The chunked and the token-by-token gated delta rule the module's own forward calls (its modeling module's
+    `torch_chunk_gated_delta_rule` and `torch_recurrent_gated_delta_rule`, FLA's calling convention:
+    `(query, key, value, g=, beta=, initial_state=, output_final_state=, use_qk_l2norm_in_kernel=)` with
+    (batch, tokens, heads, dim) tensors, returning (output, final state)).
+
+    NOTE: 5.25's versions repeat key heads up to the value heads themselves, 5.17's callers do it first; callers
+    here pass as many key heads as value heads, which both take.
+    """
+    import sys
+
+    source = sys.modules[type(module).__module__]
+    return source.torch_chunk_gated_delta_rule, source.torch_recurrent_gated_delta_rule
