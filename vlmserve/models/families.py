@@ -90,6 +90,8 @@ class FamilySpec:
     #: per-token decoder inputs beyond embeddings and positions; entries outside IMPLEMENTED_EXTRAS refuse paged.
     #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
+    #: "visual_indicators": Ovis2's indicator tokens (<IMG_START> …) take rows of the visual vocabulary as their
+    #: embeddings in prompts with images (a per-prompt embedding rule, applied by the adapter's embed_prompt)
     extras: tuple[str, ...] = ()
     #: "gated_delta_net": a hybrid decoder whose "linear_attention" layers (Qwen3.5's gated delta-net) keep a
     #: per-sequence recurrent state instead of KV; `vlmserve.models.gated_delta_net` runs them on the packed step,
@@ -98,7 +100,7 @@ class FamilySpec:
 
 
 #: extras the model runner packs per step
-IMPLEMENTED_EXTRAS = frozenset({"deepstack"})
+IMPLEMENTED_EXTRAS = frozenset({"deepstack", "visual_indicators"})
 
 _GRID = frozenset({"pixel_values", "image_grid_thw"})
 _PIXELS = frozenset({"pixel_values"})
@@ -126,6 +128,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     # Qwen3-VL's vision side without deepstack, a hybrid decoder: 3 of 4 layers gated delta-net (linear attention)
     FamilySpec(("qwen3_5", "qwen3_5_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
                recurrent="gated_delta_net"),
+    # indicator tokens (<IMG_START> …) between each image's tiles take visual-vocabulary embeddings
+    FamilySpec(("ovis2",), packable_image_keys=_PIXELS, image_layout="tiles", extras=("visual_indicators",)),
     # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
     # self-check is what stands behind it.
     FamilySpec(("mistral3",), image_layout="tiles"),
@@ -139,7 +143,6 @@ REFUSED: dict[str, str] = {
     "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
-    "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
     "mllama": "cross-attention layers over image states",
 }
 

@@ -49,6 +49,7 @@ class HFAdapter(ModelAdapter):
         self.vision_geometry = (patch_geometry(processor) if self.spec is not None and self.spec.vision_attention == "varlen"
                                 else None)
         self._vision_graphs: VisionGraphs | None = None
+        self._indicators: dict[int, torch.Tensor] | None = None  # Ovis2's visual indicator embeddings
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -230,8 +231,19 @@ class HFAdapter(ModelAdapter):
                 deepstack = features[:, hidden:].reshape(features.shape[0], -1, hidden).transpose(0, 1)
                 extras = {"visual_mask": mask, "deepstack": deepstack.contiguous()}
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[:, :hidden])
+            if self.spec is not None and "visual_indicators" in self.spec.extras:
+                embeds = self._with_visual_indicators(ids, embeds)
         positions, delta = self._prompt_positions(prompt, ids)
         return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
+
+    def _with_visual_indicators(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Ovis2: in a prompt with images, its indicator tokens take rows of the visual vocabulary, not their text
+        embeddings (as the model's forward does when given pixel values; generated tokens keep text embeddings)."""
+        if self._indicators is None:
+            self._indicators = hf_compat.visual_indicator_embeddings(self._base)
+        for token_id, vector in self._indicators.items():
+            embeds[ids == token_id] = vector.to(embeds.dtype)
+        return embeds
 
     def _prompt_positions(self, prompt: PreparedPrompt, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.spec is None or self.spec.positions == "arange":

@@ -209,3 +209,17 @@ def gated_delta_rules(module: torch.nn.Module) -> tuple[Callable[..., Any], Call
 
     source = sys.modules[type(module).__module__]
     return source.torch_chunk_gated_delta_rule, source.torch_recurrent_gated_delta_rule
+
+
+# --- Ovis2's visual indicator tokens ----------------------------------------------------------------------------
+
+def visual_indicator_embeddings(base: Any) -> dict[int, torch.Tensor]:
+    """Ovis2's indicator tokens (<IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>) and the embeddings its
+    forward gives them in a prompt with images: the last rows of the visual vocabulary (`visual_embeddings_table`
+    over the top `num_visual_indicator_tokens` ids, what `get_image_features` returns as
+    `visual_indicator_features`), in `visual_indicator_token_ids` order. They depend on the weights only."""
+    num = int(base.vision_tower.num_visual_indicator_tokens)
+    size = int(base.visual_vocab_size)
+    device = base.visual_embeddings_table.weight.device
+    vectors = base.visual_embeddings_table(torch.arange(size - num, size, device=device))
+    return {int(token): vectors[i] for i, token in enumerate(base.visual_indicator_token_ids)}

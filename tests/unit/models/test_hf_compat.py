@@ -214,3 +214,22 @@ def test_gated_delta_rules_take_fla_s_convention_and_agree() -> None:
     torch.testing.assert_close(torch.cat(outputs, dim=1), whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(state, whole_state, atol=1e-5, rtol=0)
     assert whole.shape == (1, 6, 2, 8) and whole_state.shape == (1, 2, 8, 8)
+
+
+@torch.inference_mode()
+def test_visual_indicator_embeddings_are_what_ovis2_s_image_features_give_its_indicator_tokens() -> None:
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, vocab_size=64, hidden_stride=2, num_visual_indicator_tokens=5)
+    text = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2)
+    indicator_ids = [120, 121, 122, 123, 124]
+    config = Ovis2Config(vision_config=vision, text_config=text, image_token_id=119, hidden_size=64, vocab_size=128,
+                         visual_indicator_token_ids=indicator_ids)
+    torch.manual_seed(0)
+    base = Ovis2ForConditionalGeneration(config).eval().model
+    expected = base.get_image_features(pixel_values=torch.randn(1, 3, 32, 32), return_dict=True)
+    got = hf_compat.visual_indicator_embeddings(base)
+    assert list(got) == indicator_ids
+    torch.testing.assert_close(torch.stack(list(got.values())), expected.visual_indicator_features)
