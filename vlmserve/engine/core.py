@@ -59,7 +59,8 @@ class PagedEngineCore:
                            num_blocks, config.block_size)
         states, slots = self._recurrent_states(adapter, config)
         self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
-                                 enable_prefix_caching=config.enable_prefix_caching, state_slots=slots)
+                                 enable_prefix_caching=config.enable_prefix_caching, state_slots=slots,
+                                 scope=adapter.prefix_cache_scope)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
                                  device=adapter.device)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,

@@ -27,11 +27,14 @@ from vlmserve.types import ImageSpan, PreparedPrompt
 BlockHash = bytes
 
 
-def root_hash(cache_salt: str | None) -> BlockHash:
-    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains."""
-    if cache_salt is None:
-        return b"root"
-    return hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+def root_hash(cache_salt: str | None, scope: str | None = None) -> BlockHash:
+    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains, and
+    so does the model's scope of the prompt (`ModelAdapter.prefix_cache_scope`: KV that depends on more than the
+    tokens and images, such as a rotary base chosen by the prompt's length)."""
+    root = b"root" if cache_salt is None else hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+    if scope is None:
+        return root
+    return hashlib.blake2b(root + b"scope" + scope.encode(), digest_size=16).digest()
 
 
 def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
@@ -44,13 +47,14 @@ def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -
 
 
 def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Seq[int]], num_tokens: int,
-                        prompt: PreparedPrompt, cache_salt: str | None, block_size: int) -> list[BlockHash]:
+                        prompt: PreparedPrompt, cache_salt: str | None, block_size: int,
+                        scope: str | None = None) -> list[BlockHash]:
     """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
     `num_tokens` tokens (`tokens(start, end)` reads them); images come from `prompt`'s spans. Returns `hashes`.
 
     The one definition of a block's prefix-cache key: the KV-cache manager and the Ray router both use it.
     """
-    parent = hashes[-1] if hashes else root_hash(cache_salt)
+    parent = hashes[-1] if hashes else root_hash(cache_salt, scope)
     for start in range(len(hashes) * block_size, num_tokens - block_size + 1, block_size):
         images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + block_size)
         parent = hash_block(parent, tokens(start, start + block_size), images)

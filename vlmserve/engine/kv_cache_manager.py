@@ -19,18 +19,24 @@ a sequence's tokens only grow, so a preempted sequence keeps its hashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
 from vlmserve.engine.recurrent_state import StateSlots
 from vlmserve.engine.request import Sequence
+from vlmserve.types import PreparedPrompt
 
 
 class KVCacheManager:
     """Owns the block pool; the scheduler asks it for slots, the core tells it when a step's KV is written."""
 
     def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool,
-                 state_slots: StateSlots | None = None) -> None:
+                 state_slots: StateSlots | None = None,
+                 scope: Callable[[PreparedPrompt], str | None] | None = None) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
+        #: the model's prefix-cache scope of a prompt (`ModelAdapter.prefix_cache_scope`); None: tokens and images
+        self.scope = scope
         #: a hybrid decoder's recurrent-state slots, held with the blocks (one per sequence holding blocks)
         self.state_slots = state_slots
         # NOTE: a recurrent state cannot resume from a cached block, so hybrid decoders never look blocks up
@@ -117,5 +123,6 @@ class KVCacheManager:
     def _full_block_hashes(self, sequence: Sequence) -> list[BlockHash]:
         """Chained hashes of every full block of the sequence's known tokens, extending those computed before."""
         request = sequence.request
+        scope = self.scope(request.prompt) if self.scope is not None else None
         return extend_block_hashes(sequence.block_hashes, sequence.tokens, sequence.num_tokens, request.prompt,
-                                   request.cache_salt, self.block_size)
+                                   request.cache_salt, self.block_size, scope)

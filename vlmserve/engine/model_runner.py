@@ -4,7 +4,7 @@ A step's input is one row per scheduled token, all sequences concatenated:
 - embeddings: prompt tokens take the prompt's embeddings (text embeddings with image features merged, computed
   once per prompt when its prefill starts); generated tokens take `embed_tokens`;
 - positions: the prompt's own (M-RoPE rows included, from the model's helper), generated token i at i + rope_delta
-  on every row — the delta is kept per sequence;
+  on every row — the delta is kept per sequence, as is a dynamic-NTK rotary factor (Qwen-VL-Chat);
 - attention metadata: cache slots, per-sequence block tables and lengths (see `engine.attention`).
 The decoder runs once on all rows; logits are taken only at each sequence's last row when that row is its newest
 token.
@@ -57,6 +57,7 @@ class _Rows:
         self._ids: list[int] = []
         self._positions: list[int] = []
         self._at: list[int] = []  # the row of each generated token
+        self._ntk: list[tuple[int, int, float]] = []  # (first row, rows, alpha) of sequences with a scaled rotary
 
     def add_prompt(self, embeds: torch.Tensor, positions: torch.Tensor,
                    deepstack: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -66,15 +67,27 @@ class _Rows:
         self._prompt.append((self.count, embeds, positions))
         self.count += embeds.shape[0]
 
+    def scale_rotary(self, first_row: int, alpha: float) -> None:
+        """Rows `first_row`.. up to the current end belong to a sequence whose rotary base uses NTK factor alpha."""
+        if alpha != 1.0 and self.count > first_row:
+            self._ntk.append((first_row, self.count - first_row, alpha))
+
     def decoder_extras(self, device: torch.device) -> dict[str, Any]:
-        """Qwen3-VL's deepstack keyword arguments for this step's rows; empty when no image row is in it."""
+        """Per-row decoder keyword arguments for this step: Qwen3-VL's deepstack inputs where an image row is in
+        it, Qwen-VL-Chat's per-row dynamic-NTK factors where a sequence has one; empty otherwise."""
+        extras: dict[str, Any] = {}
+        if self._ntk:
+            alphas = torch.ones(self.count, dtype=torch.float64)
+            for row, count, alpha in self._ntk:
+                alphas[row:row + count] = alpha
+            extras["ntk_alphas"] = alphas.to(device)
         if not self._deepstack:
-            return {}
+            return extras
         mask = torch.zeros(1, self.count, dtype=torch.bool, device=device)
         for row, visual, _ in self._deepstack:
             mask[0, row:row + visual.shape[0]] = visual
         layers = torch.cat([features for _, _, features in self._deepstack], dim=1)
-        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(layers.unbind(0))}
+        return {**extras, "visual_pos_masks": mask, "deepstack_visual_embeds": list(layers.unbind(0))}
 
     def add_generated(self, token_ids: list[int], first_position: int) -> None:
         n = len(token_ids)
@@ -182,7 +195,8 @@ class ModelRunner:
         if self._graphs is None:
             return [], chunks
         # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
-        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None]
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None
+                   and c.sequence.ntk_alpha == 1.0]  # nor do they take a per-sequence rotary base
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
         chosen = {id(c) for c in graphed}
@@ -205,6 +219,7 @@ class ModelRunner:
         for chunk in chunks:
             sequence = chunk.sequence
             num_prompt = sequence.num_prompt_tokens
+            first_row = rows.count
             if chunk.start < num_prompt:
                 assert sequence.prompt_embeds is not None and sequence.prompt_positions is not None
                 end = min(chunk.end, num_prompt)
@@ -213,6 +228,7 @@ class ModelRunner:
             generated_start = max(chunk.start, num_prompt)
             if chunk.end > generated_start:
                 rows.add_generated(sequence.tokens(generated_start, chunk.end), generated_start + sequence.rope_delta)
+            rows.scale_rotary(first_row, sequence.ntk_alpha)
             blocks = sequence.block_ids
             slots.extend(blocks[i // size] * size + i % size for i in range(chunk.start, chunk.end))
             cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
@@ -275,6 +291,7 @@ class ModelRunner:
             sequence.prompt_embeds = embedding.inputs_embeds
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
+            sequence.ntk_alpha = embedding.ntk_alpha
             sequence.prompt_extras = embedding.extras
 
 

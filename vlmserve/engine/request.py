@@ -44,6 +44,7 @@ class Sequence:
     #: the prompt's per-token decoder extras (`PromptEmbedding.extras`), while it is being prefilled
     prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
+    ntk_alpha: float = 1.0  # `PromptEmbedding.ntk_alpha`: fixed by the prompt, kept through preemption
     num_preemptions: int = 0
     #: its slot in the recurrent-state pool while it holds one (hybrid decoders only; see engine.recurrent_state)
     state_slot: int | None = None

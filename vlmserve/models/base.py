@@ -83,6 +83,9 @@ class PromptEmbedding:
     inputs_embeds: torch.Tensor  # (tokens, hidden)
     positions: torch.Tensor  # (rows, tokens), int64
     rope_delta: int = 0
+    #: dynamic-NTK factor of the sequence's rotary base, chosen by its prompt and kept for all its tokens
+    #: (Qwen-VL-Chat past seq_length); 1.0: the model's own base
+    ntk_alpha: float = 1.0
     #: per-token tensors some families inject after early layers; None for most. Qwen3-VL deepstack:
     #: "visual_mask" (tokens,) bool, the image tokens; "deepstack" (layers, image tokens, hidden)
     extras: dict[str, Any] | None = None
@@ -175,6 +178,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden) → (tokens, vocab) in float32."""
+
+    def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
+        """What besides tokens and images makes this prompt's KV differ from another's with the same prefix (a
+        dynamic-NTK rotary base chosen by the prompt's length); prompts of different scopes share no block."""
+        return None
 
     # --- hybrid decoders (recurrent layers beside attention) ------------------------------------------------
 
