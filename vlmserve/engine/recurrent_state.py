@@ -77,6 +77,8 @@ class RecurrentStep:
     is_fresh: list[bool]
     ends: list[int]  # the token count each sequence's state will have seen after this step
     _staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _index: torch.Tensor | None = None
+    _fresh: torch.Tensor | None = None
 
     @classmethod
     def scratch(cls, cu_seqlens: list[int]) -> RecurrentStep:
@@ -99,12 +101,13 @@ class RecurrentStep:
         if self.states is None:
             return (conv_like.new_zeros(count, *conv_like.shape[1:]),
                     state_like.new_zeros(count, *state_like.shape[1:]))
-        index = torch.tensor(self.slots, device=conv_like.device)
-        conv, state = self.states.conv[layer][index], self.states.state[layer][index]
-        if any(self.is_fresh):
-            fresh = torch.tensor(self.is_fresh, device=conv_like.device)
-            conv = conv.masked_fill(fresh[:, None, None], 0)
-            state = state.masked_fill(fresh[:, None, None, None], 0)
+        if self._index is None:  # made once per step, used by every layer
+            self._index = torch.tensor(self.slots, device=conv_like.device)
+            self._fresh = torch.tensor(self.is_fresh, device=conv_like.device) if any(self.is_fresh) else None
+        conv, state = self.states.conv[layer][self._index], self.states.state[layer][self._index]
+        if self._fresh is not None:
+            conv = conv.masked_fill(self._fresh[:, None, None], 0)
+            state = state.masked_fill(self._fresh[:, None, None, None], 0)
         return conv, state
 
     def stage(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
@@ -114,7 +117,8 @@ class RecurrentStep:
         """Write the staged states back to the pool: call once the step as a whole succeeded."""
         if self.states is None or not self._staged:
             return
-        index = torch.tensor(self.slots, device=next(iter(self._staged.values()))[0].device)
+        index = self._index if self._index is not None else torch.tensor(
+            self.slots, device=next(iter(self._staged.values()))[0].device)
         for layer, (conv, state) in self._staged.items():
             self.states.conv[layer][index] = conv.to(self.states.conv[layer].dtype)
             self.states.state[layer][index] = state.to(self.states.state[layer].dtype)

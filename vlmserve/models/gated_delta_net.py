@@ -58,8 +58,10 @@ def packed_forward(module: Any, hidden: torch.Tensor, segments: list[tuple[int, 
     for group in groups:
         if not group:
             continue
-        rows = torch.cat([torch.arange(*segments[i], device=hidden.device) for i in group])
         length = segments[group[0]][1] - segments[group[0]][0]
+        first = segments[group[0]][0]
+        rows = (torch.arange(first, first + length, device=hidden.device) if length > 1
+                else torch.tensor([segments[i][0] for i in group], device=hidden.device))
         qkv, new_conv[group] = _causal_conv(module, mixed[rows].view(len(group), length, -1), conv[group])
         query, key, value = _split_heads(module, qkv)
         rule = token_rule if length == 1 else chunk_rule
