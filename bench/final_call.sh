@@ -7,7 +7,8 @@
 #    static-batched generate at batch 8 and 64;
 # 3. vlmserve through HTTP with the prefix cache on (COMPILE=1: with --compile-decoder if its check passed) and off;
 # 4. structured outputs' cost: W1 c=64 through the core with a JSON schema on every request vs without (issue 10);
-# 5. the seed-style server through HTTP (preset probe);
+# 5. what the HTTP server adds over the engine alone, demo model on the device's CPU (bench/server_overhead.py);
+#    the seed-style server through HTTP (preset probe);
 # 6. the vision tower's time and peak memory against the number of images (segmented vs the old dense mask).
 # Results: $OUT/call.tgz (saved after every step), plus the reply's output tail.
 #   run(command="LIMIT_S=550 bash bench/final_call.sh", carry=[".whl"], timeout_s=600)
@@ -48,6 +49,10 @@ if [ "$(left)" -gt 90 ]; then
     timeout $(( $(left) - 25 < 150 ? $(left) - 25 : 150 )) python3 -m bench.structured_overhead --out "$R/structured" --requests 128 \
         > "$R/structured.log" 2>&1
     rc=$?; save; echo "structured exit $rc"; tail -4 "$R/structured.log"
+fi
+if [ "$(left)" -gt 50 ]; then  # a CPU measurement: the device's idle cores are calmer than the shared CPU box
+    CUDA_VISIBLE_DEVICES= timeout 45 python3 -m bench.server_overhead --requests 100 > "$R/server_overhead.log" 2>&1
+    rc=$?; save; echo "server overhead exit $rc"; tail -1 "$R/server_overhead.log"
 fi
 if [ "$(left)" -gt 65 ]; then
     timeout 65 python3 -m bench.run_all --out "$R/seed" --only seed --preset probe --budget-s 62 --reserve-s 3 --skip-hw > "$R/seed.log" 2>&1
