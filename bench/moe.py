@@ -99,7 +99,7 @@ def build(out: Path, *, moe: bool, layers: int) -> tuple[Path, torch.nn.Module, 
     from tests.fixtures.tiny.qwen3_vl import _token_config, save_qwen3_vl_processor
 
     ids = save_qwen3_vl_processor(out, max_pixels=448 * 448)
-    text = {**_TEXT, **(_MOE_TEXT if moe else _DENSE_TEXT), "bos_token_id": ids["<|endoftext|>"],
+    text: dict[str, Any] = {**_TEXT, **(_MOE_TEXT if moe else _DENSE_TEXT), "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"]}
     vision = {**_VISION, "out_hidden_size": text["hidden_size"]}
     if TINY:
@@ -183,6 +183,10 @@ def time_call(fn: Callable[[], Any], repeats: int = 10) -> float:
     return round(1000 * sorted(samples)[len(samples) // 2], 3)
 
 
+def _bound(experts: Any, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> Callable[[], Any]:
+    return lambda: experts(hidden, index, weights)
+
+
 def expert_layer(model: torch.nn.Module) -> dict[str, Any]:
     """One decoder layer's experts on random routing: each implementation's error against the loop and its time."""
     block: Any = next(m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate"))
@@ -197,8 +201,7 @@ def expert_layer(model: torch.nn.Module) -> dict[str, Any]:
             for name in ("eager", "grouped_mm", OURS):
                 experts.config._experts_implementation = name
                 outputs[name] = experts(hidden, index, weights)
-                times[name] = time_call(lambda h=hidden, i=index, w=weights: experts(h, i, w),
-                                        repeats=3 if TINY else 10)
+                times[name] = time_call(_bound(experts, hidden, index, weights), repeats=3 if TINY else 10)
         scale = outputs["eager"].float().abs().max().item()
         report[f"tokens_{tokens}"] = {
             "ms": times, "experts_hit": int(index.unique().numel()), "loop_max_abs": round(scale, 6),
