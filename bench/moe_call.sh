@@ -4,7 +4,7 @@
 #     through the paged engine, transformers' expert loop vs transformers' grouped_mm vs vlmserve's grouped GEMM;
 # (b) Qwen3-VL-8B architecture (random bf16): W1 c=64, generate engine vs paged engine.
 # Results: $OUT/moe.json, $OUT/moe.md, $OUT/moe.log; every number names the card.
-#   run(command="LIMIT_S=530 bash bench/moe_call.sh", carry=[".whl"], timeout_s=560)
+#   run(command="LIMIT_S=530 bash bench/moe_call.sh", carry=[".whl"], timeout_s=540)
 # CPU smoke of the whole script (tiny layers): BENCH_MOE_TINY=1 OUT=/tmp/moe-smoke bash bench/moe_call.sh
 set -o pipefail
 LIMIT_S="${LIMIT_S:-530}"
