@@ -37,7 +37,11 @@ def _grouped_mm_fn() -> Any:
 
 
 def grouped_method(weight: torch.Tensor) -> GroupedMethod:
-    """torch's grouped matmul where it has a kernel for these weights, else the padded batched matmul."""
+    """torch's grouped matmul where it has a kernel for these weights, else the padded batched matmul.
+
+    NOTE: float16/float32 weights on CUDA take the padded path, whose group length is read on the host (one sync
+    per layer): decode steps then cannot be captured in CUDA graphs and run eagerly (the runner logs it). Only
+    bf16 on the GPU and every dtype on the CPU have been run here."""
     if _grouped_mm_fn() is None:
         return "padded_bmm"
     if weight.device.type == "cuda":
