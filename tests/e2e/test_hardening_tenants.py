@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.e2e.hardening_support import (
     KEYS,
+    MODEL,
     HealthProbe,
     assert_openai_error,
     assert_serves,
@@ -110,6 +111,21 @@ def test_the_prefix_cache_is_per_key(server: ServerProcess) -> None:
     other_first = cached_tokens(post_chat(server, body, OTHER))
     assert other_first < again - 32  # the other key learns nothing of what the hog sent
     assert cached_tokens(post_chat(server, body, OTHER)) >= other_first + 64
+
+
+def test_completions_share_the_prefix_cache_per_key_only(server: ServerProcess) -> None:
+    """/v1/completions is salted like chat: a key's repeat hits its own blocks, another key finds none of them."""
+    body = {"model": MODEL, "prompt": "The vault code is " + " ".join(f"item{i}" for i in range(120)),
+            "max_tokens": 1}
+
+    def post(headers: dict[str, str]) -> int:
+        return cached_tokens(httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers,
+                                        timeout=60))
+
+    first, again = post(HOG), post(HOG)
+    assert first == 0 and again >= 64  # a plain prompt (no template): nothing cached before its first run
+    assert post(OTHER) == 0  # the same tokens under another key share no block
+    assert post(OTHER) >= 64
 
 
 def test_huge_prompts_are_refused_from_their_size_while_others_are_served(server: ServerProcess) -> None:
