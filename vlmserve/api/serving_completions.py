@@ -171,7 +171,7 @@ class CompletionsService:
             choices=[CompletionChoice(index=i, text=c.text, logprobs=c.logprobs if prepared.want_logprobs else None,
                                       finish_reason=cast(schemas.FinishReasonName, c.finish_reason))
                      for i, c in enumerate(choices)],
-            usage=_usage(prompt_tokens, generated, cached))
+            usage=_usage(prompt_tokens, generated, self._config.reported_cached_tokens(cached)))
 
     def stream(self, prepared: PreparedCompletion, model: str, include_usage: bool,
                progress: dict[str, Any]) -> AsyncIterator[str]:
@@ -210,7 +210,7 @@ class CompletionsService:
                 yield chunk([_chunk_choice(index, delta.text, logprobs, reason)])
         if include_usage:
             prompt_tokens = sum(g.prompt.num_tokens for g in prepared.generations)
-            yield chunk([], _usage(prompt_tokens, sum(tokens), cached))
+            yield chunk([], _usage(prompt_tokens, sum(tokens), self._config.reported_cached_tokens(cached)))
         yield "data: [DONE]\n\n"
 
 

@@ -164,7 +164,7 @@ class ResponsesService:
         try:
             async for delta in deltas:
                 state.output_tokens = delta.num_generated_tokens
-                state.cached_tokens = max(state.cached_tokens, delta.num_cached_tokens)
+                state.cached_tokens = max(state.cached_tokens, self._chat.reported_cached_tokens(delta.num_cached_tokens))
                 yield delta
                 if delta.finish_reason is not None:
                     state.finish(delta.finish_reason.value)
