@@ -27,7 +27,7 @@ from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
-from vlmserve.errors import RequestError
+from vlmserve.errors import ContextLengthError, RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PreparedPrompt, SamplingParams
 
@@ -201,6 +201,15 @@ class PagedEngineCore:
 
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
         sequence = self._new_sequence(request)
+        sequence.attention_blocks = self._adapter.attention_blocks(request.prompt)
+        budget = self.scheduler.max_num_batched_tokens
+        longest = max((stop - start for start, stop in sequence.attention_blocks), default=0)
+        if longest > budget:
+            # the block's tokens attend to each other, so they must all be computed in one step
+            raise ContextLengthError(
+                f"the prompt has a bidirectional attention block of {longest} tokens (images and, for prefix-LM "
+                f"models, the prompt text), more than one engine step's {budget} tokens; raise "
+                "--max-num-batched-tokens", param="messages")
         self._counters["prompt"] += request.prompt.num_tokens
         return sequence
 

@@ -45,6 +45,9 @@ class Sequence:
     prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
     num_preemptions: int = 0
+    #: prompt token ranges [start, end) that attend bidirectionally (`ModelAdapter.attention_blocks`): a prefill
+    #: chunk never ends inside one, and a cached block's key covers the whole of any it overlaps
+    attention_blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def request_id(self) -> str:
