@@ -17,8 +17,10 @@ from tests.integration.engine.conftest import (
     user_turn,
 )
 from vlmserve.config import ModelConfig
+from vlmserve.engine.client import AsyncEngine
 from vlmserve.engine.core import PagedEngineCore
 from vlmserve.engine.protocol import CoreOutput
+from vlmserve.errors import ContextLengthError
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
 
@@ -48,6 +50,11 @@ def test_a_block_longer_than_the_step_budget_is_refused_and_the_engine_keeps_ser
     budget = short.num_tokens + 2
     assert long.num_tokens > budget
     core = PagedEngineCore(adapter, engine_config(max_num_batched_tokens=budget))
+    # the client refuses it at the call (a 400 before any byte of a stream) ...
+    client = AsyncEngine(core, adapter.tokenizer, max_model_len=core.max_model_len, max_sequences=4)
+    with pytest.raises(ContextLengthError, match="--max-num-batched-tokens"):
+        client.generate(request("long", long))
+    # ... and the core refuses it too when handed one directly
     refused: list[CoreOutput] = []
     core.add_request(request("long", long))
     core.step(refused.extend)
