@@ -149,7 +149,14 @@ REFUSED: dict[str, str] = {
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
     "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
-    "mllama": "cross-attention layers over image states",
+    # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
+    # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
+    # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
+    # before any image (full_text_row_masked_out_mask); and a second attention path, because the cross-attention
+    # modules call the same attention function as the self-attention ones (ours would write image K/V into the
+    # paged self-attention cache).
+    "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
+              "per-request cross-attention K/V beside the paged cache yet",
     "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
     "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
 }
