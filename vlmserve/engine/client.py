@@ -272,6 +272,9 @@ class AsyncEngine:
             # Jinja renders as empty); an empty prompt would reach the model runner and kill the engine loop.
             raise InvalidRequestError("the chat template rendered an empty prompt (0 tokens): there is nothing "
                                       "to generate from", param="messages")
+        check = getattr(self._core, "check_prompt", None)  # the paged core: bidirectional blocks fit a step
+        if check is not None:
+            check(prompt)
         if not self._placeholder_ids:
             return
         # NOTE: special tokens typed into message text ("<|image_pad|>") tokenize to the real placeholder ids;

@@ -27,7 +27,7 @@ from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
-from vlmserve.errors import RequestError
+from vlmserve.errors import ContextLengthError, RequestError
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import (
     EngineStats,
@@ -207,8 +207,23 @@ class PagedEngineCore:
         self.scheduler.finish(sequence)
         self.runner.sampler.release(sequence.sampling)
 
+    def check_prompt(self, prompt: PreparedPrompt) -> tuple[tuple[int, int], ...]:
+        """The prompt's bidirectional attention blocks; raises ContextLengthError for one longer than a step.
+        Safe to call from any thread (the client calls it before accepting a request, to answer 400)."""
+        blocks = self._adapter.attention_blocks(prompt)
+        budget = self.scheduler.max_num_batched_tokens
+        longest = max((stop - start for start, stop in blocks), default=0)
+        if longest > budget:
+            # the block's tokens attend to each other, so they must all be computed in one step
+            raise ContextLengthError(
+                f"the prompt has a bidirectional attention block of {longest} tokens (images and, for prefix-LM "
+                f"models, the prompt text), more than one engine step's {budget} tokens; raise "
+                "--max-num-batched-tokens", param="messages")
+        return blocks
+
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
         sequence = self._new_sequence(request)
+        sequence.attention_blocks = self.check_prompt(request.prompt)
         self._counters["prompt"] += request.prompt.num_tokens
         return sequence
 

@@ -165,7 +165,9 @@ class ModelRunner:
         if self._graphs is None:
             return [], chunks
         # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
-        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None]
+        # and so does one inside a bidirectional prompt block: graphs know no blocks
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None
+                   and not _in_attention_block(c)]
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
         chosen = {id(c) for c in graphed}
@@ -211,7 +213,8 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
+            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens),
+            block_bounds=_block_bounds(chunks, device), blocks_spare_window=self.adapter.blocks_spare_window)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
@@ -252,6 +255,29 @@ class ModelRunner:
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
             sequence.prompt_extras = embedding.extras
+
+
+def _in_attention_block(chunk: ScheduledChunk) -> bool:
+    return bool(chunk.sequence.attention_blocks) and chunk.start < chunk.sequence.num_prompt_tokens
+
+
+def _block_bounds(chunks: list[ScheduledChunk], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of the step, the first and last key of its bidirectional block (its own index twice outside any);
+    None when no chunk has a row in one."""
+    if not any(_in_attention_block(c) for c in chunks):
+        return None
+    first: list[int] = []
+    last: list[int] = []
+    for chunk in chunks:
+        row = len(first)
+        first += range(chunk.start, chunk.end)
+        last += range(chunk.start, chunk.end)
+        for block_start, block_end in chunk.sequence.attention_blocks if _in_attention_block(chunk) else ():
+            for index in range(max(block_start, chunk.start), min(block_end, chunk.end)):
+                first[row + index - chunk.start] = block_start
+                last[row + index - chunk.start] = block_end - 1
+    return (torch.tensor(first, dtype=torch.int32, device=device),
+            torch.tensor(last, dtype=torch.int32, device=device))
 
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:

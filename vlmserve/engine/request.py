@@ -51,6 +51,9 @@ class Sequence:
     vision_encoder_s: float = 0.0
     num_images_encoded: int = 0
     is_timing_sent: bool = False
+    #: prompt token ranges [start, end) that attend bidirectionally (`ModelAdapter.attention_blocks`): a prefill
+    #: chunk never ends inside one, and a cached block's key covers the whole of any it overlaps
+    attention_blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def request_id(self) -> str:
