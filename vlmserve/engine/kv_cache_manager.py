@@ -125,4 +125,4 @@ class KVCacheManager:
         request = sequence.request
         scope = self.scope(request.prompt) if self.scope is not None else None
         return extend_block_hashes(sequence.block_hashes, sequence.tokens, sequence.num_tokens, request.prompt,
-                                   request.cache_salt, self.block_size, scope)
+                                   request.cache_salt, self.block_size, sequence.attention_blocks, scope)
