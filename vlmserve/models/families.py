@@ -147,7 +147,7 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("idefics3", "smolvlm"), decoder="text_model", image_layout="tiles"),
     # Qwen3-VL's vision side without deepstack, a hybrid decoder: 3 of 4 layers gated delta-net (linear attention)
     FamilySpec(("qwen3_5", "qwen3_5_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
-               recurrent="gated_delta_net"),
+               recurrent="gated_delta_net", experts="grouped"),
     # indicator tokens (<IMG_START> …) between each image's tiles take visual-vocabulary embeddings
     FamilySpec(("ovis2",), packable_image_keys=_PIXELS, image_layout="tiles", extras=("visual_indicators",)),
     # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
