@@ -59,6 +59,10 @@ class ModelConfig:
     chat_template: str | None = option(
         None, "A Jinja chat template file that replaces the model's own.", metavar="FILE",
         example="--chat-template ./template.jinja")
+    load_format: str = option(
+        "auto", "'dummy' fills the weights with random values instead of reading them (config.json, tokenizer and "
+        "processor files are still read): benchmarks of architectures too large to write to disk. Only with "
+        "--tensor-parallel-size > 1.", choices=("auto", "dummy"), example="--load-format dummy")
     revision: str | None = option(None, "Model revision (branch, tag or commit) for hub downloads.",
                                   metavar="REV", example="--revision main")
     tool_call_parser: str = option(

@@ -127,8 +127,11 @@ def load_for_serving(config: Config) -> tuple[ModelAdapter, Callable[[], None]]:
 
         adapter, workers = start(config)
         return adapter, workers.stop
+    from vlmserve.errors import ModelLoadError
     from vlmserve.models.loader import load_model
 
+    if config.model.load_format == "dummy":
+        raise ModelLoadError("--load-format dummy works with --tensor-parallel-size > 1 only (the shard loader)")
     return load_model(config.model), _nothing
 
 

@@ -91,3 +91,11 @@ def test_head_counts_that_do_not_split_are_refused() -> None:
         HeadSplit("tiny", num_heads=6, num_kv_heads=2, head_dim=4, size=4)
     with pytest.raises(TensorParallelError, match="3 KV heads"):
         HeadSplit("tiny", num_heads=12, num_kv_heads=3, head_dim=4, size=2)
+
+
+def test_dummy_load_format_fills_every_shard_without_reading_weights(llava: Path) -> None:
+    shard = load_shard(ModelConfig(model=str(llava), device="cpu", load_format="dummy"), _group(1, 2))
+    params = dict(shard.model.named_parameters())
+    assert not any(p.is_meta for p in params.values())
+    assert params["model.language_model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
+    assert torch.equal(params["model.language_model.norm.weight"], torch.ones(64))

@@ -106,7 +106,10 @@ def _load_hf(path: Path, model_config: ModelConfig, group: TensorParallelGroup, 
     decoder_config = getattr(decoder, "config", None)
     if decoder_config is not None and decoder_config is not text_config:
         _copy_head_counts(text_config, decoder_config)
-    read_shards(model, path, plan, group.device, dtype, hf_compat.checkpoint_key_renamer(model))
+    if model_config.load_format == "dummy":
+        fill_random(model, group.device, dtype)
+    else:
+        read_shards(model, path, plan, group.device, dtype, hf_compat.checkpoint_key_renamer(model))
     return build_hf_adapter(model.eval(), path, max_model_len=model_config.max_model_len,
                             trust_remote_code=model_config.trust_remote_code, chat_template=_template(model_config))
 
@@ -131,7 +134,10 @@ def _load_glm4v_9b(path: Path, model_config: ModelConfig, group: TensorParallelG
     with parameters_on_meta():
         model = ChatGLMForConditionalGeneration(config)
     plan = shard_glm4v_9b(model, group)
-    read_shards(model, path, plan, group.device, dtype, _identity)
+    if model_config.load_format == "dummy":
+        fill_random(model, group.device, dtype)
+    else:
+        read_shards(model, path, plan, group.device, dtype, _identity)
     return build_adapter(model, Glm4vProcessor.from_pretrained(path), model_config.max_model_len)
 
 
@@ -165,6 +171,25 @@ def read_shards(model: Any, path: Path, plan: ShardPlan, device: torch.device, d
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    _move_buffers(model, device)
+
+
+def fill_random(model: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """--load-format dummy: every parameter random (std 0.02, as transformers initialises linears), norms' 1-D
+    weights one, on `device` — a benchmark's stand-in for a checkpoint (speed does not depend on the values)."""
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 1:
+            value = torch.ones(param.shape, dtype=dtype, device=device) if name.endswith("weight") else \
+                torch.zeros(param.shape, dtype=dtype, device=device)
+        else:
+            value = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02)
+        _set_parameter(model, name, value)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _move_buffers(model, device)
+
+
+def _move_buffers(model: Any, device: torch.device) -> None:
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
