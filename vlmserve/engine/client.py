@@ -336,7 +336,7 @@ class AsyncEngine:
         sequence.num_generated += len(token_ids)
         delta = TokenDelta(request_id=output.request_id, index=sequence.index, text=text, token_ids=token_ids,
                            num_prompt_tokens=sequence.num_prompt_tokens, num_generated_tokens=sequence.num_generated,
-                           num_cached_tokens=output.num_cached_tokens)
+                           num_cached_tokens=output.num_cached_tokens, timings=output.timings)
         if sequence.want_logprobs and output.new_logprobs:
             delta.logprobs = [lp for lp in output.new_logprobs if lp is not None]
             delta.token_texts = [detokenizer.token_text(lp.chosen.token_id) for lp in delta.logprobs]

@@ -31,7 +31,14 @@ from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
 from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PreparedPrompt, SamplingParams
+from vlmserve.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    PreparedPrompt,
+    RequestTimings,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,7 @@ class PagedEngineCore:
             self.runner.sampler.release(preempted.sampling)  # its sampling row is rebuilt when it runs again
         if not scheduled.chunks:
             return
+        _stamp_first_schedule(scheduled.chunks)
         try:
             sequences, sampled = self.runner.execute(scheduled.chunks)
         except Exception as exc:  # incl. CUDA out-of-memory: find the culprit, keep serving the others
@@ -233,7 +241,7 @@ class PagedEngineCore:
                 self._counters["finished"] += 1
             outputs.append(CoreOutput(sequence.request_id, [token], finish,
                                       new_logprobs=[logprobs] if logprobs is not None else None,
-                                      num_cached_tokens=sequence.num_cached_tokens))
+                                      num_cached_tokens=sequence.num_cached_tokens, timings=_timings(sequence)))
         self._count_step(len(outputs))
         return outputs
 
@@ -271,7 +279,6 @@ class PagedEngineCore:
             num_finished=c["finished"], engine=self.name)
 
 
-
 def kv_cache_size(adapter: ModelAdapter, config: EngineConfig) -> tuple[int, int]:
     """(KV blocks, context limit) of the engine's cache. With tensor parallelism every rank computes its own and
     all take the smallest (the memory profile is a forward all ranks run together, in the same order)."""
@@ -294,3 +301,19 @@ def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
     from vlmserve.engine.memory import profile_num_blocks
 
     return profile_num_blocks(adapter, config)
+
+
+def _stamp_first_schedule(chunks: list[ScheduledChunk]) -> None:
+    now = time.monotonic()
+    for chunk in chunks:
+        if chunk.sequence.first_scheduled_time is None:
+            chunk.sequence.first_scheduled_time = now
+
+
+def _timings(sequence: Sequence) -> RequestTimings | None:
+    """The sequence's queue and tower timings, once: on its first output (later outputs carry None)."""
+    if sequence.is_timing_sent or sequence.first_scheduled_time is None:
+        return None
+    sequence.is_timing_sent = True
+    return RequestTimings(queue_time_s=sequence.first_scheduled_time - sequence.request.arrival_time,
+                          vision_encoder_s=sequence.vision_encoder_s, num_images_encoded=sequence.num_images_encoded)

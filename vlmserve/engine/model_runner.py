@@ -27,6 +27,7 @@ from vlmserve.engine.parallel.step import EAGER, GRAPHED, ForwardPlan, StepChann
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
+from vlmserve.engine.vision_timing import share_by_images, timed
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import PreparedPrompt
 
@@ -245,6 +246,7 @@ class ModelRunner:
         from the embedding cache, or from one vision-tower call over all the images it lacks."""
         features: dict[int, list[torch.Tensor]] = {}  # by id of the prompt (n > 1 siblings share one)
         missing: dict[int, PreparedPrompt] = {}
+        encoded_for: dict[int, Sequence] = {}  # the sequence a prompt's tower time is reported on (one sibling)
         for sequence in sequences:
             prompt = sequence.request.prompt
             if id(prompt) in features or id(prompt) in missing:
@@ -254,8 +256,14 @@ class ModelRunner:
                 features[id(prompt)] = cached or []
             else:
                 missing[id(prompt)] = prompt
+                encoded_for[id(prompt)] = sequence
         if missing:
-            encoded = self.adapter.encode_image_batch(list(missing.values()))
+            with timed(self.device) as elapsed:
+                encoded = self.adapter.encode_image_batch(list(missing.values()))
+            counts = [len(prompt.image_hashes) for prompt in missing.values()]
+            for key, seconds, count in zip(missing, share_by_images(elapsed[0], counts), counts, strict=True):
+                encoded_for[key].vision_encoder_s += seconds
+                encoded_for[key].num_images_encoded += count
             for prompt, prompt_features in zip(missing.values(), encoded, strict=True):
                 features[id(prompt)] = prompt_features
                 if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):

@@ -10,6 +10,7 @@ from vlmserve.errors import ModelLoadError
 from vlmserve.models.families import family_spec
 from vlmserve.models.hf import HFAdapter
 from vlmserve.models.hf_processor import load_processor
+from vlmserve.models.moe_experts import install_grouped_experts
 from vlmserve.models.vision_attention import install_vision_attention
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def build_hf_adapter(model: Any, path: Path, *, max_model_len: int | None, trust
     spec = family_spec(str(model.config.model_type))
     if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(model):
         logger.info("vision tower: one varlen attention call per layer")
+    if spec is not None and spec.experts == "grouped" and (switched := install_grouped_experts(model)):
+        logger.info("MoE: %d expert layers run as grouped GEMMs", switched)
     processor = load_processor(path, chat_template=chat_template, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(f"{path} ships no chat template; pass one with --chat-template FILE")

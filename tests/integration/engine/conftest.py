@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,12 @@ class Loaded:
 
     def fresh_adapter(self) -> ModelAdapter:
         return load_model(ModelConfig(model=str(self.path)))
+
+    @functools.cached_property
+    def generate_adapter(self) -> ModelAdapter:
+        """A copy no paged core ever touches (a paged core installs its attention into the model it is given, and
+        `adapter` is shared by the paged tests), for the generate core's tests in any order."""
+        return self.fresh_adapter()
 
 
 @pytest.fixture(scope="session")
