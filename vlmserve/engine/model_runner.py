@@ -24,6 +24,7 @@ from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.parallel.step import EAGER, GRAPHED, ForwardPlan, StepChannel
 from vlmserve.engine.recurrent_state import RecurrentStates, RecurrentStep
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
@@ -125,8 +126,13 @@ class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
                  compile_decoder: bool = False, enable_vision_graphs: bool = False,
+                 channel: StepChannel | None = None, computes_logits: bool = True,
                  states: RecurrentStates | None = None) -> None:
+        """`channel`: with tensor parallelism, rank 0's runner sends each forward's inputs through it first (the
+        workers run the same forward on their shards); `computes_logits` is False on the workers. `states`: a
+        hybrid decoder's recurrent-state pool (`engine.recurrent_state`)."""
         self.adapter = adapter
+        self._channel = channel
         self.cache = cache
         self.image_cache = image_cache
         self.states = states
@@ -143,7 +149,7 @@ class ModelRunner:
         elif enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
-                                            compile_decoder=compile_decoder)
+                                            compile_decoder=compile_decoder, computes_logits=computes_logits)
                 if enable_vision_graphs:
                     adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
@@ -166,6 +172,9 @@ class ModelRunner:
         eager_step = None
         if eager:
             step = eager_step = self._prepare(eager)
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(EAGER, step.inputs_embeds, step.position_ids, step.attention,
+                                                  step.decoder_extras))
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
                                                  use_cache=False, **step.decoder_extras)
@@ -177,6 +186,8 @@ class ModelRunner:
             step = self._prepare(graphed)
             positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
             sequences += step.sample_sequences
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(GRAPHED, step.inputs_embeds[0], positions, step.attention))
             logits.append(self._graphs.run(step.inputs_embeds[0], positions, step.attention))
         if not sequences:
             self._commit(eager_step)
@@ -190,6 +201,19 @@ class ModelRunner:
     def _commit(step: StepInputs | None) -> None:
         if step is not None and step.attention.recurrent is not None:
             step.attention.recurrent.commit()
+
+    @torch.inference_mode()
+    def run_plan(self, plan: ForwardPlan) -> None:
+        """A tensor-parallel worker's side of one forward rank 0 announced: the same forward, on this rank's
+        shard and KV cache; the output stays here (only rank 0 computes logits)."""
+        batch = plan.attention(self.cache)
+        if plan.kind == GRAPHED:
+            assert self._graphs is not None, "rank 0 replays a decode graph this worker did not capture"
+            self._graphs.run(plan.tensors["embeds"], plan.tensors["positions"], batch)
+            return
+        with batch.active():
+            self.adapter.text_model(inputs_embeds=plan.tensors["embeds"], position_ids=plan.tensors["positions"],
+                                    use_cache=False, **plan.extras())
 
     def _partition(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
         """(chunks for the decode graph, chunks to run eagerly)."""

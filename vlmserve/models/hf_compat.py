@@ -252,3 +252,33 @@ def visual_indicator_embeddings(base: Any) -> dict[int, torch.Tensor]:
     device = base.visual_embeddings_table.weight.device
     vectors = base.visual_embeddings_table(torch.arange(size - num, size, device=device))
     return {int(token): vectors[i] for i, token in enumerate(base.visual_indicator_token_ids)}
+
+
+# --- loading without from_pretrained (tensor-parallel shards) ----------------------------------------------------
+
+def no_init_weights() -> Any:
+    """A context in which transformers' modules skip their random weight initialisation."""
+    from transformers import initialization
+
+    return initialization.no_init_weights()
+
+
+def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
+    """checkpoint key → (the model's parameter name, whether a weight *conversion* — not a plain rename — would
+    be needed). `from_pretrained` renames legacy checkpoint keys (`model.layers.*` → `model.language_model.*`,
+    `visual.*` → `model.visual.*`) through the model's registered conversion mapping; this applies the same
+    renamings to one key at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, converter = rename_source_key(key, renamings, converters, prefix, names)
+        return name, converter is not None
+
+    return rename
