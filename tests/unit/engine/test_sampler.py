@@ -96,3 +96,25 @@ def test_logprobs_are_the_raw_distribution_whatever_the_processing() -> None:
     assert abs(position.chosen.logprob - float(raw[3])) < 1e-6
     assert [t.token_id for t in position.top] == [0, 1]
     assert abs(position.top[0].logprob - float(raw[0])) < 1e-6
+
+
+def test_top_k_of_one_is_greedy() -> None:
+    assert draw([1.0, 1.2, 1.1, 0.0], top_k=1) == {1}
+
+
+def test_unseeded_rows_beside_a_seeded_one_draw_independently() -> None:
+    # 64 unseeded rows over a flat distribution of 64 tokens, plus one seeded row: the unseeded rows each get
+    # their own noise, so they do not all land on the same token
+    rows = [seq(temperature=1.0) for _ in range(64)] + [seq(temperature=1.0, seed=5)]
+    tokens = Sampler("cpu")(torch.zeros(65, 64), rows).token_ids
+    assert len(set(tokens[:64])) > 20
+
+
+def test_sampling_leaves_the_global_torch_generator_alone() -> None:
+    # the sampler draws from its own generators: unseeded requests do not consume (or depend on) torch's global
+    # RNG, which the model's code and other libraries share
+    sampler = Sampler("cpu")
+    before = torch.get_rng_state()
+    sampler(torch.zeros(3, 16), [seq(temperature=1.0) for _ in range(3)])
+    sampler(torch.zeros(3, 16), [seq(temperature=1.0), seq(temperature=1.0, seed=1), seq(temperature=1.0)])
+    assert torch.equal(torch.get_rng_state(), before)
