@@ -118,3 +118,25 @@ def test_sampling_leaves_the_global_torch_generator_alone() -> None:
     sampler(torch.zeros(3, 16), [seq(temperature=1.0) for _ in range(3)])
     sampler(torch.zeros(3, 16), [seq(temperature=1.0), seq(temperature=1.0, seed=1), seq(temperature=1.0)])
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_min_p_of_one_keeps_only_the_best() -> None:
+    assert draw([0.1, 0.0, 2.0, 1.9], min_p=1.0) == {2}
+
+
+def test_a_rows_filters_apply_whatever_the_rows_after_it_ask() -> None:
+    # each batch: the row under test first, then a plain row that asks for none of its settings
+    plain = {"temperature": 1.0}
+    logits = torch.tensor([[1.0, 0.9, 0.8, 0.7], [0.0, 0.0, 0.0, 0.0]])
+    sampler = Sampler("cpu")
+    for _ in range(100):
+        assert sampler(logits, [seq(temperature=1.0, top_k=1), seq(**plain)]).token_ids[0] == 0
+        assert sampler(logits, [seq(temperature=1.0, min_p=1.0), seq(**plain)]).token_ids[0] == 0
+    greedy_row = torch.tensor([[2.0, 1.9, 0.0], [0.0, 0.0, 0.0]])
+    neutral = {"temperature": 0.0}
+    assert sampler(greedy_row, [seq(temperature=0.0, logit_bias={2: 5.0}), seq(**neutral)]).token_ids[0] == 2
+    assert sampler(greedy_row, [seq([0], temperature=0.0, presence_penalty=1.0), seq(**neutral)]).token_ids[0] == 1
+    assert sampler(greedy_row, [seq([0], temperature=0.0, repetition_penalty=2.0), seq(**neutral)]).token_ids[0] == 1
+    # the neutral row after a penalised one is left as it was
+    assert sampler(greedy_row, [seq([0], temperature=0.0, repetition_penalty=2.0),
+                                seq([0], **neutral)]).token_ids == [1, 0]

@@ -205,3 +205,23 @@ def test_rows_keep_their_end_tokens_when_a_row_with_more_enters() -> None:
     for row in (first, second, third, fourth):
         batch.append(row)
         assert sampler(logits_for(batch), batch).token_ids == [0] * len(batch)
+
+
+def test_a_repetition_penalty_alone_counts_the_prompt_and_the_output() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 4], logits[0, 5] = 2.0, 1.5, 1.2
+    # 3 was generated, 4 is in the prompt: both halved below 5
+    assert Sampler("cpu")(logits, [greedy(output=[3], prompt=[4], repetition_penalty=2.0)]).token_ids == [5]
+    # and a slot taken over from a row with penalties starts from this row's own tokens
+    sampler = Sampler("cpu")
+    first = greedy(output=[5, 5], frequency_penalty=1.0)
+    assert sampler(logits, [first]).token_ids == [3]
+    sampler.release(first)
+    assert sampler(logits, [greedy(output=[3], prompt=[4], repetition_penalty=2.0)]).token_ids == [5]
+
+
+def test_min_tokens_without_end_tokens_masks_nothing() -> None:
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 2] = 1.0
+    rows = [greedy(min_tokens=3), greedy(end=frozenset({2}), min_tokens=3)]  # e.g. ignore_eos and no stop ids
+    assert Sampler("cpu")(logits, rows).token_ids[0] == 2

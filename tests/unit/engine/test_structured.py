@@ -97,3 +97,30 @@ def test_bitmask_allows_exactly_what_the_matcher_allows(engine: StructuredOutput
             assert all("cat".startswith(x) or "dog".startswith(x) for x in texts)
         else:
             assert all(x.isdigit() for x in texts)
+
+
+def test_a_refusal_names_the_kind_and_keeps_the_first_300_characters_of_the_reason(
+        engine: StructuredOutputs) -> None:
+    prefix = "cannot be enforced by this server's grammar engine (llguidance): "
+    cases = [(StructuredOutputSpec("regex", "a(b"), "the regex "),
+             (StructuredOutputSpec("grammar", "start: undefined_rule"), "the grammar "),
+             (StructuredOutputSpec("json_schema", json.dumps({"type": "string", "format": "no-such-format"})),
+              "the JSON schema ")]
+    for spec, kind in cases:
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.matcher(spec)
+        assert caught.value.message.startswith(kind + prefix)
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.matcher(StructuredOutputSpec("grammar", "start: " + "u" * 400))  # llguidance repeats the name
+    assert caught.value.message == 'the grammar ' + prefix + 'at 1(8): unknown name: "' + ("u" * 400)[:300 - 24]
+
+
+def test_rollback_and_reset_return_the_matcher_to_an_earlier_position(engine: StructuredOutputs,
+                                                                      tokenizer: object) -> None:
+    matcher = engine.matcher(StructuredOutputSpec("regex", "ab"))
+    a, b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in "ab")  # type: ignore[attr-defined]
+    assert matcher.accept(a) and matcher.accept(b) and matcher.num_accepted == 2
+    matcher.rollback(1)  # back to just after "a": "b" is next again
+    assert matcher.num_accepted == 1 and matcher.accept(b) and matcher.num_accepted == 2
+    matcher.reset()  # back to the start: "a" is next again
+    assert matcher.num_accepted == 0 and matcher.accept(a) and matcher.num_accepted == 1

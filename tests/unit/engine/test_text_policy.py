@@ -110,3 +110,21 @@ def test_stop_strings_still_cut_the_text_with_markup_kept() -> None:
     detok = IncrementalDetokenizer(tokenizer, ("STOP",), policy=TextPolicy.from_tokenizer(tokenizer))
     text = "".join(detok.add_tokens([token]) for token in ids) + detok.flush()
     assert text == QWEN_ANSWER + " " and detok.stopped_by == "STOP"
+
+
+def test_spaced_text_decoded_in_one_window_keeps_every_piece() -> None:
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.encode("a <|box_start|>(1,2)<|box_end|> b<|box_start|>c", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, policy=TextPolicy.from_tokenizer(tokenizer),
+                                   spaces_between_special_tokens=True)
+    assert detok.add_tokens(ids) + detok.flush() == "a  <|box_start|> (1,2) <|box_end|>  b <|box_start|> c"
+
+
+def test_a_logprob_token_is_shown_as_its_own_text_special_or_not() -> None:
+    tokenizer = qwen_tokenizer()
+    detok = IncrementalDetokenizer(tokenizer, policy=TextPolicy.from_tokenizer(tokenizer))
+    box = tokenizer.convert_tokens_to_ids("<|box_start|>")
+    assert detok.token_text(box) == "<|box_start|>"
+    assert detok.token_text(tokenizer.convert_tokens_to_ids("<|im_end|>")) == "<|im_end|>"
+    (word,) = tokenizer.encode("cat", add_special_tokens=False)[:1]
+    assert detok.token_text(word) == tokenizer.decode([word])
