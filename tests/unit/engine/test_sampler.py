@@ -140,3 +140,25 @@ def test_a_rows_filters_apply_whatever_the_rows_after_it_ask() -> None:
     # the neutral row after a penalised one is left as it was
     assert sampler(greedy_row, [seq([0], temperature=0.0, repetition_penalty=2.0),
                                 seq([0], **neutral)]).token_ids == [1, 0]
+
+
+def test_the_grammar_mask_applies_to_its_own_row_only() -> None:
+    from transformers import AutoTokenizer
+
+    from vlmserve.demo import WEIGHTS_DIR
+    from vlmserve.engine.structured import StructuredOutputs
+    from vlmserve.types import StructuredOutputSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(WEIGHTS_DIR)
+    engine = StructuredOutputs(tokenizer)
+    try:
+        (seven,) = tokenizer.encode("7", add_special_tokens=False)
+        vocab = len(tokenizer)
+        logits = torch.zeros(2, vocab)
+        logits[:, 5] = 9.0  # what both rows would take unconstrained
+        constrained = seq(temperature=0.0)
+        constrained.grammar = engine.matcher(StructuredOutputSpec("regex", "7"))
+        out = Sampler("cpu")(logits, [seq(temperature=0.0), constrained])
+        assert out.token_ids == [5, seven] and constrained.grammar.is_finished
+    finally:
+        engine.shutdown()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vlmserve.demo import WEIGHTS_DIR
-from vlmserve.engine.structured import StructuredOutputs, apply_bitmask, fill_bitmask
+from vlmserve.engine.structured import StructuredOutputs, accept_tokens, apply_bitmask, fill_bitmask
 from vlmserve.errors import InvalidRequestError
 from vlmserve.types import StructuredOutputSpec
 
@@ -117,10 +117,30 @@ def test_a_refusal_names_the_kind_and_keeps_the_first_300_characters_of_the_reas
 
 def test_rollback_and_reset_return_the_matcher_to_an_earlier_position(engine: StructuredOutputs,
                                                                       tokenizer: object) -> None:
-    matcher = engine.matcher(StructuredOutputSpec("regex", "ab"))
-    a, b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in "ab")  # type: ignore[attr-defined]
-    assert matcher.accept(a) and matcher.accept(b) and matcher.num_accepted == 2
-    matcher.rollback(1)  # back to just after "a": "b" is next again
-    assert matcher.num_accepted == 1 and matcher.accept(b) and matcher.num_accepted == 2
+    matcher = engine.matcher(StructuredOutputSpec("regex", "abc"))
+    a, b, c = (tokenizer.encode(x, add_special_tokens=False)[0] for x in "abc")  # type: ignore[attr-defined]
+    assert matcher.accept(a) and matcher.accept(b) and matcher.accept(c) and matcher.num_accepted == 3
+    matcher.rollback(1)  # back to just after "ab": "c" is next again
+    assert matcher.num_accepted == 2 and matcher.accept(c) and matcher.num_accepted == 3
     matcher.reset()  # back to the start: "a" is next again
     assert matcher.num_accepted == 0 and matcher.accept(a) and matcher.num_accepted == 1
+
+
+def test_several_matchers_advance_each_on_its_own_token(engine: StructuredOutputs, tokenizer: object,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "_executor", None)  # the shared executor is made on first use
+    digits, letters = engine.matcher(StructuredOutputSpec("regex", "[0-9]+")), engine.matcher(
+        StructuredOutputSpec("regex", "[a-z]+"))
+    (seven,) = tokenizer.encode("7", add_special_tokens=False)  # type: ignore[attr-defined]
+    (x,) = tokenizer.encode("x", add_special_tokens=False)  # type: ignore[attr-defined]
+    bitmask = fill_bitmask([digits, letters], engine.tokenizer.vocab_size)
+    logits = torch.zeros(2, engine.tokenizer.vocab_size)
+    apply_bitmask(logits, bitmask, [0, 1])
+    assert logits[0, seven] == 0 and logits[0, x] == float("-inf")
+    assert logits[1, x] == 0 and logits[1, seven] == float("-inf")
+    accept_tokens([digits, letters], [seven, x])
+    accept_tokens([digits, letters], [seven, seven])  # the second is refused by the letters' grammar
+    assert (digits.num_accepted, letters.num_accepted) == (2, 1)
+    assert not digits.is_error and letters.is_error
