@@ -20,6 +20,8 @@ from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.model_runner import ModelRunner
+from vlmserve.engine.parallel import group as parallel_group
+from vlmserve.engine.parallel.step import StepChannel
 from vlmserve.engine.protocol import CoreOutput, Emit
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import SamplerOutput
@@ -27,9 +29,16 @@ from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
-from vlmserve.errors import RequestError
+from vlmserve.errors import ContextLengthError, RequestError
 from vlmserve.models.base import ModelAdapter
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PreparedPrompt, SamplingParams
+from vlmserve.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    PreparedPrompt,
+    RequestTimings,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +58,10 @@ class PagedEngineCore:
 
     def __init__(self, adapter: ModelAdapter, config: EngineConfig) -> None:
         self._adapter = adapter
-        num_blocks = config.num_kv_blocks or self._default_num_blocks(adapter, config)
-        # A sequence must fit the whole pool alone, or preemption could never make room for it.
-        self.max_model_len = min(adapter.max_model_len, num_blocks * config.block_size)
-        if self.max_model_len < adapter.max_model_len:
-            logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
-                           "(raise --num-kv-blocks or --kv-cache-memory-fraction)", self.max_model_len,
-                           num_blocks, config.block_size)
+        num_blocks, self.max_model_len = kv_cache_size(adapter, config)
+        tp_group = parallel_group.current() if config.tensor_parallel_size > 1 else None
+        if config.tensor_parallel_size > 1 and tp_group is None:
+            raise RuntimeError("--tensor-parallel-size > 1: start the engine through vlmserve.engine.parallel.launch")
         self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
@@ -66,7 +72,8 @@ class PagedEngineCore:
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs,
                                   compile_decoder=config.compile_decoder,
-                                  enable_vision_graphs=config.enable_vision_graphs)
+                                  enable_vision_graphs=config.enable_vision_graphs,
+                                  channel=StepChannel(tp_group) if tp_group is not None else None)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
         self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
@@ -102,6 +109,7 @@ class PagedEngineCore:
             self.runner.sampler.release(preempted.sampling)  # its sampling row is rebuilt when it runs again
         if not scheduled.chunks:
             return
+        _stamp_first_schedule(scheduled.chunks)
         try:
             sequences, sampled = self.runner.execute(scheduled.chunks)
         except Exception as exc:  # incl. CUDA out-of-memory: find the culprit, keep serving the others
@@ -199,8 +207,23 @@ class PagedEngineCore:
         self.scheduler.finish(sequence)
         self.runner.sampler.release(sequence.sampling)
 
+    def check_prompt(self, prompt: PreparedPrompt) -> tuple[tuple[int, int], ...]:
+        """The prompt's bidirectional attention blocks; raises ContextLengthError for one longer than a step.
+        Safe to call from any thread (the client calls it before accepting a request, to answer 400)."""
+        blocks = self._adapter.attention_blocks(prompt)
+        budget = self.scheduler.max_num_batched_tokens
+        longest = max((stop - start for start, stop in blocks), default=0)
+        if longest > budget:
+            # the block's tokens attend to each other, so they must all be computed in one step
+            raise ContextLengthError(
+                f"the prompt has a bidirectional attention block of {longest} tokens (images and, for prefix-LM "
+                f"models, the prompt text), more than one engine step's {budget} tokens; raise "
+                "--max-num-batched-tokens", param="messages")
+        return blocks
+
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
         sequence = self._new_sequence(request)
+        sequence.attention_blocks = self.check_prompt(request.prompt)
         self._counters["prompt"] += request.prompt.num_tokens
         return sequence
 
@@ -233,7 +256,7 @@ class PagedEngineCore:
                 self._counters["finished"] += 1
             outputs.append(CoreOutput(sequence.request_id, [token], finish,
                                       new_logprobs=[logprobs] if logprobs is not None else None,
-                                      num_cached_tokens=sequence.num_cached_tokens))
+                                      num_cached_tokens=sequence.num_cached_tokens, timings=_timings(sequence)))
         self._count_step(len(outputs))
         return outputs
 
@@ -270,10 +293,42 @@ class PagedEngineCore:
             num_prompt_tokens=c["prompt"], generation_tokens_per_s=rate, num_aborted=c["aborted"],
             num_finished=c["finished"], engine=self.name)
 
-    @staticmethod
-    def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
-        if adapter.device.type != "cuda":
-            return DEFAULT_CPU_BLOCKS
-        from vlmserve.engine.memory import profile_num_blocks
 
-        return profile_num_blocks(adapter, config)
+def kv_cache_size(adapter: ModelAdapter, config: EngineConfig) -> tuple[int, int]:
+    """(KV blocks, context limit) of the engine's cache. With tensor parallelism every rank computes its own and
+    all take the smallest (the memory profile is a forward all ranks run together, in the same order)."""
+    num_blocks = config.num_kv_blocks or _default_num_blocks(adapter, config)
+    tp_group = parallel_group.current() if config.tensor_parallel_size > 1 else None
+    if tp_group is not None:
+        num_blocks = tp_group.agree_min(num_blocks)
+    # A sequence must fit the whole pool alone, or preemption could never make room for it.
+    max_model_len = min(adapter.max_model_len, num_blocks * config.block_size)
+    if max_model_len < adapter.max_model_len:
+        logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
+                       "(raise --num-kv-blocks or --kv-cache-memory-fraction)", max_model_len,
+                       num_blocks, config.block_size)
+    return num_blocks, max_model_len
+
+
+def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
+    if adapter.device.type != "cuda":
+        return DEFAULT_CPU_BLOCKS
+    from vlmserve.engine.memory import profile_num_blocks
+
+    return profile_num_blocks(adapter, config)
+
+
+def _stamp_first_schedule(chunks: list[ScheduledChunk]) -> None:
+    now = time.monotonic()
+    for chunk in chunks:
+        if chunk.sequence.first_scheduled_time is None:
+            chunk.sequence.first_scheduled_time = now
+
+
+def _timings(sequence: Sequence) -> RequestTimings | None:
+    """The sequence's queue and tower timings, once: on its first output (later outputs carry None)."""
+    if sequence.is_timing_sent or sequence.first_scheduled_time is None:
+        return None
+    sequence.is_timing_sent = True
+    return RequestTimings(queue_time_s=sequence.first_scheduled_time - sequence.request.arrival_time,
+                          vision_encoder_s=sequence.vision_encoder_s, num_images_encoded=sequence.num_images_encoded)

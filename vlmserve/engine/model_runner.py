@@ -23,9 +23,11 @@ from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.parallel.step import EAGER, GRAPHED, ForwardPlan, StepChannel
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
+from vlmserve.engine.vision_timing import share_by_images, timed
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import PreparedPrompt
 
@@ -108,8 +110,12 @@ class _Rows:
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
-                 compile_decoder: bool = False, enable_vision_graphs: bool = False) -> None:
+                 compile_decoder: bool = False, enable_vision_graphs: bool = False,
+                 channel: StepChannel | None = None, computes_logits: bool = True) -> None:
+        """`channel`: with tensor parallelism, rank 0's runner sends each forward's inputs through it first (the
+        workers run the same forward on their shards); `computes_logits` is False on the workers."""
         self.adapter = adapter
+        self._channel = channel
         self.cache = cache
         self.image_cache = image_cache
         self.device = adapter.device
@@ -120,7 +126,7 @@ class ModelRunner:
         if enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
-                                            compile_decoder=compile_decoder)
+                                            compile_decoder=compile_decoder, computes_logits=computes_logits)
                 if enable_vision_graphs:
                     adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
@@ -142,6 +148,9 @@ class ModelRunner:
         logits: list[torch.Tensor] = []
         if eager:
             step = self._prepare(eager)
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(EAGER, step.inputs_embeds, step.position_ids, step.attention,
+                                                  step.decoder_extras))
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
                                                  use_cache=False, **step.decoder_extras)
@@ -153,18 +162,35 @@ class ModelRunner:
             step = self._prepare(graphed)
             positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
             sequences += step.sample_sequences
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(GRAPHED, step.inputs_embeds[0], positions, step.attention))
             logits.append(self._graphs.run(step.inputs_embeds[0], positions, step.attention))
         if not sequences:
             return [], None
         batch_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         return sequences, self.sampler(batch_logits, [s.sampling for s in sequences])
 
+    @torch.inference_mode()
+    def run_plan(self, plan: ForwardPlan) -> None:
+        """A tensor-parallel worker's side of one forward rank 0 announced: the same forward, on this rank's
+        shard and KV cache; the output stays here (only rank 0 computes logits)."""
+        batch = plan.attention(self.cache)
+        if plan.kind == GRAPHED:
+            assert self._graphs is not None, "rank 0 replays a decode graph this worker did not capture"
+            self._graphs.run(plan.tensors["embeds"], plan.tensors["positions"], batch)
+            return
+        with batch.active():
+            self.adapter.text_model(inputs_embeds=plan.tensors["embeds"], position_ids=plan.tensors["positions"],
+                                    use_cache=False, **plan.extras())
+
     def _partition(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
         """(chunks for the decode graph, chunks to run eagerly)."""
         if self._graphs is None:
             return [], chunks
         # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
-        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None]
+        # and so does one inside a bidirectional prompt block: graphs know no blocks
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None
+                   and not _in_attention_block(c)]
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
         chosen = {id(c) for c in graphed}
@@ -210,7 +236,8 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
+            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens),
+            block_bounds=_block_bounds(chunks, device), blocks_spare_window=self.adapter.blocks_spare_window)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
@@ -222,6 +249,7 @@ class ModelRunner:
         from the embedding cache, or from one vision-tower call over all the images it lacks."""
         features: dict[int, list[torch.Tensor]] = {}  # by id of the prompt (n > 1 siblings share one)
         missing: dict[int, PreparedPrompt] = {}
+        encoded_for: dict[int, Sequence] = {}  # the sequence a prompt's tower time is reported on (one sibling)
         for sequence in sequences:
             prompt = sequence.request.prompt
             if id(prompt) in features or id(prompt) in missing:
@@ -231,8 +259,14 @@ class ModelRunner:
                 features[id(prompt)] = cached or []
             else:
                 missing[id(prompt)] = prompt
+                encoded_for[id(prompt)] = sequence
         if missing:
-            encoded = self.adapter.encode_image_batch(list(missing.values()))
+            with timed(self.device) as elapsed:
+                encoded = self.adapter.encode_image_batch(list(missing.values()))
+            counts = [len(prompt.image_hashes) for prompt in missing.values()]
+            for key, seconds, count in zip(missing, share_by_images(elapsed[0], counts), counts, strict=True):
+                encoded_for[key].vision_encoder_s += seconds
+                encoded_for[key].num_images_encoded += count
             for prompt, prompt_features in zip(missing.values(), encoded, strict=True):
                 features[id(prompt)] = prompt_features
                 if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):
@@ -244,6 +278,29 @@ class ModelRunner:
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
             sequence.prompt_extras = embedding.extras
+
+
+def _in_attention_block(chunk: ScheduledChunk) -> bool:
+    return bool(chunk.sequence.attention_blocks) and chunk.start < chunk.sequence.num_prompt_tokens
+
+
+def _block_bounds(chunks: list[ScheduledChunk], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of the step, the first and last key of its bidirectional block (its own index twice outside any);
+    None when no chunk has a row in one."""
+    if not any(_in_attention_block(c) for c in chunks):
+        return None
+    first: list[int] = []
+    last: list[int] = []
+    for chunk in chunks:
+        row = len(first)
+        first += range(chunk.start, chunk.end)
+        last += range(chunk.start, chunk.end)
+        for block_start, block_end in chunk.sequence.attention_blocks if _in_attention_block(chunk) else ():
+            for index in range(max(block_start, chunk.start), min(block_end, chunk.end)):
+                first[row + index - chunk.start] = block_start
+                last[row + index - chunk.start] = block_end - 1
+    return (torch.tensor(first, dtype=torch.int32, device=device),
+            torch.tensor(last, dtype=torch.int32, device=device))
 
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:
