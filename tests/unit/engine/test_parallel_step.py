@@ -32,3 +32,21 @@ def test_plan_carries_attention_metadata_and_stacked_extras() -> None:
     # one flat buffer per dtype: float32 (embeds, deepstack), int64, int32, bool (sent as bytes)
     assert set(groups) == {torch.float32, torch.int64, torch.int32, torch.bool}
     assert sum(len(members) for members in groups.values()) == len(plan.tensors)
+
+
+def test_plan_carries_bidirectional_blocks() -> None:
+    # Gemma 3 / PaliGemma steps: workers must mask exactly as rank 0 does, blocks and the window rule included.
+    cache = KVCache.allocate(KVLayout(num_layers=1, num_kv_heads=1, head_dim=4), 4, 2, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    bounds = (torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([0, 2, 2], dtype=torch.int32))
+    for spare in (False, True):
+        batch = AttentionBatch(cache, torch.arange(3), torch.tensor([0, 3], dtype=torch.int32),
+                               torch.tensor([3], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32),
+                               max_q_len=3, max_seq_len=3, block_bounds=bounds, blocks_spare_window=spare)
+        rebuilt = ForwardPlan.of(EAGER, torch.randn(1, 3, 8), torch.arange(3), batch).attention(cache)
+        assert rebuilt.block_bounds is not None and rebuilt.blocks_spare_window is spare
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt.block_bounds, bounds, strict=True))
+    causal = AttentionBatch(cache, torch.arange(3), torch.tensor([0, 3], dtype=torch.int32),
+                            torch.tensor([3], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32),
+                            max_q_len=3, max_seq_len=3)
+    assert ForwardPlan.of(EAGER, torch.randn(1, 3, 8), torch.arange(3), causal).attention(cache).block_bounds is None

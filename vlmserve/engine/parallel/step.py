@@ -40,17 +40,26 @@ class ForwardPlan:
            extras: dict[str, Any] | None = None) -> ForwardPlan:
         tensors = {"embeds": embeds, "positions": positions,
                    **{name: getattr(batch, name) for name in _ATTENTION_TENSORS}}
+        if batch.block_bounds is not None:  # Gemma 3 / PaliGemma: the bidirectional blocks of this step
+            tensors["block_first"], tensors["block_last"] = batch.block_bounds
         stacked = []
         for name, value in (extras or {}).items():
             if isinstance(value, (list, tuple)):
                 value = torch.stack(list(value))
                 stacked.append(name)
             tensors[f"extra.{name}"] = value
-        return cls(kind, tensors, {"max_q_len": batch.max_q_len, "max_seq_len": batch.max_seq_len}, tuple(stacked))
+        scalars = {"max_q_len": batch.max_q_len, "max_seq_len": batch.max_seq_len,
+                   "blocks_spare_window": int(batch.blocks_spare_window)}
+        return cls(kind, tensors, scalars, tuple(stacked))
 
     def attention(self, cache: KVCache) -> AttentionBatch:
-        return AttentionBatch(cache=cache, **{name: self.tensors[name] for name in _ATTENTION_TENSORS},
-                              max_q_len=self.scalars["max_q_len"], max_seq_len=self.scalars["max_seq_len"])
+        bounds = None
+        if "block_first" in self.tensors:
+            bounds = (self.tensors["block_first"], self.tensors["block_last"])
+        return AttentionBatch(cache, self.tensors["slot_mapping"], self.tensors["cu_seqlens_q"],
+                              self.tensors["seq_lens"], self.tensors["block_tables"],
+                              max_q_len=self.scalars["max_q_len"], max_seq_len=self.scalars["max_seq_len"],
+                              block_bounds=bounds, blocks_spare_window=bool(self.scalars["blocks_spare_window"]))
 
     def extras(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
