@@ -51,3 +51,17 @@ def test_partial_stop_string_is_released_when_it_does_not_complete() -> None:
 def test_earliest_of_several_stop_strings_wins() -> None:
     pieces, detok = stream("one two three", stop=("three", "two"))
     assert "".join(pieces) == "one " and detok.stopped_by == "two"
+
+
+def test_only_what_could_still_begin_a_stop_string_is_held_back() -> None:
+    # one byte per token: with a 3-character stop string, all but the last 2 characters are out at every step
+    text = "abcdefgh"
+    detok = IncrementalDetokenizer(TOKENIZER, ("XYZ",))
+    emitted = ""
+    for i, token in enumerate(TOKENIZER.encode(text, add_special_tokens=False), start=1):
+        emitted += detok.add_tokens([token])
+        assert emitted == text[:max(0, i - 2)]
+    assert emitted + detok.flush() == text
+    # without stop strings nothing is held back
+    plain = IncrementalDetokenizer(TOKENIZER)
+    assert [plain.add_tokens([t]) for t in TOKENIZER.encode("abc", add_special_tokens=False)] == ["a", "b", "c"]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vlmserve.demo import WEIGHTS_DIR
-from vlmserve.engine.structured import StructuredOutputs, apply_bitmask, fill_bitmask
+from vlmserve.engine.structured import StructuredOutputs, accept_tokens, apply_bitmask, fill_bitmask
 from vlmserve.errors import InvalidRequestError
 from vlmserve.types import StructuredOutputSpec
 
@@ -97,3 +97,50 @@ def test_bitmask_allows_exactly_what_the_matcher_allows(engine: StructuredOutput
             assert all("cat".startswith(x) or "dog".startswith(x) for x in texts)
         else:
             assert all(x.isdigit() for x in texts)
+
+
+def test_a_refusal_names_the_kind_and_keeps_the_first_300_characters_of_the_reason(
+        engine: StructuredOutputs) -> None:
+    prefix = "cannot be enforced by this server's grammar engine (llguidance): "
+    cases = [(StructuredOutputSpec("regex", "a(b"), "the regex "),
+             (StructuredOutputSpec("grammar", "start: undefined_rule"), "the grammar "),
+             (StructuredOutputSpec("json_schema", json.dumps({"type": "string", "format": "no-such-format"})),
+              "the JSON schema ")]
+    for spec, kind in cases:
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.matcher(spec)
+        assert caught.value.message.startswith(kind + prefix)
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.matcher(StructuredOutputSpec("grammar", "start: " + "u" * 400))  # llguidance repeats the name
+    assert caught.value.message == 'the grammar ' + prefix + 'at 1(8): unknown name: "' + ("u" * 400)[:300 - 24]
+
+
+def test_rollback_and_reset_return_the_matcher_to_an_earlier_position(engine: StructuredOutputs,
+                                                                      tokenizer: object) -> None:
+    matcher = engine.matcher(StructuredOutputSpec("regex", "abc"))
+    a, b, c = (tokenizer.encode(x, add_special_tokens=False)[0] for x in "abc")  # type: ignore[attr-defined]
+    assert matcher.accept(a) and matcher.accept(b) and matcher.accept(c) and matcher.num_accepted == 3
+    matcher.rollback(1)  # back to just after "ab": "c" is next again
+    assert matcher.num_accepted == 2 and matcher.accept(c) and matcher.num_accepted == 3
+    matcher.reset()  # back to the start: "a" is next again
+    assert matcher.num_accepted == 0 and matcher.accept(a) and matcher.num_accepted == 1
+
+
+def test_several_matchers_advance_each_on_its_own_token(engine: StructuredOutputs, tokenizer: object,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "_executor", None)  # the shared executor is made on first use
+    digits, letters = engine.matcher(StructuredOutputSpec("regex", "[0-9]+")), engine.matcher(
+        StructuredOutputSpec("regex", "[a-z]+"))
+    (seven,) = tokenizer.encode("7", add_special_tokens=False)  # type: ignore[attr-defined]
+    (x,) = tokenizer.encode("x", add_special_tokens=False)  # type: ignore[attr-defined]
+    bitmask = fill_bitmask([digits, letters], engine.tokenizer.vocab_size)
+    logits = torch.zeros(2, engine.tokenizer.vocab_size)
+    apply_bitmask(logits, bitmask, [0, 1])
+    assert logits[0, seven] == 0 and logits[0, x] == float("-inf")
+    assert logits[1, x] == 0 and logits[1, seven] == float("-inf")
+    accept_tokens([digits, letters], [seven, x])
+    accept_tokens([digits, letters], [seven, seven])  # the second is refused by the letters' grammar
+    assert (digits.num_accepted, letters.num_accepted) == (2, 1)
+    assert not digits.is_error and letters.is_error

@@ -110,3 +110,65 @@ def test_stop_strings_still_cut_the_text_with_markup_kept() -> None:
     detok = IncrementalDetokenizer(tokenizer, ("STOP",), policy=TextPolicy.from_tokenizer(tokenizer))
     text = "".join(detok.add_tokens([token]) for token in ids) + detok.flush()
     assert text == QWEN_ANSWER + " " and detok.stopped_by == "STOP"
+
+
+def test_spaced_text_decoded_in_one_window_keeps_every_piece() -> None:
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.encode("a <|box_start|>(1,2)<|box_end|> b<|box_start|>c", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, policy=TextPolicy.from_tokenizer(tokenizer),
+                                   spaces_between_special_tokens=True)
+    assert detok.add_tokens(ids) + detok.flush() == "a  <|box_start|> (1,2) <|box_end|>  b <|box_start|> c"
+
+
+def test_a_logprob_token_is_shown_as_its_own_text_special_or_not() -> None:
+    tokenizer = qwen_tokenizer()
+    detok = IncrementalDetokenizer(tokenizer, policy=TextPolicy.from_tokenizer(tokenizer))
+    box = tokenizer.convert_tokens_to_ids("<|box_start|>")
+    assert detok.token_text(box) == "<|box_start|>"
+    assert detok.token_text(tokenizer.convert_tokens_to_ids("<|im_end|>")) == "<|im_end|>"
+    (word,) = tokenizer.encode("cat", add_special_tokens=False)[:1]
+    assert detok.token_text(word) == tokenizer.decode([word])
+
+
+def test_adjacent_special_tokens_are_each_spaced_when_streamed() -> None:
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.encode("x<|box_start|><|box_end|><|box_start|>y", add_special_tokens=False)
+    pieces = stream(tokenizer, ids, spaces_between_special_tokens=True)
+    assert "".join(pieces) == "x <|box_start|> <|box_end|> <|box_start|> y"
+
+
+class _Token:
+    def __init__(self, content: str, **flags: bool) -> None:
+        self.content = content
+        self.__dict__.update(flags)
+
+
+class _NamedOnly:
+    """A tokenizer that names its special ids (all_special_ids, None for an unset one) without an added-tokens
+    table."""
+
+    all_special_ids = [3, None, 7]
+
+    @staticmethod
+    def convert_ids_to_tokens(token_id: int) -> str:
+        return {3: "<|box_start|>", 7: "</s>"}[token_id]
+
+
+class _TableOnly:
+    """An added-tokens table whose entries may lack the `special` flag (then they are ordinary text)."""
+
+    added_tokens_decoder = {5: _Token("<|box_end|>"), 6: _Token("<s>", special=True),
+                            8: _Token("<ref>", special=True)}
+
+
+def test_special_tokens_are_found_by_name_or_by_flag() -> None:
+    named = TextPolicy.from_tokenizer(_NamedOnly())
+    assert (named.markup_ids, named.control_ids) == ({3}, {7})
+    table = TextPolicy.from_tokenizer(_TableOnly())
+    assert (table.markup_ids, table.control_ids) == ({8}, {6})
+
+
+def test_the_default_policy_keeps_the_answers_whitespace() -> None:
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.encode("\n A cat. ", add_special_tokens=False)
+    assert "".join(stream(tokenizer, ids)) == "\n A cat. "
