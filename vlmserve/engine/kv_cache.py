@@ -46,13 +46,15 @@ def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -
 def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Seq[int]], num_tokens: int,
                         prompt: PreparedPrompt, cache_salt: str | None, block_size: int) -> list[BlockHash]:
     """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
-    `num_tokens` tokens (`tokens(start, end)` reads them); images come from `prompt`'s spans. Returns `hashes`.
+    `num_tokens` tokens (`tokens(start, end)` reads them); images and videos come from `prompt`'s spans (a video's
+    hash covers its frames' pixels and timestamps). Returns `hashes`.
 
     The one definition of a block's prefix-cache key: the KV-cache manager and the Ray router both use it.
     """
     parent = hashes[-1] if hashes else root_hash(cache_salt)
     for start in range(len(hashes) * block_size, num_tokens - block_size + 1, block_size):
         images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + block_size)
+        images += images_in_range(prompt.video_spans, prompt.video_hashes, start, start + block_size)
         parent = hash_block(parent, tokens(start, start + block_size), images)
         hashes.append(parent)
     return hashes

@@ -238,13 +238,26 @@ class ModelRunner:
                 if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):
                     for image_hash, feature in zip(prompt.image_hashes, prompt_features, strict=True):
                         self.image_cache.put(image_hash, feature)
+        videos = {id(s.request.prompt): self._video_features(s.request.prompt) for s in sequences
+                  if s.request.prompt.video_hashes}
         for sequence in sequences:
-            embedding = self.adapter.embed_prompt(sequence.request.prompt, features[id(sequence.request.prompt)])
+            prompt = sequence.request.prompt
+            embedding = self.adapter.embed_prompt(prompt, features[id(prompt)], video_embeds=videos.get(id(prompt)))
             sequence.prompt_embeds = embedding.inputs_embeds
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
             sequence.prompt_extras = embedding.extras
 
+
+    def _video_features(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """The prompt's video features, from the embedding cache (keyed by video hash) or the vision tower."""
+        cached = self.image_cache.get_all(prompt.video_hashes)
+        if cached is not None:
+            return cached
+        encoded = self.adapter.encode_videos(prompt)
+        for video_hash, feature in zip(prompt.video_hashes, encoded, strict=True):
+            self.image_cache.put(video_hash, feature)
+        return encoded
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:
     """Whether the prompt's image runs pair one-to-one with its images (what the embedding cache needs)."""

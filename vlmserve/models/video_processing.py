@@ -1,0 +1,121 @@
+"""Video preprocessing for the Qwen-style grid families without torchvision, in the processor's video slot.
+
+transformers' video processors are written on torchvision (absent or broken beside many torch builds), so for the
+families on `VIDEO_FAMILIES` the processor's `video_processor` is replaced by `GridVideoProcessor`: the same
+steps as `Qwen2VLVideoProcessor` — `smart_resize` to a multiple of patch x merge, rescale, normalise, frames
+grouped by `temporal_patch_size` (the last frame repeated to fill a group), patches in the vision tower's merge
+order — on frames the media loader has already sampled and budgeted. The processor's own `__call__` then does
+the rest as it would with its own video processor: the video token expansion (with Qwen3-VL's per-frame
+timestamps from `video_metadata`), `mm_token_type_ids`, Qwen2.5-VL's `second_per_grid_ts`.
+
+NOTE: frames are resized with Pillow's bicubic filter, as the Pil image processors resize images; torchvision's
+resize (what transformers' video processors use) differs in the last bits of some pixels. And the resize bounds
+are the checkpoint's video `size` (min/max pixels per frame) under our own total budget (`--max-video-pixels`),
+not Qwen3-VL's own whole-video `smart_resize`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmserve.models.hf_processor import read_json
+
+#: model types whose processors take videos through `GridVideoProcessor`
+VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+
+_SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
+
+
+class GridVideoProcessor:
+    """Sampled RGB frames (PIL images) → `pixel_values_videos` (patches, features) and `video_grid_thw`."""
+
+    model_input_names = ["pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, *, patch_size: int, temporal_patch_size: int, merge_size: int, image_mean: list[float],
+                 image_std: list[float], min_pixels: int, max_pixels: int, rescale_factor: float = 1 / 255) -> None:
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.rescale_factor = rescale_factor
+
+    @classmethod
+    def for_checkpoint(cls, path: Path, image_processor: Any) -> GridVideoProcessor:
+        """Settings from the checkpoint's video processor config (either layout), else its image processor's."""
+        saved = _video_settings(path)
+        found: dict[str, Any] = {name: saved.get(name, getattr(image_processor, name, None)) for name in _SETTINGS}
+        settings: dict[str, Any] = {k: v for k, v in found.items() if v is not None}
+        size = saved.get("size") or getattr(image_processor, "size", None) or {}
+        min_pixels = saved.get("min_pixels") or size.get("shortest_edge") or 56 * 56
+        max_pixels = saved.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 768
+        return cls(min_pixels=int(min_pixels), max_pixels=int(max_pixels), **settings)
+
+    def __call__(self, videos: Any, *, video_metadata: Any = None, return_metadata: bool = False,
+                 return_tensors: Any = None, **ignored: Any) -> Any:
+        from transformers import BatchFeature
+
+        batch = _as_video_list(videos)
+        pieces = [self._patches(frames) for frames in batch]
+        data: dict[str, Any] = {
+            "pixel_values_videos": torch.cat([patches for patches, _ in pieces]),
+            "video_grid_thw": torch.tensor([grid for _, grid in pieces], dtype=torch.long),
+        }
+        feature = BatchFeature(data=data)
+        if return_metadata:
+            metadata = video_metadata if isinstance(video_metadata, list) else [video_metadata] * len(batch)
+            feature["video_metadata"] = metadata
+        return feature
+
+    def _patches(self, frames: list[Any]) -> tuple[torch.Tensor, list[int]]:
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        width, height = frames[0].size
+        new_height, new_width = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels,
+                                             max_pixels=self.max_pixels)
+        size = (new_width, new_height)
+        stacked = np.stack([np.asarray(frame.convert("RGB").resize(size, Image.Resampling.BICUBIC))
+                            for frame in frames]).astype(np.float32)
+        mean, std = np.array(self.image_mean, np.float32), np.array(self.image_std, np.float32)
+        normalised = ((stacked * np.float32(self.rescale_factor) - mean) / std).astype(np.float32)
+        video = torch.from_numpy(normalised).permute(0, 3, 1, 2)  # (frames, channels, height, width)
+        if pad := -video.shape[0] % self.temporal_patch_size:
+            video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        t, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        grid_t, grid_h, grid_w = video.shape[0] // t, new_height // p, new_width // p
+        patches = video.reshape(grid_t, t, 3, grid_h // m, m, p, grid_w // m, m, p)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(grid_t * grid_h * grid_w, 3 * t * p * p), [grid_t, grid_h, grid_w]
+
+
+def _as_video_list(videos: Any) -> list[list[Any]]:
+    """`videos` as processors receive them (one video = a list of frames, or a list of such) → list of videos."""
+    if isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], (list, tuple)):
+        return [list(video) for video in videos]
+    return [list(videos)]
+
+
+def _video_settings(path: Path) -> dict[str, Any]:
+    """The video processor's saved settings: nested in processor_config.json (transformers 5's own save) or the
+    Hub's video_preprocessor_config.json; {} when the checkpoint has neither."""
+    nested = read_json(path / "processor_config.json").get("video_processor")
+    if isinstance(nested, dict):
+        return nested
+    return read_json(path / "video_preprocessor_config.json")
+
+
+def install_video_processor(processor: Any, path: Path, model_type: str) -> bool:
+    """Put a `GridVideoProcessor` in `processor`'s video slot when the family takes videos that way."""
+    image_processor = getattr(processor, "image_processor", None)
+    if model_type not in VIDEO_FAMILIES or image_processor is None or not hasattr(processor, "video_token"):
+        return False
+    processor.video_processor = GridVideoProcessor.for_checkpoint(path, image_processor)
+    return True
