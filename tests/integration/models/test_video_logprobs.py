@@ -21,6 +21,7 @@ from tests.fixtures.videos import make_video
 from tests.integration.engine.conftest import engine_config, image
 from tests.integration.models.test_paged_logprobs import MAX_TOKENS, TOLERANCE, _largest_difference, _run
 from vlmserve.config import ModelConfig
+from vlmserve.errors import UnsupportedFeatureError
 from vlmserve.engine.core import PagedEngineCore
 from vlmserve.engine.kv_cache import extend_block_hashes
 from vlmserve.engine.paged_check import reference_logprobs
@@ -33,7 +34,7 @@ from vlmserve.types import ChatMessage, ImagePart, PreparedPrompt, TextPart, Vid
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _video(seed: int) -> VideoPart:
@@ -109,3 +110,13 @@ def test_prefix_cache_key_covers_the_video(tmp_path: Path) -> None:
     first_video_block = prompt.video_spans[0].start // 4
     assert other[:first_video_block] == same_a[:first_video_block]
     assert all(x != y for x, y in zip(other[first_video_block:], same_a[first_video_block:], strict=True))
+
+
+def test_a_family_without_a_video_path_refuses_videos_clearly(tmp_path: Path) -> None:
+    adapter = load_model(ModelConfig(model=str(FAMILIES["llava_onevision"].build(tmp_path / "ov"))))
+    assert adapter.video_token_id is None  # its processor takes videos in transformers, not here (yet)
+    renderer = PromptRenderer(adapter.processor, image_token_id=adapter.image_token_id,
+                              max_model_len=adapter.max_model_len, video_token_id=adapter.video_token_id,
+                              model_family=adapter.family)
+    with pytest.raises(UnsupportedFeatureError, match="video input is not supported for llava_onevision models"):
+        renderer.render([ChatMessage("user", (_video(0), TextPart("What happens?")))])
