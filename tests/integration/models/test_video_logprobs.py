@@ -21,10 +21,10 @@ from tests.fixtures.videos import make_video
 from tests.integration.engine.conftest import engine_config, image
 from tests.integration.models.test_paged_logprobs import MAX_TOKENS, TOLERANCE, _largest_difference, _run
 from vlmserve.config import ModelConfig
-from vlmserve.errors import UnsupportedFeatureError
 from vlmserve.engine.core import PagedEngineCore
 from vlmserve.engine.kv_cache import extend_block_hashes
 from vlmserve.engine.paged_check import reference_logprobs
+from vlmserve.errors import UnsupportedFeatureError
 from vlmserve.models.hf import split_video_groups
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.decode import image_hash
