@@ -18,9 +18,21 @@ from vlmserve.demo.shapes import (
     QUESTION_TYPES,
     SHAPES,
     Scene,
+    describe,
     random_question,
     random_scene,
     render,
+)
+from vlmserve.demo.tools import (
+    JSON_REQUESTS,
+    JSON_SUFFIX,
+    REPORT_REQUESTS,
+    REPORT_SHAPES_TOOL,
+    TOOL_NAME,
+    TOOL_RESULTS,
+    json_answer,
+    summary,
+    tool_call_arguments,
 )
 
 SYSTEM_PROMPTS = [
@@ -44,7 +56,18 @@ OTHER_PROMPTS = [
 ]
 
 #: how often each question type is drawn in training: the harder ones a little more
-TRAIN_TYPE_WEIGHTS = {1: 1.0, 2: 1.0, 3: 1.2, 4: 1.3, 5: 1.2, 6: 1.4, 7: 1.5}
+TRAIN_TYPE_WEIGHTS = {1: 1.0, 2: 1.4, 3: 1.0, 4: 1.2, 5: 1.4, 6: 1.5, 7: 1.3}
+
+#: answer types beyond the seven questions: a report_shapes call, the summary after its result, a JSON answer
+TOOL_CALL_QTYPE = 8
+TOOL_SUMMARY_QTYPE = 9
+JSON_QTYPE = 10
+#: how often a group of conversations offers the tool; how often a turn is a report request (tool offered) or asks
+#: for JSON; how often a report request comes without the tool (then answered like "Describe the image.")
+TOOLS_FRACTION = 0.3
+REPORT_FRACTION = 0.45
+JSON_FRACTION = 0.1
+PLAIN_REPORT_FRACTION = 0.04
 
 
 @dataclass
@@ -57,6 +80,8 @@ class Conversation:
     scene: Scene | None = None
     #: the question type of each assistant turn (0: no image)
     qtypes: list[int] = field(default_factory=list)
+    #: the tools the request offers (OpenAI tool objects), or None
+    tools: list[dict] | None = None
 
 
 def vary(question: str, rng: random.Random) -> str:
@@ -99,20 +124,43 @@ def no_image_conversation(rng: random.Random) -> Conversation:
     return conv
 
 
+def _first_turn(text: str, turn: int, rng: random.Random) -> str | list[dict]:
+    if turn:
+        return text
+    parts = [{"type": "image"}, {"type": "text", "text": text}]
+    return parts if rng.random() < 0.7 else parts[::-1]
+
+
+def _report_turns(conv: Conversation, scene: Scene, content: str | list[dict], rng: random.Random) -> None:
+    """A report request with the tool offered: the call, the tool's result, the one-sentence summary."""
+    call_id = f"call_{rng.getrandbits(40):010x}"
+    conv.messages.append({"role": "user", "content": content})
+    conv.messages.append({"role": "assistant", "content": "", "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": TOOL_NAME, "arguments": tool_call_arguments(scene)}}]})
+    conv.messages.append({"role": "tool", "content": rng.choice(TOOL_RESULTS), "tool_call_id": call_id})
+    conv.messages.append({"role": "assistant", "content": summary(scene)})
+    conv.qtypes += [TOOL_CALL_QTYPE, TOOL_SUMMARY_QTYPE]
+
+
 def _image_turns(conv: Conversation, scene: Scene, rng: random.Random) -> None:
     if rng.random() < 0.05:  # a user who first forgot the picture
         conv.messages.append({"role": "user", "content": _random_other_question(rng)})
         conv.messages.append({"role": "assistant", "content": NO_IMAGE_ANSWER})
         conv.qtypes.append(0)
     for turn in range(_num_turns(rng)):
-        question, answer, qtype = random_question(scene, rng, weights=TRAIN_TYPE_WEIGHTS)
-        text = vary(question, rng)
-        if turn == 0:
-            parts = [{"type": "image"}, {"type": "text", "text": text}]
-            content: str | list[dict] = parts if rng.random() < 0.7 else parts[::-1]
+        roll = rng.random()
+        if conv.tools and roll < REPORT_FRACTION:
+            _report_turns(conv, scene, _first_turn(vary(rng.choice(REPORT_REQUESTS), rng), turn, rng), rng)
+            continue
+        if roll > 1 - JSON_FRACTION:
+            question, answer, qtype = f"{rng.choice(JSON_REQUESTS)} {JSON_SUFFIX}", json_answer(scene), JSON_QTYPE
+        elif not conv.tools and roll < PLAIN_REPORT_FRACTION:
+            question, answer, qtype = rng.choice(REPORT_REQUESTS), describe(scene), 7
+            question = vary(question, rng)
         else:
-            content = text
-        conv.messages.append({"role": "user", "content": content})
+            question, answer, qtype = random_question(scene, rng, weights=TRAIN_TYPE_WEIGHTS)
+            question = vary(question, rng)
+        conv.messages.append({"role": "user", "content": _first_turn(question, turn, rng)})
         conv.messages.append({"role": "assistant", "content": answer})
         conv.qtypes.append(qtype)
 
@@ -124,9 +172,10 @@ def image_conversations(rng: random.Random, count: int = 1) -> list[Conversation
     """
     scene = random_scene(rng)
     image = render(scene)
+    tools = [REPORT_SHAPES_TOOL] if rng.random() < TOOLS_FRACTION else None
     conversations = []
     for _ in range(count):
-        conv = Conversation(messages=_system(rng), image=image, scene=scene)
+        conv = Conversation(messages=_system(rng), image=image, scene=scene, tools=tools)
         _image_turns(conv, scene, rng)
         conversations.append(conv)
     return conversations

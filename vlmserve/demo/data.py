@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlmserve.demo.conversations import Conversation, conversation_group
+from vlmserve.demo.tools import render_like_server
 from vlmserve.demo.vision_labels import token_labels
 
 IGNORE_INDEX = -100
@@ -50,7 +51,8 @@ class ConversationEncoder:
         self._rope = _RopeIndexer(config)
 
     def render(self, conv: Conversation) -> str:
-        return self.processor.apply_chat_template(conv.messages, tokenize=False)
+        """The conversation as the server renders a request (tools included), see `tools.render_like_server`."""
+        return render_like_server(self.processor.chat_template, conv.messages, conv.tools)
 
     def encode(self, conv: Conversation) -> dict[str, torch.Tensor]:
         """One conversation through the processor's own `__call__`, exactly as the server encodes a prompt."""

@@ -10,6 +10,7 @@ without an image. Exits with status 1 if any row is below `--min-accuracy` (0.97
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmserve.demo.conversations import OTHER_PROMPTS, vary
+from vlmserve.demo.conversations import JSON_QTYPE, OTHER_PROMPTS, TOOL_CALL_QTYPE, TOOL_SUMMARY_QTYPE, vary
 from vlmserve.demo.data import load_demo_processor
 from vlmserve.demo.shapes import (
     COLORS,
@@ -34,9 +35,27 @@ from vlmserve.demo.shapes import (
     render,
     sample_qa,
 )
+from vlmserve.demo.tools import (
+    JSON_REQUESTS,
+    JSON_SUFFIX,
+    REPORT_REQUESTS,
+    REPORT_SHAPES_TOOL,
+    TOOL_NAME,
+    TOOL_RESULTS,
+    json_answer,
+    parse_tool_call,
+    render_like_server,
+    summary,
+    tool_call_arguments,
+    tool_call_text,
+    validate_shapes,
+)
 
 MULTI_TURN_ROW = "later turn"
 NO_IMAGE_ROW = "no image"
+TOOLS_PLAIN_ROW = "tool offered, a plain question"
+EXTRA_ROWS = {TOOL_CALL_QTYPE: "report_shapes call (tool offered, report request)",
+              TOOL_SUMMARY_QTYPE: "summary after the tool's result", JSON_QTYPE: "Answer in JSON."}
 
 
 @dataclass
@@ -48,6 +67,7 @@ class Case:
     image: Image.Image | None
     expected: str
     qtype: int
+    tools: list[dict] | None = None
 
 
 def single_turn_cases(seed: int, num: int) -> list[Case]:
@@ -87,8 +107,52 @@ def no_image_cases(seed: int, num: int) -> list[Case]:
     return cases
 
 
+def tool_cases(seed: int, num: int) -> list[Case]:
+    """Per new type `num` cases: the report_shapes call, the summary once its result is back, a JSON answer (half
+    of them with the tool offered), and one of the seven questions with the tool offered (a plain answer)."""
+    cases = []
+    for i in range(num):
+        rng = random.Random(f"eval-tools:{seed}:{i}")
+        scene = random_scene(rng)
+        image = render(scene)
+        tools = [REPORT_SHAPES_TOOL]
+        request = [{"type": "image"}, {"type": "text", "text": rng.choice(REPORT_REQUESTS)}]
+        call = {"id": "call_0", "type": "function",
+                "function": {"name": TOOL_NAME, "arguments": tool_call_arguments(scene)}}
+        cases.append(Case(str(TOOL_CALL_QTYPE), [{"role": "user", "content": request}], image,
+                          tool_call_text(scene), TOOL_CALL_QTYPE, tools))
+        followed: list[dict] = [{"role": "user", "content": request},
+                                 {"role": "assistant", "content": "", "tool_calls": [call]},
+                                 {"role": "tool", "content": rng.choice(TOOL_RESULTS), "tool_call_id": "call_0"}]
+        cases.append(Case(str(TOOL_SUMMARY_QTYPE), followed, image, summary(scene), TOOL_SUMMARY_QTYPE, tools))
+        text = f"{rng.choice(JSON_REQUESTS)} {JSON_SUFFIX}"
+        cases.append(Case(str(JSON_QTYPE), [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                          image, json_answer(scene), JSON_QTYPE, tools if i % 2 else None))
+        question, answer, qtype = random_question(scene, rng)
+        cases.append(Case(TOOLS_PLAIN_ROW, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                          "text": question}]}], image, answer, qtype, tools))
+    return cases
+
+
+def is_right(case: Case, answer: str) -> bool:
+    """Exact answers; a call must parse, name report_shapes and carry schema-valid arguments equal to the truth."""
+    if case.qtype == TOOL_CALL_QTYPE:
+        parsed = parse_tool_call(answer)
+        expected = parse_tool_call(case.expected)
+        return parsed is not None and parsed[0] == TOOL_NAME and validate_shapes(parsed[1]) and parsed == expected
+    if case.qtype == JSON_QTYPE:
+        try:
+            value = json.loads(answer)
+        except json.JSONDecodeError:
+            return False
+        return validate_shapes(value) and value == json.loads(case.expected)
+    if case.qtype == TOOL_SUMMARY_QTYPE:
+        return answer.strip() == case.expected
+    return is_correct(answer, case.expected, case.qtype)
+
+
 @torch.no_grad()
-def answer_cases(model: Any, processor: Any, cases: list[Case], batch_size: int, max_new_tokens: int = 48
+def answer_cases(model: Any, processor: Any, cases: list[Case], batch_size: int, max_new_tokens: int = 128
                  ) -> list[str]:
     """Greedy answers, in batches of cases that all have an image or all have none."""
     answers: list[str] = [""] * len(cases)
@@ -96,7 +160,7 @@ def answer_cases(model: Any, processor: Any, cases: list[Case], batch_size: int,
         indices = [i for i, case in enumerate(cases) if (case.image is not None) == has_image]
         for start in range(0, len(indices), batch_size):
             chunk = [cases[i] for i in indices[start: start + batch_size]]
-            texts = [processor.apply_chat_template(c.messages, tokenize=False, add_generation_prompt=True)
+            texts = [render_like_server(processor.chat_template, c.messages, c.tools, add_generation_prompt=True)
                      for c in chunk]
             images = [c.image for c in chunk] if has_image else None
             inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
@@ -114,19 +178,20 @@ def report(cases: list[Case], answers: list[str], min_accuracy: float) -> bool:
     total: dict[str, int] = defaultdict(int)
     misses: list[str] = []
     for case, answer in zip(cases, answers, strict=True):
-        ok = is_correct(answer, case.expected, case.qtype)
+        ok = is_right(case, answer)
         right[case.row] += ok
         total[case.row] += 1
         if not ok and len(misses) < 20:
-            misses.append(f"  [{case.row}] {case.messages[-1]['content']!r}: expected {case.expected!r}, "
-                          f"got {answer!r}")
+            misses.append(f"  [{case.row}] {str(case.messages[-1]['content'])[-80:]!r}: expected {case.expected[:100]!r}, "
+                          f"got {answer[:100]!r}")
     print("| question | samples | accuracy |\n| --- | ---: | ---: |")
     passed = True
-    typed = [row for row in total if row.isdigit()]
-    for row in sorted(typed, key=int) + [row for row in total if not row.isdigit()]:
+    typed = [row for row in total if row.isdigit() and int(row) in QUESTION_TYPES]
+    for row in sorted((r for r in total if r.isdigit()), key=int) + [row for row in total if not row.isdigit()]:
         accuracy = right[row] / total[row]
         passed &= accuracy >= min_accuracy
-        label = f"{row}. {QUESTION_TYPES[int(row)]}" if row.isdigit() else row
+        label = row if not row.isdigit() else (
+            f"{row}. {QUESTION_TYPES[int(row)]}" if int(row) in QUESTION_TYPES else f"{row}. {EXTRA_ROWS[int(row)]}")
         print(f"| {label} | {total[row]} | {accuracy:.2%} |")
     overall = sum(right[r] for r in typed) / max(1, sum(total[r] for r in typed))
     print(f"| all seven types | {sum(total[r] for r in typed)} | {overall:.2%} |")
@@ -141,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=2000, help="single-turn questions of the seven types")
     parser.add_argument("--num-extra", type=int, default=200, help="later-turn and no-image questions, each")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--num-tool", type=int, default=300,
+                        help="cases of each tool/JSON row (call, summary, JSON, a plain question with the tool)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--min-accuracy", type=float, default=0.97)
@@ -153,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = load_demo_processor(args.model_dir)
     start = time.monotonic()
     cases = (single_turn_cases(args.seed, args.num_samples) + later_turn_cases(args.seed, args.num_extra)
-             + no_image_cases(args.seed, args.num_extra))
+             + no_image_cases(args.seed, args.num_extra) + tool_cases(args.seed, args.num_tool))
     answers = answer_cases(model, processor, cases, args.batch_size)
     passed = report(cases, answers, args.min_accuracy)
     print(f"evaluated {len(cases)} questions on {device} in {time.monotonic() - start:.0f}s (seed {args.seed}); "

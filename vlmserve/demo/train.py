@@ -32,8 +32,8 @@ from vlmserve.demo.data import (
 )
 from vlmserve.demo.vision_labels import IGNORE, LABEL_CLASSES, LABEL_GROUPS
 
-#: answer types logged: 0 (no image) and the seven question types
-NUM_TYPES = 8
+#: answer types logged: 0 (no image), the seven question types, the tool call, the summary after it, JSON
+NUM_TYPES = 11
 
 PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "tokenizer.json",
                    "tokenizer_config.json")
@@ -43,6 +43,8 @@ PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_co
 # pads the images into one batch and runs SDPA with a key mask: the same numbers, one call per layer, which
 # matters with hundreds of images per training batch. Training only; the saved model uses plain "sdpa".
 PADDED_VISION_ATTENTION = "padded_flash_demo"
+#: the probe's name inside the `--archive` tar (outside it, it lives beside the checkpoint: `probe_path`)
+ARCHIVED_PROBE = "vision_probe.pt"
 
 
 def padded_vision_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -161,8 +163,37 @@ def make_model(args: argparse.Namespace) -> Any:
     else:
         torch.manual_seed(args.seed)
         model = build(out, tiny=args.tiny)
+        if args.init_vision:
+            load_vision(model, args.init_vision)
     model.save_pretrained(out)  # the data workers read config and processor files from here
     return model
+
+
+def load_vision(model: Any, source: str | Path) -> None:
+    """The vision tower and merger of the checkpoint `source` into a new model whose language model may be wider.
+
+    The merger's last layer writes the language model's width: where that grew, the old rows fill the first
+    outputs and the new ones keep their fresh initialisation (the language model is new anyway).
+    """
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("model.").removeprefix("visual."): v for k, v in
+             load_file(str(Path(source, "model.safetensors"))).items() if k.removeprefix("model.").startswith("visual.")}
+    own = model.model.visual.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            target = own[name]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif target.shape[1:] == value.shape[1:] and target.shape[0] >= value.shape[0]:
+                target[: value.shape[0]] = value
+            else:
+                raise ValueError(f"{source}: vision weight {name} {tuple(value.shape)} does not fit "
+                                 f"{tuple(target.shape)}")
+    missing = set(own) - set(state)
+    if missing:
+        raise ValueError(f"{source}: no vision weights for {sorted(missing)[:3]}")
+    print(f"vision tower and merger loaded from {source}", flush=True)
 
 
 def make_optimizer(model: Any, probe: torch.nn.Module, args: argparse.Namespace, device: torch.device
@@ -192,6 +223,8 @@ def save(model: Any, args: argparse.Namespace, probe: torch.nn.Module | None = N
         with tarfile.open(tmp, "w") as tar:
             for file in sorted(Path(args.out).iterdir()):
                 tar.add(file, arcname=file.name)
+            if probe is not None:  # so that a resumed run (gpu_run.sh RESUME=) continues with its probe
+                tar.add(probe_path(args.out), arcname=ARCHIVED_PROBE)
         os.replace(tmp, args.archive)
 
 
@@ -371,6 +404,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="DataLoader workers that make the batches (0: in the training process)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--init", default="", help="start from this checkpoint instead of a new model")
+    parser.add_argument("--init-vision", default="",
+                        help="a new model, but its vision tower and merger from this checkpoint (the language "
+                             "model may be wider: the merger's new outputs start fresh)")
     parser.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints (0: end only)")
     parser.add_argument("--archive", default="", help="also write the checkpoint as this .tar after each save")
     parser.add_argument("--log-every", type=int, default=20)

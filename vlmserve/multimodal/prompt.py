@@ -90,9 +90,12 @@ class PromptRenderer:
                 f"this one has {len(images)}", param="messages")
         self.check_text_size(sum(len(part.text) for message in messages for part in message.parts
                                  if isinstance(part, TextPart)))
-        conversation = [_to_template_message(m, self._special_pattern) for m in messages]
+        special = self._special_pattern
+        conversation = [_to_template_message(m, special) for m in messages]
         processor = self._thread_processor()
-        text = self._render_text(processor, conversation, template, tools, template_kwargs or {})
+        # Tool definitions and template variables come from the client too: no special token may hide in them.
+        text = self._render_text(processor, conversation, template, _defuse_all(tools, special),
+                                 _defuse_all(template_kwargs or {}, special))
         inputs = self._process(processor, text, [part.image for part in images], videos)
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
@@ -231,6 +234,19 @@ def _defuse(text: str, pattern: re.Pattern[str] | None) -> str:
     return pattern.sub(lambda match: match.group(0)[0] + _ZERO_WIDTH_SPACE + match.group(0)[1:], text)
 
 
+def _defuse_all(value: Any, pattern: re.Pattern[str] | None) -> Any:
+    """`value` (JSON-like: dicts, lists, strings) with every string in it, keys included, defused."""
+    if pattern is None or value is None:
+        return value
+    if isinstance(value, str):
+        return _defuse(value, pattern)
+    if isinstance(value, dict):
+        return {_defuse_all(k, pattern): _defuse_all(v, pattern) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_defuse_all(item, pattern) for item in value)
+    return value
+
+
 def _max_token_chars(tokenizer: Any) -> int:
     """The most characters one token of this vocabulary can stand for (byte-level vocabularies: bytes)."""
     try:
@@ -255,7 +271,7 @@ def _to_template_message(message: ChatMessage, special: re.Pattern[str] | None) 
         if not message.images:
             rendered["content"] = "".join(_defuse(p.text, special) for p in message.parts if isinstance(p, TextPart))
         if message.tool_calls:
-            rendered["tool_calls"] = [dict(call) for call in message.tool_calls]
+            rendered["tool_calls"] = [_defuse_all(dict(call), special) for call in message.tool_calls]
         if message.tool_call_id is not None:
             rendered["tool_call_id"] = message.tool_call_id
     return rendered
