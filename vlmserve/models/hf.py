@@ -19,7 +19,7 @@ import torch
 from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.models.families import FamilySpec, family_spec, refusal
-from vlmserve.models.video_processing import GridVideoProcessor
+from vlmserve.models.video_processing import FrameVideoProcessor, GridVideoProcessor
 from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
@@ -52,8 +52,9 @@ class HFAdapter(ModelAdapter):
         self.vision_geometry = (patch_geometry(processor) if self.spec is not None and self.spec.vision_attention == "varlen"
                                 else None)
         self._vision_graphs: VisionGraphs | None = None
-        if isinstance(getattr(processor, "video_processor", None), GridVideoProcessor):
-            video_token = getattr(model.config, "video_token_id", None)
+        if isinstance(getattr(processor, "video_processor", None), (GridVideoProcessor, FrameVideoProcessor)):
+            config = model.config
+            video_token = getattr(config, "video_token_id", getattr(config, "video_token_index", None))
             self.video_token_id = video_token if isinstance(video_token, int) else None
 
     # --- generate engine -------------------------------------------------------------------------------------
@@ -187,6 +188,8 @@ class HFAdapter(ModelAdapter):
 
         NOTE: the Qwen towers attend within one temporal patch group at a time (their cu_seqlens and rotary
         positions repeat per group), so a video cut between groups encodes exactly as it does whole."""
+        if "video_grid_thw" not in prompt.model_inputs:
+            return self._frame_video_features(prompt)
         grid = prompt.model_inputs["video_grid_thw"]
         pixels = prompt.model_inputs["pixel_values_videos"]
         merge = self.processor.video_processor.merge_size ** 2
@@ -196,6 +199,22 @@ class HFAdapter(ModelAdapter):
             pieces.append(self._features(self._base.get_video_features, frames))
         flat = torch.cat(pieces)
         return list(flat.split([int(t * h * w) // merge for t, h, w in grid.tolist()]))
+
+    def _frame_video_features(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """LLaVA-NeXT-Video / LLaVA-OneVision: every frame through the tower and the family's pooling, video after
+        video; LLaVA-OneVision then ends each video with its `image_newline` row.
+
+        NOTE: that newline row is the one step of the model's forward done here rather than by the model (its
+        `get_video_features` stops before it); the video logprob test checks it against `generate`."""
+        pixels = prompt.model_inputs["pixel_values_videos"]
+        videos = []
+        for video in pixels.split(1):
+            features = self._features(self._base.get_video_features, {"pixel_values": video})
+            newline = getattr(self._base, "image_newline", None)
+            if self.family == "llava_onevision" and newline is not None:
+                features = torch.cat([features, newline[None, :].to(features.dtype)])
+            videos.append(features)
+        return videos
 
     def _features(self, tower: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
         """`tower` (get_image_features or get_video_features) on `model_inputs`, as (tokens, hidden) rows with any

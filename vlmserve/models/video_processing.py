@@ -1,4 +1,4 @@
-"""Video preprocessing for the Qwen-style grid families without torchvision, in the processor's video slot.
+"""Video preprocessing without torchvision, in the processor's video slot: Qwen-style grids and LLaVA frames.
 
 transformers' video processors are written on torchvision (absent or broken beside many torch builds), so for the
 families on `VIDEO_FAMILIES` the processor's `video_processor` is replaced by `GridVideoProcessor`: the same
@@ -7,6 +7,9 @@ grouped by `temporal_patch_size` (the last frame repeated to fill a group), patc
 order — on frames the media loader has already sampled and budgeted. The processor's own `__call__` then does
 the rest as it would with its own video processor: the video token expansion (with Qwen3-VL's per-frame
 timestamps from `video_metadata`), `mm_token_type_ids`, Qwen2.5-VL's `second_per_grid_ts`.
+
+LLaVA-OneVision and LLaVA-NeXT-Video take `FrameVideoProcessor`: frames resized (and centre-cropped) to the
+checkpoint's fixed size, as their own video processors do, stacked as (videos, frames, channels, height, width).
 
 NOTE: frames are resized with Pillow's bicubic filter, as the Pil image processors resize images; torchvision's
 resize (what transformers' video processors use) differs in the last bits of some pixels. And the resize bounds
@@ -25,7 +28,10 @@ import torch
 from vlmserve.models.hf_processor import read_json
 
 #: model types whose processors take videos through `GridVideoProcessor`
-VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+GRID_VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+#: model types whose processors take videos through `FrameVideoProcessor` (frames resized like their images)
+FRAME_VIDEO_FAMILIES = frozenset({"llava_next_video", "llava_onevision"})
+VIDEO_FAMILIES = GRID_VIDEO_FAMILIES | FRAME_VIDEO_FAMILIES
 
 _SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
 
@@ -96,6 +102,61 @@ class GridVideoProcessor:
         return patches.reshape(grid_t * grid_h * grid_w, 3 * t * p * p), [grid_t, grid_h, grid_w]
 
 
+class FrameVideoProcessor:
+    """Sampled RGB frames → `pixel_values_videos` (videos, frames, channels, height, width), each frame resized to
+    the checkpoint's fixed size (LLaVA-OneVision) or its shortest edge and then centre-cropped (LLaVA-NeXT-Video),
+    rescaled and normalised: the steps of those families' torchvision video processors."""
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, *, size: dict[str, int], crop_size: dict[str, int] | None, image_mean: list[float],
+                 image_std: list[float], rescale_factor: float = 1 / 255) -> None:
+        self.size = dict(size)
+        self.crop_size = dict(crop_size) if crop_size else None
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.rescale_factor = rescale_factor
+
+    @classmethod
+    def for_checkpoint(cls, path: Path, image_processor: Any) -> FrameVideoProcessor:
+        saved = _video_settings(path)
+
+        def setting(name: str) -> Any:
+            return saved.get(name, getattr(image_processor, name, None))
+
+        crop = setting("crop_size") if saved.get("do_center_crop", getattr(image_processor, "do_center_crop", True)) \
+            else None
+        return cls(size=dict(setting("size")), crop_size=crop, image_mean=setting("image_mean"),
+                   image_std=setting("image_std"), rescale_factor=setting("rescale_factor") or 1 / 255)
+
+    def __call__(self, videos: Any, *, return_tensors: Any = None, **ignored: Any) -> Any:
+        from transformers import BatchFeature
+
+        batch = [torch.stack([self._frame(frame) for frame in frames]) for frames in _as_video_list(videos)]
+        if len({video.shape for video in batch}) != 1:
+            raise ValueError("the videos of one prompt must have the same number of frames for this model")
+        return BatchFeature(data={"pixel_values_videos": torch.stack(batch)})
+
+    def _frame(self, frame: Any) -> torch.Tensor:
+        from PIL import Image
+
+        image = frame.convert("RGB")
+        if "height" in self.size and "width" in self.size:
+            image = image.resize((self.size["width"], self.size["height"]), Image.Resampling.BICUBIC)
+        else:
+            edge = self.size["shortest_edge"]
+            scale = edge / min(image.size)
+            image = image.resize((max(edge, round(image.width * scale)), max(edge, round(image.height * scale))),
+                                 Image.Resampling.BICUBIC)
+        if self.crop_size is not None:
+            width, height = self.crop_size["width"], self.crop_size["height"]
+            left, top = (image.width - width) // 2, (image.height - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        pixels = np.asarray(image).astype(np.float32) * np.float32(self.rescale_factor)
+        mean, std = np.array(self.image_mean, np.float32), np.array(self.image_std, np.float32)
+        return torch.from_numpy(((pixels - mean) / std).astype(np.float32)).permute(2, 0, 1)
+
+
 def _as_video_list(videos: Any) -> list[list[Any]]:
     """`videos` as processors receive them (one video = a list of frames, or a list of such) → list of videos."""
     if isinstance(videos, (list, tuple)) and videos and isinstance(videos[0], (list, tuple)):
@@ -117,5 +178,6 @@ def install_video_processor(processor: Any, path: Path, model_type: str) -> bool
     image_processor = getattr(processor, "image_processor", None)
     if model_type not in VIDEO_FAMILIES or image_processor is None or not hasattr(processor, "video_token"):
         return False
-    processor.video_processor = GridVideoProcessor.for_checkpoint(path, image_processor)
+    kind = GridVideoProcessor if model_type in GRID_VIDEO_FAMILIES else FrameVideoProcessor
+    processor.video_processor = kind.for_checkpoint(path, image_processor)
     return True

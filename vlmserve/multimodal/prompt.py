@@ -114,7 +114,8 @@ class PromptRenderer:
         """A 400 for models whose video path is not supported here (see vlmserve.models.video_processing)."""
         if self.video_token_id is None:
             raise UnsupportedFeatureError(f"video input is not supported for {self._family} models on this server "
-                                          "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL and Qwen3-VL)",
+                                          "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT-Video "
+                                          "and LLaVA-OneVision)",
                                           param="messages")
 
     def _choose_template(self, override: str | None, messages: list[ChatMessage],

@@ -46,3 +46,18 @@ def test_frames_pair_up_in_time_and_odd_counts_repeat_the_last(tmp_path: Path) -
     # the second group of the 3-frame video is frame 2 twice: both temporal halves of every patch are equal
     group = first[16:].reshape(16, 3, 2, 14 * 14)
     torch.testing.assert_close(group[:, :, 0], group[:, :, 1])
+
+
+def test_frame_processor_resizes_crops_and_stacks() -> None:
+    from vlmserve.models.video_processing import FrameVideoProcessor
+
+    crop = FrameVideoProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                               image_mean=[0.0] * 3, image_std=[1.0] * 3)
+    wide = Image.new("RGB", (96, 48), (0, 0, 0))
+    wide.paste((255, 255, 255), (40, 0, 56, 48))  # a white bar in the middle third
+    out = crop([[wide, wide, wide]])["pixel_values_videos"]
+    assert out.shape == (1, 3, 3, 32, 32)  # (videos, frames, channels, height, width)
+    assert float(out[0, 0, :, :, 16].mean()) > 0.9 and float(out[0, 0, :, :, 0].mean()) < 0.1  # centre kept
+    fixed = FrameVideoProcessor(size={"height": 24, "width": 40}, crop_size=None, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3)
+    assert fixed([wide])["pixel_values_videos"].shape == (1, 1, 3, 24, 40)
