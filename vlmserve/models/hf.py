@@ -19,7 +19,11 @@ import torch
 from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
 from vlmserve.models.families import FamilySpec, family_spec, refusal
-from vlmserve.models.video_processing import FrameVideoProcessor, GridVideoProcessor
+from vlmserve.models.video_processing import (
+    SHARED_TOKEN_VIDEO_FAMILIES,
+    FrameVideoProcessor,
+    GridVideoProcessor,
+)
 from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
@@ -55,6 +59,8 @@ class HFAdapter(ModelAdapter):
         if isinstance(getattr(processor, "video_processor", None), (GridVideoProcessor, FrameVideoProcessor)):
             config = model.config
             video_token = getattr(config, "video_token_id", getattr(config, "video_token_index", None))
+            if self.family in SHARED_TOKEN_VIDEO_FAMILIES:
+                video_token = image_token_id  # GLM-4.1V writes video frames with the image token
             self.video_token_id = video_token if isinstance(video_token, int) else None
 
     # --- generate engine -------------------------------------------------------------------------------------
@@ -244,12 +250,14 @@ class HFAdapter(ModelAdapter):
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         visual: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token mask, feature rows) per modality
+        in_video = self._shared_token_video_mask(prompt, ids)
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"
-            visual.append((ids.eq(self.image_token_id), torch.cat(image_embeds).to(embeds.dtype)))
+            visual.append((ids.eq(self.image_token_id) & ~in_video, torch.cat(image_embeds).to(embeds.dtype)))
         if video_embeds:
             assert self.video_token_id is not None, "videos reach only models with a video token"
-            visual.append((ids.eq(self.video_token_id), torch.cat(video_embeds).to(embeds.dtype)))
+            mask = in_video if self.video_token_id == self.image_token_id else ids.eq(self.video_token_id)
+            visual.append((mask, torch.cat(video_embeds).to(embeds.dtype)))
         hidden = embeds.shape[-1]
         for mask, features in visual:
             if int(mask.sum()) != features.shape[0]:
@@ -258,6 +266,14 @@ class HFAdapter(ModelAdapter):
         extras = self._deepstack_extras(ids, visual, hidden) if visual and self._has_deepstack else None
         positions, delta = self._prompt_positions(prompt, ids)
         return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
+
+    def _shared_token_video_mask(self, prompt: PreparedPrompt, ids: torch.Tensor) -> torch.Tensor:
+        """Where a family that writes video frames with the image token has video tokens (mm_token_type_ids 2);
+        all False elsewhere."""
+        types = prompt.model_inputs.get("mm_token_type_ids")
+        if self.video_token_id is None or self.video_token_id != self.image_token_id or types is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        return types[0].to(ids.device).eq(2)
 
     @staticmethod
     def _deepstack_extras(ids: torch.Tensor, visual: list[tuple[torch.Tensor, torch.Tensor]],

@@ -24,11 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import PushToHubMixin
 
 from vlmserve.models.hf_processor import read_json
 
 #: model types whose processors take videos through `GridVideoProcessor`
-GRID_VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+GRID_VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"})
+#: families whose video frames are written with the image token (told apart by `mm_token_type_ids` == 2); their
+#: own forward cannot take images and videos in one prompt, so neither do we
+SHARED_TOKEN_VIDEO_FAMILIES = frozenset({"glm4v", "glm4v_moe"})
 #: model types whose processors take videos through `FrameVideoProcessor` (frames resized like their images)
 FRAME_VIDEO_FAMILIES = frozenset({"llava_next_video", "llava_onevision"})
 VIDEO_FAMILIES = GRID_VIDEO_FAMILIES | FRAME_VIDEO_FAMILIES
@@ -36,7 +40,21 @@ VIDEO_FAMILIES = GRID_VIDEO_FAMILIES | FRAME_VIDEO_FAMILIES
 _SETTINGS = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
 
 
-class GridVideoProcessor:
+class _SavedWithTheProcessor(PushToHubMixin):
+    """What `ProcessorMixin.save_pretrained` needs of a sub-processor (a fine-tune saves the processor it loaded):
+    its settings as a dict, nested under `video_processor` in processor_config.json, which `for_checkpoint` reads
+    back."""
+
+    _auto_class = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"video_processor_type": type(self).__name__, **self._settings()}
+
+    def _settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class GridVideoProcessor(_SavedWithTheProcessor):
     """Sampled RGB frames (PIL images) → `pixel_values_videos` (patches, features) and `video_grid_thw`."""
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
@@ -51,6 +69,12 @@ class GridVideoProcessor:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.rescale_factor = rescale_factor
+
+    def _settings(self) -> dict[str, Any]:
+        return {"patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                "merge_size": self.merge_size, "image_mean": self.image_mean, "image_std": self.image_std,
+                "rescale_factor": self.rescale_factor,
+                "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
     @classmethod
     def for_checkpoint(cls, path: Path, image_processor: Any) -> GridVideoProcessor:
@@ -102,7 +126,7 @@ class GridVideoProcessor:
         return patches.reshape(grid_t * grid_h * grid_w, 3 * t * p * p), [grid_t, grid_h, grid_w]
 
 
-class FrameVideoProcessor:
+class FrameVideoProcessor(_SavedWithTheProcessor):
     """Sampled RGB frames → `pixel_values_videos` (videos, frames, channels, height, width), each frame resized to
     the checkpoint's fixed size (LLaVA-OneVision) or its shortest edge and then centre-cropped (LLaVA-NeXT-Video),
     rescaled and normalised: the steps of those families' torchvision video processors."""
@@ -116,6 +140,10 @@ class FrameVideoProcessor:
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.rescale_factor = rescale_factor
+
+    def _settings(self) -> dict[str, Any]:
+        return {"size": self.size, "crop_size": self.crop_size, "do_center_crop": self.crop_size is not None,
+                "image_mean": self.image_mean, "image_std": self.image_std, "rescale_factor": self.rescale_factor}
 
     @classmethod
     def for_checkpoint(cls, path: Path, image_processor: Any) -> FrameVideoProcessor:

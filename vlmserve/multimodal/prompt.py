@@ -84,6 +84,9 @@ class PromptRenderer:
         videos = [part for message in messages for part in message.videos]
         if videos:
             self.check_accepts_video()
+            if images and self.video_token_id == self._image_token_id:
+                raise UnsupportedFeatureError(f"{self._family} models take images or videos in one conversation, "
+                                              "not both", param="messages")
         if self._max_images is not None and len(images) > self._max_images:
             raise UnsupportedFeatureError(
                 f"this model accepts at most {self._max_images} image(s) per conversation; "
@@ -103,8 +106,14 @@ class PromptRenderer:
                 f"the prompt is {len(token_ids)} tokens (image tokens included) but the model's context is "
                 f"{self.max_model_len} tokens (--max-model-len), leaving no room for output", param="messages")
         inputs.pop("attention_mask", None)
-        spans = placeholder_spans(token_ids, self._image_token_id, len(images), "image")
-        video_spans = placeholder_spans(token_ids, self.video_token_id, len(videos), "video")
+        if videos and self.video_token_id == self._image_token_id:
+            # video frames written with the image token (GLM-4.1V): the processor's token types tell them apart
+            types = [int(t) for t in inputs["mm_token_type_ids"][0].tolist()]
+            spans: tuple[ImageSpan, ...] = ()
+            video_spans = placeholder_spans([2 if t == 2 else 0 for t in types], 2, len(videos), "video")
+        else:
+            spans = placeholder_spans(token_ids, self._image_token_id, len(images), "image")
+            video_spans = placeholder_spans(token_ids, self.video_token_id, len(videos), "video")
         inputs.pop("video_metadata", None)
         return PreparedPrompt(token_ids=token_ids, model_inputs=dict(inputs),
                               image_hashes=tuple(p.hash for p in images), image_spans=spans,
@@ -114,8 +123,8 @@ class PromptRenderer:
         """A 400 for models whose video path is not supported here (see vlmserve.models.video_processing)."""
         if self.video_token_id is None:
             raise UnsupportedFeatureError(f"video input is not supported for {self._family} models on this server "
-                                          "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT-Video "
-                                          "and LLaVA-OneVision)",
+                                          "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, "
+                                          "LLaVA-NeXT-Video and LLaVA-OneVision)",
                                           param="messages")
 
     def _choose_template(self, override: str | None, messages: list[ChatMessage],

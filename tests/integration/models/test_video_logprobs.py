@@ -1,5 +1,5 @@
 """Video prompts on the paged engine: per-token logprobs equal the model's own `generate`, per video family
-(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA-NeXT-Video, LLaVA-OneVision).
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V, GLM-4.5V, LLaVA-NeXT-Video, LLaVA-OneVision).
 
 Per family (tiny random weights, float32, CPU), as tests/integration/models/test_paged_logprobs.py does for
 images: a video prompt and a video + image prompt run concurrently through the paged engine (chunked prefill mixed
@@ -35,7 +35,8 @@ from vlmserve.types import ChatMessage, ImagePart, PreparedPrompt, TextPart, Vid
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next_video", "llava_onevision")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "llava_next_video",
+                  "llava_onevision")
 
 
 def _video(seed: int) -> VideoPart:
@@ -53,18 +54,23 @@ def test_video_logprobs_equal_generate(name: str, tmp_path: Path) -> None:
     first, second = _video(0), _video(1)
     picture = image(3, (84, 56))
     reply = ChatMessage("assistant", (TextPart("A square changes colour."),))
+    with_image = ChatMessage("user", (ImagePart(picture, image_hash(picture)), TextPart("This, and"), first,
+                                      TextPart("this?")))
+    if adapter.video_token_id == adapter.image_token_id:  # GLM-4.1V: its own forward takes one or the other
+        with pytest.raises(UnsupportedFeatureError, match="images or videos in one conversation, not both"):
+            renderer.render([with_image])
+        with_image = ChatMessage("user", (TextPart("Look:"), first, TextPart("Describe it.")))
     conversations = [
         [ChatMessage("user", (first, TextPart("What happens?"))), reply,
          ChatMessage("user", (TextPart("And then?"),))],
-        [ChatMessage("user", (ImagePart(picture, image_hash(picture)), TextPart("This, and"), first,
-                              TextPart("this?")))],
+        [with_image],
         [ChatMessage("user", (second, TextPart("What happens?"))), reply,
          ChatMessage("user", (TextPart("And then?"),))],
     ]
     prompts = [renderer.render(c) for c in conversations]
     if "video_grid_thw" in prompts[0].model_inputs:  # two temporal groups: M-RoPE positions move in time
         assert int(prompts[0].model_inputs["video_grid_thw"][0, 0]) == 2
-    assert prompts[0].num_video_tokens > 0 and prompts[1].image_spans and prompts[1].video_spans
+    assert prompts[0].num_video_tokens > 0 and prompts[1].video_spans
     # same tokens, different video: only the video hash tells them apart in the prefix-cache key
     assert prompts[0].token_ids == prompts[2].token_ids and prompts[0].video_hashes != prompts[2].video_hashes
     expected = [reference_logprobs(adapter, p, MAX_TOKENS) for p in prompts]

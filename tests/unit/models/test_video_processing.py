@@ -61,3 +61,12 @@ def test_frame_processor_resizes_crops_and_stacks() -> None:
     fixed = FrameVideoProcessor(size={"height": 24, "width": 40}, crop_size=None, image_mean=[0.5] * 3,
                                 image_std=[0.5] * 3)
     assert fixed([wide])["pixel_values_videos"].shape == (1, 1, 3, 24, 40)
+
+
+def test_settings_survive_the_processors_own_save(tmp_path: Path) -> None:
+    """A fine-tune saves the processor it loaded (video processor nested in processor_config.json); reading that
+    back gives the same video settings."""
+    processor = GridVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3, min_pixels=1024, max_pixels=4096)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"video_processor": processor.to_dict()}))
+    assert GridVideoProcessor.for_checkpoint(tmp_path, image_processor=None).__dict__ == processor.__dict__
