@@ -103,28 +103,32 @@ class PromptRenderer:
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
-                f"the prompt is {len(token_ids)} tokens (image tokens included) but the model's context is "
+                f"the prompt is {len(token_ids)} tokens (image tokens included, and video tokens) but the model's context is "
                 f"{self.max_model_len} tokens (--max-model-len), leaving no room for output", param="messages")
         inputs.pop("attention_mask", None)
-        if videos and self.video_token_id == self._image_token_id:
-            # video frames written with the image token (GLM-4.1V): the processor's token types tell them apart
-            types = [int(t) for t in inputs["mm_token_type_ids"][0].tolist()]
-            spans: tuple[ImageSpan, ...] = ()
-            video_spans = placeholder_spans([2 if t == 2 else 0 for t in types], 2, len(videos), "video")
-        else:
-            spans = placeholder_spans(token_ids, self._image_token_id, len(images), "image")
-            video_spans = placeholder_spans(token_ids, self.video_token_id, len(videos), "video")
         inputs.pop("video_metadata", None)
+        spans, video_spans = self._spans(token_ids, inputs, len(images), len(videos))
         return PreparedPrompt(token_ids=token_ids, model_inputs=dict(inputs),
                               image_hashes=tuple(p.hash for p in images), image_spans=spans,
                               video_hashes=tuple(v.hash for v in videos), video_spans=video_spans)
+
+    def _spans(self, token_ids: list[int], inputs: dict[str, Any], num_images: int, num_videos: int
+               ) -> tuple[tuple[ImageSpan, ...], tuple[ImageSpan, ...]]:
+        """Where the images' and the videos' placeholder tokens lie."""
+        if num_videos and self.video_token_id == self._image_token_id:
+            # video frames written with the image token (GLM-4.1V; never beside images): the processor's token
+            # types tell them apart
+            types = [2 if int(t) == 2 else 0 for t in inputs["mm_token_type_ids"][0].tolist()]
+            return (), placeholder_spans(types, 2, num_videos, "video")
+        return (placeholder_spans(token_ids, self._image_token_id, num_images, "image"),
+                placeholder_spans(token_ids, self.video_token_id, num_videos, "video"))
 
     def check_accepts_video(self) -> None:
         """A 400 for models whose video path is not supported here (see vlmserve.models.video_processing)."""
         if self.video_token_id is None:
             raise UnsupportedFeatureError(f"video input is not supported for {self._family} models on this server "
                                           "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, "
-                                          "LLaVA-NeXT-Video and LLaVA-OneVision)",
+                                          "GLM-4.5V, LLaVA-NeXT-Video and LLaVA-OneVision)",
                                           param="messages")
 
     def _choose_template(self, override: str | None, messages: list[ChatMessage],
