@@ -103,7 +103,8 @@ class PromptRenderer:
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
-                f"the prompt is {len(token_ids)} tokens (image tokens included, and video tokens) but the model's context is "
+                f"the prompt is {len(token_ids)} tokens (image tokens included, video tokens too) but the model's "
+                f"context is "
                 f"{self.max_model_len} tokens (--max-model-len), leaving no room for output", param="messages")
         inputs.pop("attention_mask", None)
         inputs.pop("video_metadata", None)
