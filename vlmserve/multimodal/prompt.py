@@ -104,8 +104,8 @@ class PromptRenderer:
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
                 f"the prompt is {len(token_ids)} tokens (image tokens included, video tokens too) but the model's "
-                f"context is "
-                f"{self.max_model_len} tokens (--max-model-len), leaving no room for output", param="messages")
+                f"context is {self.max_model_len} tokens (--max-model-len), leaving no room for output",
+                param="messages")
         inputs.pop("attention_mask", None)
         inputs.pop("video_metadata", None)
         spans, video_spans = self._spans(token_ids, inputs, len(images), len(videos))
