@@ -194,6 +194,10 @@ class MediaConfig:
     max_video_frame_pixels: int = option(
         8_300_000, "Largest video frame accepted, in pixels (width x height), checked from the stream header before "
         "decoding.", metavar="PIXELS", example="--max-video-frame-pixels 2073600")
+    max_video_decode_pixels: int = option(
+        16_000_000_000, "Pixels one video's decoding may produce (every frame is decoded to sample a few: about 4.5 "
+        "minutes of 1080p at 30 fps); estimated from the header, then counted while decoding.", metavar="PIXELS",
+        example="--max-video-decode-pixels 4000000000")
     max_videos_per_request: int = option(2, "Most videos one request may carry.", metavar="N",
                                          example="--max-videos-per-request 1")
 
@@ -202,7 +206,7 @@ class MediaConfig:
             raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers",
                      "max_image_decode_bytes", "max_video_bytes", "max_video_frames", "max_video_pixels",
-                     "max_video_frame_pixels", "max_videos_per_request"):
+                     "max_video_frame_pixels", "max_videos_per_request", "max_video_decode_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fetch_timeout_s <= 0:

@@ -77,7 +77,8 @@ class MediaLoader:
                                     max_decode_bytes=config.max_image_decode_bytes)
         self._video_limits = VideoLimits(max_duration_s=config.max_video_duration_s,
                                          max_frames=config.max_video_frames, max_pixels=config.max_video_pixels,
-                                         max_frame_pixels=config.max_video_frame_pixels)
+                                         max_frame_pixels=config.max_video_frame_pixels,
+                                         max_decode_pixels=config.max_video_decode_pixels)
 
     @property
     def default_video_sampling(self) -> VideoSampling:

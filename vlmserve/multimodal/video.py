@@ -6,8 +6,9 @@ without it and answers a video with a 400 naming the extra. The bytes come from 
   demuxer named explicitly: FFmpeg never probes, so playlist demuxers (HLS, concat), which open further URLs or
   files, can never run;
 - only common video codecs are decoded (`ALLOWED_CODECS`);
-- the frame size (`--max-video-frame-pixels`) and the duration (`--max-video-duration-s`) are checked from the
-  headers before decoding, and the duration again from each decoded frame's timestamp (headers can lie);
+- the frame size (`--max-video-frame-pixels`), the duration (`--max-video-duration-s`) and the decoding work
+  (`--max-video-decode-pixels`: every frame is decoded to sample a few) are checked from the headers before
+  decoding, and the duration and the work again while decoding (headers can lie);
 - frames are sampled at `fps` (at most `max_frames` of them, spread evenly when the cap binds) and downscaled so
   that frames x pixels stays within `--max-video-pixels`.
 Errors are `VideoError` naming the request field and the flag; FFmpeg's own messages are never passed on.
@@ -43,6 +44,7 @@ class VideoLimits:
     max_frames: int
     max_pixels: int  # frames x width x height after downscaling
     max_frame_pixels: int  # one decoded frame, from the header
+    max_decode_pixels: int = 16_000_000_000  # every decoded frame's pixels, summed
 
 
 def require_av(param: str | None = None) -> Any:
@@ -110,6 +112,9 @@ def _decode(container: Any, limits: VideoLimits, *, fps: float, max_frames: int,
     if duration is not None and duration > limits.max_duration_s:
         raise VideoError(f"the video lasts {duration:.1f} s, more than {limits.max_duration_s:g} s "
                          "(--max-video-duration-s)", param=param)
+    estimated = stream.frames or (duration * source_fps if duration is not None else 0)
+    if estimated * width * height > limits.max_decode_pixels:
+        raise _too_much_decoding(limits, param)
     frames, times = _sample(container, stream, limits, duration, fps=fps, max_frames=max_frames, param=param)
     budget = max(1, limits.max_pixels // len(frames))
     frames = [fit_pixel_budget(frame, budget) for frame in frames]
@@ -119,6 +124,11 @@ def _decode(container: Any, limits: VideoLimits, *, fps: float, max_frames: int,
     span = duration if duration is not None else (times[-1] + 1.0 / source_fps)
     return VideoPart(frames=tuple(frames), hash=digest.hexdigest(), timestamps=tuple(times), source_fps=source_fps,
                      sampled_fps=len(frames) / span if span > 0 else fps, duration_s=span)
+
+
+def _too_much_decoding(limits: VideoLimits, param: str) -> VideoError:
+    return VideoError(f"decoding the video would produce more than {limits.max_decode_pixels} pixels "
+                      "(--max-video-decode-pixels)", param=param)
 
 
 def _header_duration(container: Any, stream: Any) -> float | None:
@@ -136,8 +146,12 @@ def _sample(container: Any, stream: Any, limits: VideoLimits, duration: float | 
     wanted = sample_times(duration if duration is not None else limits.max_duration_s, fps, max_frames)
     frames: list[Any] = []
     times: list[float] = []
+    decoded = 0
     for index, frame in enumerate(container.decode(stream)):
         time = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
+        decoded += frame.width * frame.height
+        if decoded > limits.max_decode_pixels:
+            raise _too_much_decoding(limits, param)
         if time > limits.max_duration_s:
             raise VideoError(f"the video lasts more than {limits.max_duration_s:g} s (--max-video-duration-s)",
                              param=param)

@@ -57,6 +57,8 @@ def test_limits_name_their_flags() -> None:
     assert caught.value.param == "messages[0].content[0].video_url"
     with pytest.raises(VideoError, match=r"64x64 = 4096 pixels, more than 4000 \(--max-video-frame-pixels\)"):
         decode(make_video(4), VideoLimits(60, 64, 10**7, 4000))
+    with pytest.raises(VideoError, match=r"more than 40000 pixels \(--max-video-decode-pixels\)"):
+        decode(make_video(10), VideoLimits(60, 64, 10**7, 10**7, max_decode_pixels=40_000))  # 10 x 4096 decoded
 
 
 def test_bad_bytes_are_clean_video_errors() -> None:
