@@ -91,6 +91,9 @@ class FamilySpec:
     #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
     extras: tuple[str, ...] = ()
+    #: "grouped": the decoder's MoE expert layers run as grouped GEMMs (vlmserve.models.moe_experts) instead of
+    #: whatever transformers picked (its "eager" is a Python loop over experts)
+    experts: Literal["default", "grouped"] = "default"
 
 
 #: extras the model runner packs per step
@@ -106,10 +109,13 @@ _SPECS: tuple[FamilySpec, ...] = (
                vision_attention="varlen"),
     FamilySpec(("glm4v",), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
                vision_attention="varlen"),
-    FamilySpec(("glm4v_moe", "glm46v"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID),
+    FamilySpec(("glm4v_moe", "glm46v"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               experts="grouped"),
     # get_rope_index gives the 3 M-RoPE rows; the decoder derives its text row itself when given 3
-    FamilySpec(("qwen3_vl", "qwen3_vl_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+    FamilySpec(("qwen3_vl",), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
                extras=("deepstack",)),
+    FamilySpec(("qwen3_vl_moe",), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               extras=("deepstack",), experts="grouped"),
     FamilySpec(("llava", "vipllava", "internvl", "janus", "got_ocr2"), packable_image_keys=_PIXELS),
     # DeepSeek-VL's template puts consecutive images' placeholder runs side by side
     FamilySpec(("deepseek_vl",), packable_image_keys=_PIXELS, image_layout="touching"),

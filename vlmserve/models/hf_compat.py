@@ -64,6 +64,35 @@ def use_attention(config: Any, name: str | None) -> None:
     config._attn_implementation = name
 
 
+# --- MoE experts ---------------------------------------------------------------------------------------------------
+
+def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The expert modules of `model` that dispatch by `config._experts_implementation` (classes decorated with
+    transformers' `use_experts_implementation`, which records `has_gate` / `is_transposed` ... on each instance and
+    gives the class `_apply_gate`)."""
+    return [m for m in model.modules()
+            if hasattr(type(m), "_apply_gate") and hasattr(m, "is_transposed") and hasattr(m, "config")]
+
+
+def register_experts(name: str, function: Callable[..., Any]) -> None:
+    """Make `function(module, hidden_states (tokens, hidden), top_k_index (tokens, k), top_k_weights (tokens, k))`
+    an experts implementation the modules can dispatch to by `name`."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(name, function)
+
+
+def experts_name(module: torch.nn.Module) -> str | None:
+    """The experts implementation an expert module dispatches to now."""
+    return getattr(getattr(module, "config", None), "_experts_implementation", None)
+
+
+def use_experts(model: Any, name: str) -> None:
+    """Switch every expert module of `model` (all sub-models) to the registered implementation `name` ("eager":
+    transformers' loop over experts; "grouped_mm": transformers' own grouped GEMM)."""
+    model.set_experts_implementation(name)
+
+
 # --- the KV cache argument ----------------------------------------------------------------------------------------
 
 @cache

@@ -10,6 +10,7 @@ from vlmserve.errors import ModelLoadError
 from vlmserve.models.families import family_spec
 from vlmserve.models.hf import HFAdapter
 from vlmserve.models.hf_processor import load_processor
+from vlmserve.models.moe_experts import install_grouped_experts
 from vlmserve.models.vision_attention import install_vision_attention
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
     spec = family_spec(str(hf_config.model_type))
     if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(model):
         logger.info("vision tower: one varlen attention call per layer")
+    if spec is not None and spec.experts == "grouped" and (switched := install_grouped_experts(model)):
+        logger.info("MoE: %d expert layers run as grouped GEMMs", switched)
     processor = load_processor(path, chat_template=chat_template, trust_remote_code=trust_remote_code)
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(f"{path} ships no chat template; pass one with --chat-template FILE")

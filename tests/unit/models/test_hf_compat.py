@@ -168,3 +168,27 @@ def test_processor_internals() -> None:
     assert hf_compat.pil_image_processor_class("no_such_model", "X") is None
     video = hf_compat.placeholder_video_processor()
     assert type(video).__name__ == "BaseVideoProcessor"
+
+
+def test_a_registered_experts_implementation_receives_the_expert_calls() -> None:
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
+
+    config = Qwen3VLMoeTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  num_experts=4, num_experts_per_tok=2)
+    model = Qwen3VLMoeTextModel(config).eval()
+    experts = hf_compat.experts_modules(model)
+    assert len(experts) == 2 and all(hasattr(m, "gate_up_proj") for m in experts)
+    calls: list[tuple[int, ...]] = []
+
+    def recording(module: Any, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(index.shape))
+        return torch.zeros_like(hidden)
+
+    hf_compat.register_experts("vlmserve_test_experts", recording)
+    hf_compat.use_experts(model, "vlmserve_test_experts")
+    assert {hf_compat.experts_name(m) for m in experts} == {"vlmserve_test_experts"}
+    with torch.no_grad():
+        model(inputs_embeds=torch.randn(1, 3, 32))
+    assert calls == [(3, 2), (3, 2)]
