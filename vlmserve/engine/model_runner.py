@@ -248,7 +248,6 @@ class ModelRunner:
             sequence.rope_delta = embedding.rope_delta
             sequence.prompt_extras = embedding.extras
 
-
     def _video_features(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
         """The prompt's video features, from the embedding cache (keyed by video hash) or the vision tower."""
         cached = self.image_cache.get_all(prompt.video_hashes)
@@ -258,6 +257,7 @@ class ModelRunner:
         for video_hash, feature in zip(prompt.video_hashes, encoded, strict=True):
             self.image_cache.put(video_hash, feature)
         return encoded
+
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:
     """Whether the prompt's image runs pair one-to-one with its images (what the embedding cache needs)."""

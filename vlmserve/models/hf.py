@@ -24,7 +24,12 @@ from vlmserve.models.video_processing import (
     FrameVideoProcessor,
     GridVideoProcessor,
 )
-from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
+from vlmserve.models.vision_budget import (
+    patch_geometry,
+    split_by_patches,
+    split_video_groups,
+    synthetic_inputs,
+)
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
 
@@ -318,29 +323,6 @@ class HFAdapter(ModelAdapter):
             assert self.spec is not None, self.paged_support()
             self._head = self.spec.head(self.model)
         return self._head(hidden)
-
-
-def split_video_groups(pixels: torch.Tensor, grid: torch.Tensor, budget: int | None) -> list[dict[str, Any]]:
-    """Video tower inputs cut between temporal patch groups into calls of at most `budget` patches (a single
-    group larger than the budget goes alone); one call when everything fits or there is no budget."""
-    if budget is None or pixels.shape[0] <= budget:
-        return [{"pixel_values_videos": pixels, "video_grid_thw": grid}]
-    rows = [[1, int(h), int(w)] for t, h, w in grid.tolist() for _ in range(int(t))]
-    calls: list[list[list[int]]] = [[]]
-    used = 0
-    for row in rows:
-        size = row[1] * row[2]
-        if calls[-1] and used + size > budget:
-            calls.append([])
-            used = 0
-        calls[-1].append(row)
-        used += size
-    out, start = [], 0
-    for call in calls:
-        size = sum(h * w for _, h, w in call)
-        out.append({"pixel_values_videos": pixels[start:start + size], "video_grid_thw": torch.tensor(call)})
-        start += size
-    return out
 
 
 def _left_pad(value: torch.Tensor | None, length: int, width: int) -> torch.Tensor:

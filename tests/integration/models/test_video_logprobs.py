@@ -26,8 +26,8 @@ from vlmserve.engine.core import PagedEngineCore
 from vlmserve.engine.kv_cache import extend_block_hashes
 from vlmserve.engine.paged_check import reference_logprobs
 from vlmserve.errors import UnsupportedFeatureError
-from vlmserve.models.hf import split_video_groups
 from vlmserve.models.loader import load_model
+from vlmserve.models.vision_budget import split_video_groups
 from vlmserve.multimodal.decode import image_hash
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.multimodal.video import VideoLimits, decode_video
@@ -86,7 +86,7 @@ def test_video_logprobs_equal_generate(name: str, tmp_path: Path) -> None:
     assert _largest_difference(again["d"], *expected[0]) <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "glm4v"])
 def test_video_tower_cut_between_temporal_groups_is_exact(name: str, tmp_path: Path) -> None:
     """Videos larger than the vision patch budget are encoded in several tower calls; the features match."""
     adapter = load_model(ModelConfig(model=str(FAMILIES[name].build(tmp_path / name))))
