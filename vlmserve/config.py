@@ -328,6 +328,10 @@ class ServerConfig:
             keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return tuple(dict.fromkeys(keys))
 
+    def reported_cached_tokens(self, cached_tokens: int) -> int:
+        """What usage says of prompt tokens served from the prefix cache (--no-report-cached-tokens: 0)."""
+        return cached_tokens if self.report_cached_tokens else 0
+
 
 @dataclass(frozen=True)
 class RayConfig:

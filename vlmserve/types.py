@@ -184,6 +184,8 @@ class GenerationRequest:
     request_id: str
     prompt: PreparedPrompt
     sampling: SamplingParams
+    #: time.monotonic() when the request entered its engine core's queue (restamped there: what queue time
+    #: measures from, on the clock of the process that schedules it)
     arrival_time: float = field(default_factory=time.monotonic)
     # NOTE: folded into the first prefix-cache block hash, so requests with different salts (different API keys,
     # by default) never share cached KV or learn from `cached_tokens` what another client sent.
@@ -207,6 +209,20 @@ class PositionLogprobs:
     top: tuple[TokenLogprob, ...] = ()
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """What the engine core measured of one sequence up to its first token (metrics, not the answer).
+
+    `queue_time_s`: from entering the core's queue to its first schedule. `vision_encoder_s`: its share of the
+    vision-tower time that encoded its images (a batch of several prompts' images is shared by image count);
+    `num_images_encoded`: those images (images found in the embedding cache are not encoded, and count 0 s).
+    """
+
+    queue_time_s: float
+    vision_encoder_s: float = 0.0
+    num_images_encoded: int = 0
+
+
 @dataclass
 class TokenDelta:
     """New output of one sequence since its last delta, already detokenized and stop-string checked.
@@ -226,6 +242,8 @@ class TokenDelta:
     token_texts: list[str] | None = None  # text of each token in `logprobs`, for the API's `token` field
     top_token_texts: list[list[str]] | None = None  # text of each alternative in `logprobs[i].top`
     num_cached_tokens: int = 0
+    #: on the sequence's first delta that carries a token: the engine's queue and vision-tower timings
+    timings: RequestTimings | None = None
 
     @property
     def is_finished(self) -> bool:

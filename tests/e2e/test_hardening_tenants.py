@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.e2e.hardening_support import (
     KEYS,
+    MODEL,
     HealthProbe,
     assert_openai_error,
     assert_serves,
@@ -93,23 +94,30 @@ def cached_tokens(response: httpx.Response) -> int:
     return int(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
-def _engine_salts_prefix_cache() -> bool:
-    from vlmserve.engine import kv_cache
-
-    return hasattr(kv_cache, "root_hash")  # the KV manager's salted hash chain (the `kv` change)
-
-
 def test_the_prefix_cache_is_per_key(server: ServerProcess) -> None:
     secret = "The launch code is " + " ".join(f"word{i}" for i in range(120))
     body = chat_body(secret, max_tokens=1)
     # the template's system prompt may already be cached for either key; the secret's blocks are what matter
     first, again = cached_tokens(post_chat(server, body, HOG)), cached_tokens(post_chat(server, body, HOG))
     assert again >= first + 64  # a key's own repeats still hit its cache
-    if not _engine_salts_prefix_cache():
-        pytest.skip("this engine does not fold GenerationRequest.cache_salt into its block hashes yet")
     other_first = cached_tokens(post_chat(server, body, OTHER))
     assert other_first < again - 32  # the other key learns nothing of what the hog sent
     assert cached_tokens(post_chat(server, body, OTHER)) >= other_first + 64
+
+
+def test_completions_share_the_prefix_cache_per_key_only(server: ServerProcess) -> None:
+    """/v1/completions is salted like chat: a key's repeat hits its own blocks, another key finds none of them."""
+    body = {"model": MODEL, "prompt": "The vault code is " + " ".join(f"item{i}" for i in range(120)),
+            "max_tokens": 1}
+
+    def post(headers: dict[str, str]) -> int:
+        return cached_tokens(httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers,
+                                        timeout=60))
+
+    first, again = post(HOG), post(HOG)
+    assert first == 0 and again >= 64  # a plain prompt (no template): nothing cached before its first run
+    assert post(OTHER) == 0  # the same tokens under another key share no block
+    assert post(OTHER) >= 64
 
 
 def test_huge_prompts_are_refused_from_their_size_while_others_are_served(server: ServerProcess) -> None:
@@ -126,3 +134,23 @@ def test_huge_prompts_are_refused_from_their_size_while_others_are_served(server
         assert "--max-model-len" in error["message"]
     assert "characters" in json.loads(answers[0].text)["error"]["message"]  # refused before tokenising
     assert probe.worst_s < 2.0, probe.worst_s
+
+
+def test_no_endpoint_reports_cached_tokens_when_told_not_to(start_server: type[ServerProcess],
+                                                            tiny_qwen2_vl: Path) -> None:
+    """--no-report-cached-tokens: chat, completions and responses all say 0, though their repeats hit the cache."""
+    quiet = start_server([str(tiny_qwen2_vl), "--served-model-name", MODEL, "--no-report-cached-tokens"])
+    text = "The vault code is " + " ".join(f"item{i}" for i in range(120))
+    requests = [("/v1/chat/completions", chat_body(text, max_tokens=1)),
+                ("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}),
+                ("/v1/responses", {"model": MODEL, "input": text, "max_output_tokens": 1})]
+    for path, body in requests:
+        for _ in range(2):
+            response = httpx.post(f"{quiet.base_url}{path}", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            usage = response.json()["usage"]
+            details = usage.get("prompt_tokens_details") or usage["input_tokens_details"]
+            assert details["cached_tokens"] == 0, (path, usage)
+    hits = httpx.get(f"{quiet.base_url}/metrics", timeout=10).text
+    assert any(line.startswith("vllm:prefix_cache_hits") and not line.endswith(" 0.0")
+               for line in hits.splitlines() if not line.startswith("#")), "the repeats did hit the prefix cache"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
@@ -57,6 +59,55 @@ def test_metrics_move_as_requests_run(demo_server: ServerProcess, demo_client: o
     assert moved("vlmserve:request_images_sum") == 1 and moved("vlmserve:request_image_tokens_sum") > 0
     assert moved("vllm:request_success_total{finished_reason=length}") == 1
     assert moved("vlmserve:image_embedding_cache_queries_total") >= 1
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(start_server: type[ServerProcess]) -> ServerProcess:
+    """The demo model running one sequence at a time: a second request waits in the engine's queue."""
+    return start_server(["--api-key", DEMO_KEY, "--max-num-seqs", "1"])
+
+
+def test_queue_time_and_vision_encoder_metrics(one_at_a_time: ServerProcess) -> None:
+    server, url = one_at_a_time, f"{one_at_a_time.base_url}/v1/chat/completions"
+    long_body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 200,
+                 "ignore_eos": True, "temperature": 0, "stream": True}
+    image_body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_input()[0]["content"][0]["image_url"]}},
+        {"type": "text", "text": "Describe the image."}]}]}
+    before = scrape(server)
+    streaming = threading.Event()
+    ended_at: list[float] = []
+
+    def long_request() -> None:
+        with httpx.stream("POST", url, json=long_body, headers=AUTH, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    streaming.set()
+        ended_at.append(time.monotonic())
+
+    runner = threading.Thread(target=long_request)
+    runner.start()
+    assert streaming.wait(60)
+    sent_at = time.monotonic()
+    held = httpx.post(url, json=image_body, headers=AUTH, timeout=120)  # waits for the only running slot
+    runner.join(120)
+    assert held.status_code == 200, held.text
+    middle = scrape(server)
+    again = httpx.post(url, json=image_body, headers=AUTH, timeout=60)  # its image's embedding is cached now
+    assert again.status_code == 200, again.text
+    after = scrape(server)
+
+    def moved(name: str, since: dict[str, float] = before, until: dict[str, float] = middle) -> float:
+        return until[name] - since.get(name, 0.0)
+
+    assert moved("vllm:request_queue_time_seconds_count") == 2
+    # the held request could start only once the long one had ended (give or take the time its last chunk took)
+    assert moved("vllm:request_queue_time_seconds_sum") >= 0.5 * (ended_at[0] - sent_at) > 0
+    assert moved("vlmserve:vision_encoder_images_total") == 1  # the long request had no image
+    assert moved("vlmserve:vision_encoder_seconds_count") == 1
+    assert moved("vlmserve:vision_encoder_seconds_sum") > 0
+    assert moved("vllm:request_queue_time_seconds_count", middle, after) == 1
+    assert moved("vlmserve:vision_encoder_images_total", middle, after) == 0  # not encoded a second time
 
 
 def test_grammar_compiles_are_counted(demo_server: ServerProcess, demo_client: openai.OpenAI) -> None:

@@ -269,3 +269,97 @@ def wait_for_stats(url: str, headers: dict[str, str], ready: Any, timeout_s: flo
         if ready(stats) or time.monotonic() > deadline:
             return stats
         time.sleep(0.1)
+
+
+COUNT_TOOL = [{"type": "function", "function": {"name": "count_shapes", "description": "Count shapes of a colour",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "colour": {"type": "string", "enum": ["red", "green"]}},
+                                                    "required": ["colour"], "additionalProperties": False}}}]
+
+
+def test_tools_panel_streams_a_call_card_and_sends_the_result_back(demo_page: Page) -> None:
+    """tool_choice naming the function: the server's grammar makes even the demo model call it, so the card's
+    content is known in shape (a colour of the enum) whatever the weights say."""
+    page = demo_page.page
+    demo_page.enter_key()
+    page.click("#tools-panel summary")
+    page.fill("#tools-json", json.dumps(COUNT_TOOL))
+    page.select_option("#tool-choice", "function:count_shapes")
+    demo_page.ask("How many red shapes are there?")
+    answer = demo_page.answer(0)
+    card = answer.locator(".tool-call")
+    sync_api.expect(card).to_have_count(1)
+    assert card.locator(".tool-name").text_content() == "count_shapes"
+    shown = card.locator(".tool-args").text_content()
+    arguments = json.loads(shown)
+    assert arguments["colour"] in ("red", "green") and shown == json.dumps(arguments, indent=2)  # pretty-printed
+    assert "finish: tool_calls" in answer.locator(".stats").text_content()
+    first = demo_page.chat_bodies()[0]
+    assert first["tools"] == COUNT_TOOL
+    assert first["tool_choice"] == {"type": "function", "function": {"name": "count_shapes"}}
+    page.screenshot(path=str(DOCS / "playground-tools.png"))
+
+    page.select_option("#tool-choice", "none")  # the model answers in words after the result
+    answer.locator(".tool-result").fill("2")
+    answer.locator(".send-tool-results").click()
+    demo_page.answer(1)
+    second = demo_page.chat_bodies()[1]
+    user, assistant, tool = second["messages"]
+    call = assistant["tool_calls"][0]
+    assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"] is None
+    assert call["type"] == "function" and call["id"] and call["function"]["name"] == "count_shapes"
+    assert json.loads(call["function"]["arguments"]) == arguments
+    assert tool == {"role": "tool", "tool_call_id": call["id"], "content": "2"}
+    assert second["tool_choice"] == "none"
+    demo_page.check_every_request_was_local()
+
+
+def test_json_schema_panel_gets_an_answer_that_parses_and_validates(demo_page: Page) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"shape": {"type": "string", "enum": ["circle", "square"]},
+                                               "colour": {"type": "string", "enum": ["red", "blue"]}},
+              "required": ["shape", "colour"], "additionalProperties": False}
+    page = demo_page.page
+    demo_page.enter_key()
+    page.click("#format-panel summary")
+    page.select_option("#format-kind", "json_schema")
+    page.fill("#schema-json", json.dumps(schema))
+    demo_page.ask("Which shape is it?")
+    answer = demo_page.answer(0)
+    sync_api.expect(answer).to_have_attribute("data-json", "valid")
+    shown = answer.locator("pre.json").text_content()
+    parsed = json.loads(shown)
+    jsonschema.validate(parsed, schema)
+    assert shown == json.dumps(parsed, indent=2)
+    body = demo_page.chat_bodies()[0]
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "playground", "schema": schema, "strict": True}}
+    demo_page.check_every_request_was_local()
+
+
+@pytest.mark.parametrize(("panel", "text", "message"), [
+    ("tools", '[{"type": "function", "function": {"name": "f"}', "Tools is not valid JSON"),
+    ("tools", '{"type": "function"}', "Tools must be a non-empty JSON array"),
+    ("tools", '[{"type": "function", "function": {"name": "bad name"}}]', "tools[0].function.name"),
+    ("format", '{"type": "object",', "JSON schema is not valid JSON"),
+    ("format", "[1, 2]", "JSON schema must be a JSON object"),
+])
+def test_invalid_json_in_a_panel_shows_an_error_and_sends_nothing(demo_page: Page, panel: str, text: str,
+                                                                  message: str) -> None:
+    page = demo_page.page
+    demo_page.enter_key()
+    if panel == "tools":
+        page.click("#tools-panel summary")
+        page.fill("#tools-json", text)
+    else:
+        page.click("#format-panel summary")
+        page.select_option("#format-kind", "json_schema")
+        page.fill("#schema-json", text)
+    demo_page.ask("How many shapes are there?")
+    sync_api.expect(page.locator(f"#{panel}-error")).to_contain_text(message)
+    sync_api.expect(page.locator("#error")).to_contain_text(message)
+    page.wait_for_timeout(300)  # a request the page wrongly made would have left by now
+    assert demo_page.chat_bodies() == [] and page.locator(".msg").count() == 0
+    assert page.input_value("#prompt") == "How many shapes are there?"  # kept, to send once fixed
+    demo_page.check_every_request_was_local()

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import io
 import json
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -244,3 +244,55 @@ def test_function_tools_round_trip(demo_client: openai.OpenAI) -> None:
                                               "type": "function_call_output", "call_id": calls[0].call_id,
                                               "output": "4"}])
     assert second.status in ("completed", "incomplete") and second.previous_response_id == first.id
+
+
+def test_function_calls_stream_through_the_sdks_stream_helper(demo_client: openai.OpenAI) -> None:
+    """tool_choice naming the function (enforced by grammar) through `client.responses.stream`: the call's events
+    arrive before the response completes, in OpenAI's order, and the helper's final response holds the call."""
+    tools: list[Any] = [{"type": "function", "name": "count_shapes", "parameters": {
+        "type": "object", "properties": {"shape": {"type": "string", "enum": ["circle", "square"]}},
+        "required": ["shape"], "additionalProperties": False}}]
+    choice: Any = {"type": "function", "name": "count_shapes"}
+    with demo_client.responses.stream(model=MODEL, input=image_input(), tools=tools, tool_choice=choice,
+                                      temperature=0, max_output_tokens=100) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    call_events = ["response.output_item.added", "response.function_call_arguments.delta",
+                   "response.function_call_arguments.done", "response.output_item.done"]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.completed"
+    assert types[2:6] == call_events  # a forced call: no text, so no message item before it
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert calls and calls[0].name == "count_shapes" and json.loads(calls[0].arguments)["shape"] in ("circle",
+                                                                                                      "square")
+    plain = demo_client.responses.create(model=MODEL, input=image_input(), tools=tools, tool_choice=choice,
+                                         temperature=0, max_output_tokens=100)
+    assert [(c.name, c.arguments) for c in plain.output if c.type == "function_call"] == [
+        (c.name, c.arguments) for c in calls]
+
+
+def test_openai_agents_streamed_run_calls_a_function_tool_over_the_responses_api(demo_server: ServerProcess) -> None:
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @function_tool
+    def count_colour(colour: Literal["red", "green"]) -> str:
+        """Count the shapes of one colour."""
+        seen.append(colour)
+        return f"counted {colour}"
+
+    async def run() -> tuple[list[str], str]:
+        async with openai.AsyncOpenAI(base_url=f"{demo_server.base_url}/v1", api_key=DEMO_KEY,
+                                      max_retries=0) as client:
+            agent = Agent(name="counter", tools=[count_colour], tool_use_behavior="stop_on_first_tool",
+                          model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+                          model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=300,
+                                                       parallel_tool_calls=False))
+            streamed = Runner.run_streamed(agent, image_input(), max_turns=2)  # type: ignore[arg-type]
+            names = [event.name async for event in streamed.stream_events() if event.type == "run_item_stream_event"]
+            return names, str(streamed.final_output)
+
+    names, final = asyncio.run(run())
+    assert len(seen) == 1 and seen[0] in ("red", "green")
+    assert names[:2] == ["tool_called", "tool_output"] and final == f"counted {seen[0]}"

@@ -5,11 +5,13 @@ media intake) is `vlmserve:*`. Three sources feed them, none inside the engine's
 
 - engine counters and gauges are read from `EngineClient.stats()` when /metrics is scraped (`_EngineCollector`);
 - per-request histograms are observed by `MeteredEngine`, a wrapper of the engine client the API holds, from the
-  timing of the deltas it passes on (TTFT, inter-token latency, end-to-end, tokens, images);
+  timing of the deltas it passes on (TTFT, inter-token latency, end-to-end, tokens, images) and from the timings
+  the engine core measured and put on a sequence's first delta (`TokenDelta.timings`: queue time, vision tower);
 - media intake is timed by `MeteredMediaLoader` / `MeteredRenderer`, wrappers of what the chat service calls.
 
-NOTE: not exported yet, because nothing measures them honestly today: `vllm:request_queue_time_seconds` and the
-vision encoder's seconds (both need a timestamp from inside the engine core, which belongs to the engine's owners).
+vLLM has no name for the vision tower's time: it is `vlmserve:vision_encoder_seconds`, per sequence whose images
+ran through the tower (images found in the embedding cache cost none and are not counted). Queue time and tower
+time are per sequence (n > 1 observes n queue times; the siblings' one shared encoding is reported on one of them).
 Grammar compile time is a pair of counters (compiles, seconds), not a histogram: the grammar engine keeps totals.
 """
 
@@ -27,7 +29,14 @@ from vlmserve.engine.client import EngineClient
 from vlmserve.errors import MediaError
 from vlmserve.multimodal.loader import ImageRef, MediaLoader
 from vlmserve.multimodal.prompt import PromptRenderer
-from vlmserve.types import ChatMessage, GenerationRequest, ImagePart, PreparedPrompt, TokenDelta
+from vlmserve.types import (
+    ChatMessage,
+    GenerationRequest,
+    ImagePart,
+    PreparedPrompt,
+    RequestTimings,
+    TokenDelta,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -60,6 +69,15 @@ class ServerMetrics:
                                                    "request (all n choices).", _TOKEN_BUCKETS)
         self.request_success = Counter("vllm:request_success", "Requests that finished, by finish reason.",
                                        [*labels, "finished_reason"], registry=self.registry)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING "
+                                    "phase for request (engine queue to first schedule).", _LATENCY_BUCKETS)
+        self.vision_encoder_seconds = histogram(
+            "vlmserve:vision_encoder_seconds", "Seconds the vision tower spent encoding a sequence's images (its "
+            "share of a batched tower call, by image count); sequences whose images were encoded only.",
+            _MEDIA_BUCKETS)
+        self.vision_encoder_images = Counter("vlmserve:vision_encoder_images", "Images encoded by the vision "
+                                             "tower (embedding-cache hits excluded).", labels,
+                                             registry=self.registry).labels(model_name)
         self.images_per_request = histogram("vlmserve:request_images", "Images per request.", _IMAGE_BUCKETS)
         self.image_tokens_per_request = histogram("vlmserve:request_image_tokens", "Image tokens per request.",
                                                   _TOKEN_BUCKETS)
@@ -157,6 +175,8 @@ class MeteredEngine:
                         for _ in delta.token_ids:
                             m.itl.observe(gap)
                     last_token_at[delta.index] = now
+                if delta.timings is not None:
+                    self._observe_timings(delta.timings)
                 generated[delta.index] = delta.num_generated_tokens
                 if delta.finish_reason is not None:
                     m.request_success.labels(m.model_name, delta.finish_reason.value).inc()
@@ -170,6 +190,13 @@ class MeteredEngine:
         m.request_generation_tokens.observe(sum(generated.values()))
         m.images_per_request.observe(len(prompt.image_hashes))
         m.image_tokens_per_request.observe(prompt.num_image_tokens)
+
+
+    def _observe_timings(self, timings: RequestTimings) -> None:
+        self._metrics.queue_time.observe(timings.queue_time_s)
+        if timings.num_images_encoded:
+            self._metrics.vision_encoder_seconds.observe(timings.vision_encoder_s)
+            self._metrics.vision_encoder_images.inc(timings.num_images_encoded)
 
 
 class MeteredMediaLoader:

@@ -5,6 +5,11 @@ A stream is: `response.created`, `response.in_progress`, `response.output_item.a
 `response.content_part.done`, `response.output_item.done`, then `response.completed` (or `response.incomplete`
 when max_output_tokens cut the answer) with usage. Every event carries `sequence_number`, counting from 0. A
 failure after the stream started ends it with an `error` event and `response.failed`.
+
+With function tools, each call is an item of its own (`response.output_item.added`,
+`response.function_call_arguments.delta`, `….done`, `response.output_item.done`), sent as soon as the tool-call
+parser has the whole call. The message item is opened when the first text arrives (at the output index after the
+calls sent so far) and closed at the end; an answer made only of calls has no message item.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class ResponseState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     #: function calls the answer made: {"call_id", "name", "arguments"}
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    #: where the message sits among the output items (a streamed answer may make calls before any text)
+    message_index: int = 0
 
     def finish(self, finish_reason: str | None) -> None:
         self.finish_reason = finish_reason
@@ -76,8 +83,10 @@ def function_call_item(state: ResponseState, index: int) -> dict[str, Any]:
 
 def output_items(state: ResponseState) -> list[dict[str, Any]]:
     """The answer's items: its message (unless it only made calls), then one function_call item per call."""
-    message = [message_item(state, done=True)] if state.text or not state.tool_calls else []
-    return message + [function_call_item(state, i) for i in range(len(state.tool_calls))]
+    items = [function_call_item(state, i) for i in range(len(state.tool_calls))]
+    if state.text or not state.tool_calls:
+        items.insert(min(state.message_index, len(items)), message_item(state, done=True))
+    return items
 
 
 def response_object(state: ResponseState, model: str, *, with_output: bool = True) -> dict[str, Any]:
@@ -128,57 +137,47 @@ class EventWriter:
         return f"event: {type_}\ndata: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     def opening(self) -> list[str]:
+        """response.created and response.in_progress."""
         state = self._state
-        part_ids = {"item_id": state.message_id, "output_index": 0, "content_index": 0}
         return [self.event("response.created", response=response_object(state, self._model)),
-                self.event("response.in_progress", response=response_object(state, self._model)),
-                self.event("response.output_item.added", output_index=0, item=message_item(state, done=False)),
-                self.event("response.content_part.added", **part_ids, part=output_text_part(""))]
+                self.event("response.in_progress", response=response_object(state, self._model))]
+
+    def message_opening(self) -> list[str]:
+        state = self._state
+        return [self.event("response.output_item.added", output_index=state.message_index,
+                           item=message_item(state, done=False)),
+                self.event("response.content_part.added", **self._part_ids(), part=output_text_part(""))]
 
     def delta(self, text: str, logprobs: list[dict[str, Any]]) -> str:
-        return self.event("response.output_text.delta", item_id=self._state.message_id, output_index=0,
-                          content_index=0, delta=text, logprobs=logprobs)
+        return self.event("response.output_text.delta", **self._part_ids(), delta=text, logprobs=logprobs)
 
-    def closing(self) -> list[str]:
+    def message_closing(self) -> list[str]:
         state = self._state
-        part_ids = {"item_id": state.message_id, "output_index": 0, "content_index": 0}
+        return [self.event("response.output_text.done", **self._part_ids(), text=state.text, logprobs=state.logprobs),
+                self.event("response.content_part.done", **self._part_ids(),
+                           part=output_text_part(state.text, state.logprobs)),
+                self.event("response.output_item.done", output_index=state.message_index,
+                           item=message_item(state, done=True))]
+
+    def function_call(self, index: int, output_index: int) -> list[str]:
+        """The four events of the answer's `index`-th call (already in `state.tool_calls`), complete."""
+        item = function_call_item(self._state, index)
+        ids = {"item_id": item["id"], "output_index": output_index}
+        return [self.event("response.output_item.added", output_index=output_index,
+                           item={**item, "arguments": "", "status": "in_progress"}),
+                self.event("response.function_call_arguments.delta", **ids, delta=item["arguments"]),
+                self.event("response.function_call_arguments.done", **ids, name=item["name"],
+                           arguments=item["arguments"]),
+                self.event("response.output_item.done", output_index=output_index, item=item)]
+
+    def final(self) -> str:
         # NOTE: OpenAI has no event for a cancelled response; its stream ends with response.completed whose
         # response says status "cancelled", which is what SDK clients read.
-        final = "response.incomplete" if state.status == "incomplete" else "response.completed"
-        return [self.event("response.output_text.done", **part_ids, text=state.text, logprobs=state.logprobs),
-                self.event("response.content_part.done", **part_ids,
-                           part=output_text_part(state.text, state.logprobs)),
-                self.event("response.output_item.done", output_index=0, item=message_item(state, done=True)),
-                self.event(final, response=response_object(state, self._model))]
+        final = "response.incomplete" if self._state.status == "incomplete" else "response.completed"
+        return self.event(final, response=response_object(self._state, self._model))
 
-    def whole(self) -> list[str]:
-        """Every event of a response generated whole (requests with tools): its message, then its calls."""
-        state = self._state
-        # the state is already final: the opening events show it as it was when generation started
-        started = {**response_object(state, self._model, with_output=False), "status": "in_progress",
-                   "usage": None, "incomplete_details": None, "completed_at": None}
-        events = [self.event("response.created", response=started),
-                  self.event("response.in_progress", response=started)]
-        index = 0
-        if state.text or not state.tool_calls:
-            events += [
-                self.event("response.output_item.added", output_index=0, item=message_item(state, done=False)),
-                self.event("response.content_part.added", item_id=state.message_id, output_index=0,
-                           content_index=0, part=output_text_part("")),
-                self.delta(state.text, state.logprobs)]
-            events += self.closing()[:-1]  # its done events; the final response event comes after the calls
-            index = 1
-        for i in range(len(state.tool_calls)):
-            item = function_call_item(state, i)
-            ids = {"item_id": item["id"], "output_index": index + i}
-            events += [self.event("response.output_item.added", output_index=index + i,
-                                  item={**item, "arguments": "", "status": "in_progress"}),
-                       self.event("response.function_call_arguments.delta", **ids, delta=item["arguments"]),
-                       self.event("response.function_call_arguments.done", **ids, name=item["name"],
-                                  arguments=item["arguments"]),
-                       self.event("response.output_item.done", output_index=index + i, item=item)]
-        final = "response.incomplete" if state.status == "incomplete" else "response.completed"
-        return [*events, self.event(final, response=response_object(state, self._model))]
+    def _part_ids(self) -> dict[str, Any]:
+        return {"item_id": self._state.message_id, "output_index": self._state.message_index, "content_index": 0}
 
     def failure(self, body: dict[str, Any]) -> list[str]:
         error = body["error"]

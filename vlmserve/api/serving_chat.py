@@ -145,6 +145,9 @@ class ChatService:
                 num_chars += sum(len(part.text or "") for part in message.content)
         self._renderer.check_text_size(num_chars)
 
+    def reported_cached_tokens(self, cached_tokens: int) -> int:
+        return self._config.reported_cached_tokens(cached_tokens)
+
     def output_plan(self, request: schemas.ChatCompletionRequest, generation: GenerationRequest) -> OutputPlan:
         """How `generation`'s output is read back (tool calls, reasoning); cheap, for a prepared request."""
         tool_plan = plan_tools(request, self._tool_parser, self._family)
@@ -233,9 +236,6 @@ class ChatService:
 
     # --- responses -------------------------------------------------------------------------------------------
 
-    def _reported(self, cached_tokens: int) -> int:
-        return cached_tokens if self._config.report_cached_tokens else 0
-
     async def complete(self, generation: GenerationRequest, model: str,
                        plan: OutputPlan | None = None) -> schemas.ChatCompletion:
         plan = plan or OutputPlan()
@@ -256,7 +256,7 @@ class ChatService:
                 index=i, message=_message(c, plan), finish_reason=_finish_reason(c.finish_reason, plan, c.calls),
                 logprobs=schemas.ChoiceLogprobs(content=c.logprobs) if want_logprobs else None)
                 for i, c in enumerate(choices)],
-            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), self._reported(cached)))
+            usage=_usage(generation.prompt, sum(c.num_tokens for c in choices), self._config.reported_cached_tokens(cached)))
 
     def stream(self, generation: GenerationRequest, model: str, include_usage: bool,
                plan: OutputPlan | None = None, progress: dict[str, Any] | None = None) -> AsyncIterator[str]:
@@ -287,7 +287,7 @@ class ChatService:
                 calls = parsers[delta.index].tool_calls
                 yield writer.finish(delta.index, _finish_reason(delta.finish_reason.value, plan, calls) or "stop")
         if include_usage:
-            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), self._reported(cached)))
+            yield writer.usage(_usage(generation.prompt, sum(completion_tokens), self._config.reported_cached_tokens(cached)))
         yield writer.done()
 
 

@@ -58,13 +58,18 @@ class CompletionsService:
         self._renderer = renderer
         self._names = served_model_names
         self._config = server_config
+        # the same prefix-cache isolation as chat (serving_chat.ChatService): one salt per API key
+        self._salt_caches = server_config.enable_cache_salt and bool(server_config.resolved_api_keys())
 
     @property
     def _tokenizer(self) -> Any:
         # looked up per call: the renderer owns the processor (and tests build apps without one)
         return self._renderer.tokenizer
 
-    async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
+    async def prepare(self, request: CompletionRequest, *, client_id: str | None = None,
+                      api_key_id: str | None = None) -> PreparedCompletion:
+        """`client_id` names the sender for fair scheduling; `api_key_id` (the digest of the key used, when keys
+        are configured) salts the prefix cache, as in chat: no key's requests find blocks another key's wrote."""
         if request.model not in self._names:
             raise ModelNotFoundError(f"the model {request.model!r} does not exist here; served models: "
                                      f"{', '.join(self._names)}", param="model")
@@ -73,11 +78,11 @@ class CompletionsService:
         sampling = self._sampling(request)
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         token_lists = await asyncio.to_thread(self._tokenize, prompts)
-        # NOTE: no cache_salt yet, as in the chat path; when prefix-cache isolation sets one per client there, it
-        # belongs here too (these requests share the engine's prefix cache)
+        salt = api_key_id if self._salt_caches else None
         generations = [GenerationRequest(
             request_id=completion_id if len(prompts) == 1 else f"{completion_id}-p{i}",
-            prompt=PreparedPrompt(token_ids=ids), sampling=sampling) for i, ids in enumerate(token_lists)]
+            prompt=PreparedPrompt(token_ids=ids), sampling=sampling, client_id=client_id, cache_salt=salt)
+            for i, ids in enumerate(token_lists)]
         echoes = [""] * len(prompts)
         if request.echo:
             echoes = [p if isinstance(p, str) else str(self._tokenizer.decode(p)) for p in prompts]
@@ -166,7 +171,7 @@ class CompletionsService:
             choices=[CompletionChoice(index=i, text=c.text, logprobs=c.logprobs if prepared.want_logprobs else None,
                                       finish_reason=cast(schemas.FinishReasonName, c.finish_reason))
                      for i, c in enumerate(choices)],
-            usage=_usage(prompt_tokens, generated, cached))
+            usage=_usage(prompt_tokens, generated, self._config.reported_cached_tokens(cached)))
 
     def stream(self, prepared: PreparedCompletion, model: str, include_usage: bool,
                progress: dict[str, Any]) -> AsyncIterator[str]:
@@ -205,7 +210,7 @@ class CompletionsService:
                 yield chunk([_chunk_choice(index, delta.text, logprobs, reason)])
         if include_usage:
             prompt_tokens = sum(g.prompt.num_tokens for g in prepared.generations)
-            yield chunk([], _usage(prompt_tokens, sum(tokens), cached))
+            yield chunk([], _usage(prompt_tokens, sum(tokens), self._config.reported_cached_tokens(cached)))
         yield "data: [DONE]\n\n"
 
 

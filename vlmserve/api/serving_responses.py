@@ -6,9 +6,9 @@ A request becomes a `ChatCompletionRequest` — `instructions` as the system tur
 the Responses stream events (`vlmserve.api.responses_format`).
 
 Function tools translate onto chat `tools` / `tool_choice`, `function_call` items onto assistant tool calls and
-`function_call_output` items onto `tool` turns; the answer is read back by the chat path's tool-call parser.
-NOTE: a request with tools is generated whole, then sent (streamed as its events at the end, not token by token)
-and cannot be cancelled mid-way: the chat path parses tool calls from the whole text.
+`function_call_output` items onto `tool` turns; the answer is read back by the chat path's incremental output parser (`OutputParser`, what a streamed chat completion uses), so a streamed
+response sends its text as it comes and each function call as soon as it is complete; a non-streamed one runs the
+same path and keeps what it would have sent.
 """
 
 from __future__ import annotations
@@ -98,58 +98,64 @@ class ResponsesService:
     # --- answers ---------------------------------------------------------------------------------------------
 
     async def create(self, prepared: PreparedResponse) -> dict[str, Any]:
-        if prepared.chat_request is not None:
-            await self._complete_with_tools(prepared)
-            return self._finish(prepared)
-        with _responses_params():
-            deltas = self._engine.generate(prepared.generation)
-        async for _ in self._run(prepared, deltas):
-            pass
-        return self._finish(prepared)
+        writer = EventWriter(prepared.state, prepared.state.request.model)
+        async for _ in self._events(prepared, self._start(prepared), writer):
+            pass  # the same path as a stream: what it would have sent is what the object holds
+        return response_object(prepared.state, prepared.state.request.model)
 
     def stream(self, prepared: PreparedResponse) -> tuple[AsyncIterator[str], EventWriter]:
         """The stream's events and its writer (whose `failure` ends the stream if generation fails). Raises before
         any event for every error that needs no generation."""
         writer = EventWriter(prepared.state, prepared.state.request.model)
-        if prepared.chat_request is not None:
-            return self._stream_with_tools(prepared, writer), writer
+        return self._events(prepared, self._start(prepared), writer), writer
+
+    def _start(self, prepared: PreparedResponse) -> AsyncIterator[TokenDelta]:
         with _responses_params():
-            deltas = self._engine.generate(prepared.generation)
-        return self._stream(prepared, deltas, writer), writer
+            return self._engine.generate(prepared.generation)
 
-    async def _complete_with_tools(self, prepared: PreparedResponse) -> None:
-        state, chat_request = prepared.state, prepared.chat_request
-        assert chat_request is not None
-        plan = self._chat.output_plan(chat_request, prepared.generation)
-        completion = await self._chat.complete(prepared.generation, state.request.model, plan)
-        choice = completion.choices[0]
-        state.text = choice.message.content or ""
-        state.tool_calls = [{"call_id": call.id, "name": call.function.name, "arguments": call.function.arguments}
-                            for call in choice.message.tool_calls or ()]
-        state.output_tokens = completion.usage.completion_tokens
-        state.cached_tokens = (completion.usage.prompt_tokens_details.cached_tokens
-                               if completion.usage.prompt_tokens_details else 0)
-        state.finish("length" if choice.finish_reason == "length" else "stop")
-
-    async def _stream_with_tools(self, prepared: PreparedResponse, writer: EventWriter) -> AsyncIterator[str]:
-        await self._complete_with_tools(prepared)
-        self._finish(prepared)
-        for event in writer.whole():
-            yield event
-
-    async def _stream(self, prepared: PreparedResponse, deltas: AsyncIterator[TokenDelta],
+    async def _events(self, prepared: PreparedResponse, deltas: AsyncIterator[TokenDelta],
                       writer: EventWriter) -> AsyncIterator[str]:
+        """Every event of the response as the engine's deltas come. With tools, the text goes through the chat
+        path's incremental output parser: text is sent as the parser vouches for it, each call once complete."""
+        state = prepared.state
+        parser = (self._chat.output_plan(prepared.chat_request, prepared.generation).new_parser()
+                  if prepared.chat_request is not None else None)
         for event in writer.opening():
             yield event
-        async for text, entries in self._run(prepared, deltas):
-            yield writer.delta(text, entries)
+        is_open = parser is None  # a plain answer is one message, opened at once (as OpenAI's stream does)
+        if is_open:
+            for event in writer.message_opening():
+                yield event
+        async for delta in self._run(prepared, deltas):
+            if parser is None:
+                text, entries, calls = delta.text, logprob_entries(delta), []
+            else:
+                parsed = parser.feed(delta.text, final=delta.finish_reason is not None)
+                text, entries, calls = parsed.content, [], parsed.tool_calls
+            if (text or entries) and not is_open:
+                state.message_index, is_open = len(state.tool_calls), True
+                for event in writer.message_opening():
+                    yield event
+            if text or entries:
+                state.text += text
+                state.logprobs += entries
+                yield writer.delta(text, entries)
+            for call in calls:
+                state.tool_calls.append({"call_id": call.id, "name": call.name, "arguments": call.arguments})
+                for event in writer.function_call(len(state.tool_calls) - 1, len(state.tool_calls) - 1 + is_open):
+                    yield event
         self._finish(prepared)
-        for event in writer.closing():
-            yield event
+        if not is_open and not state.tool_calls:  # nothing at all was said: an empty message, as without tools
+            for event in writer.message_opening():
+                yield event
+            is_open = True
+        if is_open:
+            for event in writer.message_closing():
+                yield event
+        yield writer.final()
 
-    async def _run(self, prepared: PreparedResponse,
-                   deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-        """Feed the response's state from the engine, yielding (text, logprobs) as they come; stops early when
+    async def _run(self, prepared: PreparedResponse, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+        """The engine's deltas, with the response's counts and status kept up to date; stops early when
         cancelled."""
         state = prepared.state
         cancelled = asyncio.Event()
@@ -157,13 +163,9 @@ class ResponsesService:
         self._keep(prepared)  # GET sees it in progress
         try:
             async for delta in deltas:
-                state.text += delta.text
                 state.output_tokens = delta.num_generated_tokens
-                state.cached_tokens = max(state.cached_tokens, delta.num_cached_tokens)
-                entries = logprob_entries(delta)
-                state.logprobs += entries
-                if delta.text or entries:
-                    yield delta.text, entries
+                state.cached_tokens = max(state.cached_tokens, self._chat.reported_cached_tokens(delta.num_cached_tokens))
+                yield delta
                 if delta.finish_reason is not None:
                     state.finish(delta.finish_reason.value)
                 # NOTE: a cancel takes effect at the next delta (at most one token late), not while prefilling

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from vlmserve.api.metrics import CONTENT_TYPE, ServerMetrics
-from vlmserve.api.middleware import log_fields
+from vlmserve.api.middleware import client_id, log_fields
 from vlmserve.api.openapi import body_schema_of
 from vlmserve.api.schemas_completions import Completion, CompletionRequest
 from vlmserve.api.schemas_responses import ResponseCreateRequest
@@ -60,7 +60,8 @@ def install_completions_routes(app: FastAPI, completions: CompletionsService) ->
     @app.post("/v1/completions", response_model=Completion, openapi_extra=body_schema_of(CompletionRequest))
     async def create_completion(raw_request: Request) -> Response:
         request = CompletionRequest.model_validate(await json_body(raw_request))
-        prepared = await completions.prepare(request)
+        prepared = await completions.prepare(request, client_id=client_id(raw_request.scope),
+                                             api_key_id=raw_request.scope.get("state", {}).get("api_key_id"))
         fields = log_fields(raw_request.scope)
         fields.update(request_id=prepared.completion_id, n=request.n,
                       prompt_tokens=sum(g.prompt.num_tokens for g in prepared.generations))

@@ -39,6 +39,11 @@ class AttentionBatch:
     block_tables: torch.Tensor  # int32 [S, max_blocks]
     max_q_len: int
     max_seq_len: int
+    #: per query row, the first and last key of the bidirectional block it lies in (see `paged_attention`);
+    #: None for a causal step
+    block_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: sliding-window layers leave those blocks whole (PaliGemma 2) rather than cut them (Gemma 3)
+    blocks_spare_window: bool = False
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -70,7 +75,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     out = paged_attention(
         q.contiguous(), k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables,
         scale=scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1]), max_q_len=batch.max_q_len,
-        max_seq_len=batch.max_seq_len, sliding_window=sliding_window, softcap=float(softcap or 0.0))
+        max_seq_len=batch.max_seq_len, sliding_window=sliding_window, softcap=float(softcap or 0.0),
+        block_bounds=batch.block_bounds, blocks_spare_window=batch.blocks_spare_window)
     return out.unsqueeze(0), None
 
 

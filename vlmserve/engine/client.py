@@ -272,6 +272,9 @@ class AsyncEngine:
             # Jinja renders as empty); an empty prompt would reach the model runner and kill the engine loop.
             raise InvalidRequestError("the chat template rendered an empty prompt (0 tokens): there is nothing "
                                       "to generate from", param="messages")
+        check = getattr(self._core, "check_prompt", None)  # the paged core: bidirectional blocks fit a step
+        if check is not None:
+            check(prompt)
         if not self._placeholder_ids:
             return
         # NOTE: special tokens typed into message text ("<|image_pad|>") tokenize to the real placeholder ids;
@@ -336,7 +339,7 @@ class AsyncEngine:
         sequence.num_generated += len(token_ids)
         delta = TokenDelta(request_id=output.request_id, index=sequence.index, text=text, token_ids=token_ids,
                            num_prompt_tokens=sequence.num_prompt_tokens, num_generated_tokens=sequence.num_generated,
-                           num_cached_tokens=output.num_cached_tokens)
+                           num_cached_tokens=output.num_cached_tokens, timings=output.timings)
         if sequence.want_logprobs and output.new_logprobs:
             delta.logprobs = [lp for lp in output.new_logprobs if lp is not None]
             delta.token_texts = [detokenizer.token_text(lp.chosen.token_id) for lp in delta.logprobs]

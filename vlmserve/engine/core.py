@@ -27,9 +27,16 @@ from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
-from vlmserve.errors import RequestError
+from vlmserve.errors import ContextLengthError, RequestError
 from vlmserve.models.base import ModelAdapter
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PreparedPrompt, SamplingParams
+from vlmserve.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    PreparedPrompt,
+    RequestTimings,
+    SamplingParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,7 @@ class PagedEngineCore:
             self.runner.sampler.release(preempted.sampling)  # its sampling row is rebuilt when it runs again
         if not scheduled.chunks:
             return
+        _stamp_first_schedule(scheduled.chunks)
         try:
             sequences, sampled = self.runner.execute(scheduled.chunks)
         except Exception as exc:  # incl. CUDA out-of-memory: find the culprit, keep serving the others
@@ -199,8 +207,23 @@ class PagedEngineCore:
         self.scheduler.finish(sequence)
         self.runner.sampler.release(sequence.sampling)
 
+    def check_prompt(self, prompt: PreparedPrompt) -> tuple[tuple[int, int], ...]:
+        """The prompt's bidirectional attention blocks; raises ContextLengthError for one longer than a step.
+        Safe to call from any thread (the client calls it before accepting a request, to answer 400)."""
+        blocks = self._adapter.attention_blocks(prompt)
+        budget = self.scheduler.max_num_batched_tokens
+        longest = max((stop - start for start, stop in blocks), default=0)
+        if longest > budget:
+            # the block's tokens attend to each other, so they must all be computed in one step
+            raise ContextLengthError(
+                f"the prompt has a bidirectional attention block of {longest} tokens (images and, for prefix-LM "
+                f"models, the prompt text), more than one engine step's {budget} tokens; raise "
+                "--max-num-batched-tokens", param="messages")
+        return blocks
+
     def _make_sequence(self, request: GenerationRequest) -> Sequence:
         sequence = self._new_sequence(request)
+        sequence.attention_blocks = self.check_prompt(request.prompt)
         self._counters["prompt"] += request.prompt.num_tokens
         return sequence
 
@@ -233,7 +256,7 @@ class PagedEngineCore:
                 self._counters["finished"] += 1
             outputs.append(CoreOutput(sequence.request_id, [token], finish,
                                       new_logprobs=[logprobs] if logprobs is not None else None,
-                                      num_cached_tokens=sequence.num_cached_tokens))
+                                      num_cached_tokens=sequence.num_cached_tokens, timings=_timings(sequence)))
         self._count_step(len(outputs))
         return outputs
 
@@ -277,3 +300,19 @@ class PagedEngineCore:
         from vlmserve.engine.memory import profile_num_blocks
 
         return profile_num_blocks(adapter, config)
+
+
+def _stamp_first_schedule(chunks: list[ScheduledChunk]) -> None:
+    now = time.monotonic()
+    for chunk in chunks:
+        if chunk.sequence.first_scheduled_time is None:
+            chunk.sequence.first_scheduled_time = now
+
+
+def _timings(sequence: Sequence) -> RequestTimings | None:
+    """The sequence's queue and tower timings, once: on its first output (later outputs carry None)."""
+    if sequence.is_timing_sent or sequence.first_scheduled_time is None:
+        return None
+    sequence.is_timing_sent = True
+    return RequestTimings(queue_time_s=sequence.first_scheduled_time - sequence.request.arrival_time,
+                          vision_encoder_s=sequence.vision_encoder_s, num_images_encoded=sequence.num_images_encoded)

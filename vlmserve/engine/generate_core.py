@@ -29,9 +29,10 @@ from vlmserve.engine.sampler import Sampler, SequenceSampling
 from vlmserve.engine.stopping import finish_reason, make_sampling
 from vlmserve.engine.structured import StructuredOutputs
 from vlmserve.engine.text_policy import TextPolicy
+from vlmserve.engine.vision_timing import TowerTimer, share_by_images
 from vlmserve.errors import RequestError
 from vlmserve.models.base import ModelAdapter
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, RequestTimings
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class _Row:
     #: tokens the current `generate` call has produced for this row; fewer than `output_token_ids` while a
     #: retried row replays what it had already streamed
     num_replayed: int = 0
+    #: for /metrics, sent with the row's first token (see `_timings`)
+    first_scheduled_time: float | None = None
+    vision_encoder_s: float = 0.0
+    is_timing_sent: bool = False
 
     @property
     def is_done(self) -> bool:
@@ -74,6 +79,7 @@ class GenerateEngineCore:
         self._counters = {"steps": 0, "generated": 0, "prompt": 0, "aborted": 0, "finished": 0}
         self._consecutive_failures = 0
         self._started = time.monotonic()
+        self._tower = TowerTimer(adapter.model)  # the tower runs inside model.generate: timed by hooks
 
     def add_request(self, request: GenerationRequest) -> None:
         self._inbox.add(request)
@@ -183,8 +189,12 @@ class GenerateEngineCore:
 
     @torch.inference_mode()
     def _generate(self, rows: list[_Row], emit: Emit) -> None:
+        now = time.monotonic()
         for row in rows:
             row.num_replayed = 0
+            if row.first_scheduled_time is None:
+                row.first_scheduled_time = now
+        self._tower.take()  # what ran before this call (the health probe) is no row's
         inputs = self._adapter.collate([r.request.prompt for r in rows])
         self._counters["prompt"] += sum(r.request.prompt.num_tokens for r in rows)
         max_new = max(int(r.request.sampling.max_tokens or 1) for r in rows)
@@ -198,6 +208,7 @@ class GenerateEngineCore:
     def _advance(self, rows: list[_Row], scores: torch.Tensor, emit: Emit) -> torch.Tensor:
         """Choose every live row's next token, record it, emit it; return scores forcing those tokens."""
         self._drain_inbox()
+        _share_tower_time(rows, self._tower.take())
         aborted = self._aborted
         live = [i for i, r in enumerate(rows) if not r.is_done and r.request.request_id not in aborted]
         for r in rows:
@@ -229,11 +240,31 @@ class GenerateEngineCore:
             forced[i, 0] = float("-inf")
             forced[i, token] = 0.0
             outputs.append(CoreOutput(row.request.request_id, [token], row.finish_reason,
-                                      new_logprobs=[drawn.logprobs[j]] if drawn.logprobs[j] else None))
+                                      new_logprobs=[drawn.logprobs[j]] if drawn.logprobs[j] else None,
+                                      timings=_timings(row)))
         self._counters["steps"] += 1
         self._counters["generated"] += len(live)
         emit(outputs)
         return forced
+
+
+def _share_tower_time(rows: list[_Row], seconds: float) -> None:
+    """The tower seconds of a `generate` call's prefill, shared by image count over the rows it encoded."""
+    if seconds <= 0.0:
+        return
+    pending = [r for r in rows if not r.is_timing_sent]
+    counts = [len(r.request.prompt.image_hashes) for r in pending]
+    for row, share in zip(pending, share_by_images(seconds, counts), strict=True):
+        row.vision_encoder_s += share
+
+
+def _timings(row: _Row) -> RequestTimings | None:
+    if row.is_timing_sent or row.first_scheduled_time is None:
+        return None
+    row.is_timing_sent = True
+    return RequestTimings(queue_time_s=row.first_scheduled_time - row.request.arrival_time,
+                          vision_encoder_s=row.vision_encoder_s,
+                          num_images_encoded=len(row.request.prompt.image_hashes))
 
 
 def _failed(rows: list[_Row], exc: Exception) -> list[CoreOutput]:

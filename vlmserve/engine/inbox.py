@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from vlmserve.types import GenerationRequest
 
@@ -14,6 +15,9 @@ class Inbox:
         self._aborts: list[str] = []
 
     def add(self, request: GenerationRequest) -> None:
+        # NOTE: the engine's queue starts here (the request object is the core's own: the client made it per
+        # sequence); queue time is measured from this stamp to the sequence's first schedule
+        request.arrival_time = time.monotonic()
         with self._lock:
             self._requests.append(request)
 

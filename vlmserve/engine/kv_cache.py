@@ -34,28 +34,37 @@ def root_hash(cache_salt: str | None) -> BlockHash:
     return hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
 
 
-def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str]) -> BlockHash:
+def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str],
+               lookahead_ids: Seq[int] = ()) -> BlockHash:
+    """`lookahead_ids`: the tokens after the block that its KV depends on (the rest of a bidirectional block)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(parent)
     digest.update(b"t" + ",".join(map(str, token_ids)).encode())
     for image in image_hashes:
         digest.update(b"i" + image.encode())
+    if lookahead_ids:
+        digest.update(b"a" + ",".join(map(str, lookahead_ids)).encode())
     return digest.digest()
 
 
 def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Seq[int]], num_tokens: int,
-                        prompt: PreparedPrompt, cache_salt: str | None, block_size: int) -> list[BlockHash]:
+                        prompt: PreparedPrompt, cache_salt: str | None, block_size: int,
+                        attention_blocks: Seq[tuple[int, int]] = ()) -> list[BlockHash]:
     """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
     `num_tokens` tokens (`tokens(start, end)` reads them); images and videos come from `prompt`'s spans (a video's
     hash covers its frames' pixels and timestamps). Returns `hashes`.
 
+    A KV block inside a bidirectional attention block (`attention_blocks`) depends on that block's later tokens
+    too: its key also covers them (and their images), so it is shared only where the whole block is the same.
     The one definition of a block's prefix-cache key: the KV-cache manager and the Ray router both use it.
     """
     parent = hashes[-1] if hashes else root_hash(cache_salt)
     for start in range(len(hashes) * block_size, num_tokens - block_size + 1, block_size):
-        images = images_in_range(prompt.image_spans, prompt.image_hashes, start, start + block_size)
-        images += images_in_range(prompt.video_spans, prompt.video_hashes, start, start + block_size)
-        parent = hash_block(parent, tokens(start, start + block_size), images)
+        end = start + block_size
+        reach = max((hi for lo, hi in attention_blocks if lo < end < hi), default=end)
+        images = images_in_range(prompt.image_spans, prompt.image_hashes, start, reach)
+        images += images_in_range(prompt.video_spans, prompt.video_hashes, start, reach)
+        parent = hash_block(parent, tokens(start, end), images, tokens(end, reach) if reach > end else ())
         hashes.append(parent)
     return hashes
 

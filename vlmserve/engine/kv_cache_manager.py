@@ -90,4 +90,4 @@ class KVCacheManager:
         """Chained hashes of every full block of the sequence's known tokens, extending those computed before."""
         request = sequence.request
         return extend_block_hashes(sequence.block_hashes, sequence.tokens, sequence.num_tokens, request.prompt,
-                                   request.cache_salt, self.block_size)
+                                   request.cache_salt, self.block_size, sequence.attention_blocks)

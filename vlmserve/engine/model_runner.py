@@ -26,6 +26,7 @@ from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
+from vlmserve.engine.vision_timing import share_by_images, timed
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import PreparedPrompt
 
@@ -164,7 +165,9 @@ class ModelRunner:
         if self._graphs is None:
             return [], chunks
         # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
-        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None]
+        # and so does one inside a bidirectional prompt block: graphs know no blocks
+        graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None
+                   and not _in_attention_block(c)]
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
         chosen = {id(c) for c in graphed}
@@ -210,7 +213,8 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens))
+            max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens),
+            block_bounds=_block_bounds(chunks, device), blocks_spare_window=self.adapter.blocks_spare_window)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
@@ -222,6 +226,7 @@ class ModelRunner:
         from the embedding cache, or from one vision-tower call over all the images it lacks."""
         features: dict[int, list[torch.Tensor]] = {}  # by id of the prompt (n > 1 siblings share one)
         missing: dict[int, PreparedPrompt] = {}
+        encoded_for: dict[int, Sequence] = {}  # the sequence a prompt's tower time is reported on (one sibling)
         for sequence in sequences:
             prompt = sequence.request.prompt
             if id(prompt) in features or id(prompt) in missing:
@@ -231,15 +236,23 @@ class ModelRunner:
                 features[id(prompt)] = cached or []
             else:
                 missing[id(prompt)] = prompt
+                encoded_for[id(prompt)] = sequence
         if missing:
-            encoded = self.adapter.encode_image_batch(list(missing.values()))
+            with timed(self.device) as elapsed:
+                encoded = self.adapter.encode_image_batch(list(missing.values()))
+            counts = [len(prompt.image_hashes) for prompt in missing.values()]
+            for key, seconds, count in zip(missing, share_by_images(elapsed[0], counts), counts, strict=True):
+                encoded_for[key].vision_encoder_s += seconds
+                encoded_for[key].num_images_encoded += count
             for prompt, prompt_features in zip(missing.values(), encoded, strict=True):
                 features[id(prompt)] = prompt_features
                 if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):
                     for image_hash, feature in zip(prompt.image_hashes, prompt_features, strict=True):
                         self.image_cache.put(image_hash, feature)
-        videos = {id(s.request.prompt): self._video_features(s.request.prompt) for s in sequences
-                  if s.request.prompt.video_hashes}
+        videos: dict[int, list[torch.Tensor]] = {}
+        for sequence in sequences:
+            if sequence.request.prompt.video_hashes and id(sequence.request.prompt) not in videos:
+                videos[id(sequence.request.prompt)] = self._video_features(sequence)
         for sequence in sequences:
             prompt = sequence.request.prompt
             embedding = self.adapter.embed_prompt(prompt, features[id(prompt)], video_embeds=videos.get(id(prompt)))
@@ -248,15 +261,42 @@ class ModelRunner:
             sequence.rope_delta = embedding.rope_delta
             sequence.prompt_extras = embedding.extras
 
-    def _video_features(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
-        """The prompt's video features, from the embedding cache (keyed by video hash) or the vision tower."""
+    def _video_features(self, sequence: Sequence) -> list[torch.Tensor]:
+        """The sequence's video features, from the embedding cache (keyed by video hash) or the vision tower (its
+        time counted in the sequence's vision-encoder time)."""
+        prompt = sequence.request.prompt
         cached = self.image_cache.get_all(prompt.video_hashes)
         if cached is not None:
             return cached
-        encoded = self.adapter.encode_videos(prompt)
+        with timed(self.device) as elapsed:
+            encoded = self.adapter.encode_videos(prompt)
+        sequence.vision_encoder_s += elapsed[0]
         for video_hash, feature in zip(prompt.video_hashes, encoded, strict=True):
             self.image_cache.put(video_hash, feature)
         return encoded
+
+
+def _in_attention_block(chunk: ScheduledChunk) -> bool:
+    return bool(chunk.sequence.attention_blocks) and chunk.start < chunk.sequence.num_prompt_tokens
+
+
+def _block_bounds(chunks: list[ScheduledChunk], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of the step, the first and last key of its bidirectional block (its own index twice outside any);
+    None when no chunk has a row in one."""
+    if not any(_in_attention_block(c) for c in chunks):
+        return None
+    first: list[int] = []
+    last: list[int] = []
+    for chunk in chunks:
+        row = len(first)
+        first += range(chunk.start, chunk.end)
+        last += range(chunk.start, chunk.end)
+        for block_start, block_end in chunk.sequence.attention_blocks if _in_attention_block(chunk) else ():
+            for index in range(max(block_start, chunk.start), min(block_end, chunk.end)):
+                first[row + index - chunk.start] = block_start
+                last[row + index - chunk.start] = block_end - 1
+    return (torch.tensor(first, dtype=torch.int32, device=device),
+            torch.tensor(last, dtype=torch.int32, device=device))
 
 
 def _one_feature_per_image(prompt: PreparedPrompt) -> bool:

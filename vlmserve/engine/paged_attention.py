@@ -14,6 +14,15 @@ Query row j of sequence s (q_len_s rows) sits at absolute position p = seq_lens[
 to the sequence's keys at [max(0, p - window + 1), p] with a sliding window, else [0, p]. Query head h reads
 KV head h // (num_q_heads // num_kv_heads). softcap > 0 applies logits = softcap * tanh(logits / softcap).
 
+Bidirectional blocks (Gemma 3's image blocks, PaliGemma's prefix): ``block_bounds = (block_lo, block_hi)``, int32
+[T] each, gives every query row the first and last key position of the bidirectional block it lies in (a row in
+no block: its own position twice). Row p then also sees the keys after it up to ``block_hi``: its keys are
+[lo, max(p, block_hi)] with lo = 0, or p - window + 1 under a sliding window; with ``blocks_spare_window`` the
+window does not cut the block either (lo = min(p - window + 1, block_lo): PaliGemma 2's sliding layers OR the
+prefix block onto the sliding causal mask, where Gemma 3's AND the window onto it). A block must end inside its
+sequence's keys (``block_hi < seq_len``): the scheduler never ends a prefill chunk inside one, so a one-row
+sequence's block ends at its own row.
+
 Padding convention (CUDA-graph decode batches padded up to a captured size): a padding sequence owns one
 query row (cu_seqlens stays arange(S + 1) for a decode batch), has seq_len 0 and slot -1. Its block-table row
 is never read, nothing is written to the cache, and its output row is zeros. Sequences with an empty
@@ -59,6 +68,8 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float = 0.0,
     out: Tensor | None = None,
+    block_bounds: tuple[Tensor, Tensor] | None = None,
+    blocks_spare_window: bool = False,
 ) -> Tensor:
     """Causal attention of the packed query rows over each sequence's paged KV; returns [T, num_q_heads, head_dim].
 
@@ -75,10 +86,12 @@ def paged_attention(
         return triton_attention.paged_attention(
             query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale=scale,
             max_q_len=max_q_len, max_seq_len=max_seq_len, sliding_window=window, softcap=softcap, out=out,
+            block_bounds=block_bounds, blocks_spare_window=blocks_spare_window,
         )
     return reference_paged_attention(
         query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale=scale,
-        sliding_window=window, softcap=softcap, out=out,
+        sliding_window=window, softcap=softcap, out=out, block_bounds=block_bounds,
+        blocks_spare_window=blocks_spare_window,
     )
 
 
@@ -104,6 +117,8 @@ def reference_paged_attention(
     sliding_window: int | None = None,
     softcap: float = 0.0,
     out: Tensor | None = None,
+    block_bounds: tuple[Tensor, Tensor] | None = None,
+    blocks_spare_window: bool = False,
 ) -> Tensor:
     """Torch reference (fp32 math): one batched matmul per sequence over all its heads.
 
@@ -113,6 +128,7 @@ def reference_paged_attention(
         out = torch.zeros_like(query)
     cu_seqlens = cu_seqlens_q.tolist()
     lengths = seq_lens.tolist()
+    spare = blocks_spare_window and sliding_window is not None
     decode_seqs = []
     for seq, seq_len in enumerate(lengths):
         q_start, q_end = cu_seqlens[seq], cu_seqlens[seq + 1]
@@ -125,23 +141,26 @@ def reference_paged_attention(
         elif q_end - q_start == 1:
             decode_seqs.append(seq)
         else:
+            bounds = None if block_bounds is None else (block_bounds[0][q_start:q_end], block_bounds[1][q_start:q_end])
             out[q_start:q_end] = _attend_one(
                 query[q_start:q_end], k_cache, v_cache, block_tables[seq], seq_len,
-                scale=scale, sliding_window=sliding_window, softcap=softcap,
+                scale=scale, sliding_window=sliding_window, softcap=softcap, block_bounds=bounds, spare=spare,
             ).to(out.dtype)
     if decode_seqs:
         # Single-row sequences in one padded batch: per-sequence op overhead dominates tiny CPU models.
         rows = [cu_seqlens[seq] for seq in decode_seqs]
+        # A one-row sequence's block ends at its row (see the module docstring): only its start can matter.
+        first_keys = block_bounds[0][rows] if spare and block_bounds is not None else None
         out[rows] = _attend_single_rows(
             query[rows], k_cache, v_cache, block_tables[decode_seqs], [lengths[seq] for seq in decode_seqs],
-            scale=scale, sliding_window=sliding_window, softcap=softcap,
+            scale=scale, sliding_window=sliding_window, softcap=softcap, block_starts=first_keys,
         ).to(out.dtype)
     return out
 
 
 def _attend_single_rows(
     query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lengths: list[int], *,
-    scale: float, sliding_window: int | None, softcap: float,
+    scale: float, sliding_window: int | None, softcap: float, block_starts: Tensor | None = None,
 ) -> Tensor:
     """One query row per sequence ([n, H, D], the row at position seq_len - 1), keys padded to the longest."""
     num_rows, num_q_heads, head_dim = query.shape
@@ -161,14 +180,18 @@ def _attend_single_rows(
     key_positions = torch.arange(max_len, device=query.device)[None, :]
     allowed = key_positions < seq_lens
     if sliding_window is not None:
-        allowed &= key_positions >= seq_lens - sliding_window
+        in_window = key_positions >= seq_lens - sliding_window
+        if block_starts is not None:
+            in_window |= key_positions >= block_starts.to(seq_lens.device)[:, None]
+        allowed &= in_window
     probs = torch.softmax(scores.masked_fill(~allowed[:, None, None, :], float("-inf")), dim=-1)
     return torch.einsum("nkgl,nlkd->nkgd", probs, values).reshape(num_rows, num_q_heads, head_dim)
 
 
 def _attend_one(
     query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_len: int, *,
-    scale: float, sliding_window: int | None, softcap: float,
+    scale: float, sliding_window: int | None, softcap: float, block_bounds: tuple[Tensor, Tensor] | None = None,
+    spare: bool = False,
 ) -> Tensor:
     """Attention of one sequence's query rows [q_len, H, D] over its first ``seq_len`` cached keys."""
     q_len, num_q_heads, head_dim = query.shape
@@ -186,9 +209,17 @@ def _attend_one(
         scores = softcap * torch.tanh(scores / softcap)
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
     key_positions = torch.arange(seq_len, device=query.device)[None, :]
-    allowed = key_positions <= positions
+    last = positions
+    if block_bounds is not None:
+        last = torch.maximum(positions, block_bounds[1][:, None].long())
+        if int(last.max()) >= seq_len:
+            raise ValueError(f"a bidirectional block ends at {int(last.max())}, past the sequence's {seq_len} keys")
+    allowed = key_positions <= last
     if sliding_window is not None:
-        allowed &= key_positions > positions - sliding_window
+        in_window = key_positions > positions - sliding_window
+        if spare and block_bounds is not None:
+            in_window |= key_positions >= block_bounds[0][:, None].long()
+        allowed &= in_window
     scores = scores.view(num_kv_heads, group, q_len, seq_len).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(num_kv_heads, group * q_len, seq_len)
     attended = torch.matmul(probs, values)  # [kv_heads, group * q_len, D]

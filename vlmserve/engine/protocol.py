@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PositionLogprobs
+from vlmserve.types import EngineStats, FinishReason, GenerationRequest, PositionLogprobs, RequestTimings
 
 
 @dataclass
@@ -20,6 +20,8 @@ class CoreOutput:
     num_cached_tokens: int = 0
     #: set with finish_reason ERROR: what failed, for the server log (never shown to clients)
     error: str | None = None
+    #: on a sequence's first output with a token: its queue and vision-tower timings (for /metrics)
+    timings: RequestTimings | None = None
 
 
 Emit = Callable[[list[CoreOutput]], None]

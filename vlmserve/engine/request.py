@@ -45,6 +45,15 @@ class Sequence:
     prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
     num_preemptions: int = 0
+    #: for /metrics (sent once, with the first token): when it was first scheduled, and the vision-tower seconds
+    #: and images encoded for it (a preemption before the first token re-encodes, and that counts too)
+    first_scheduled_time: float | None = None
+    vision_encoder_s: float = 0.0
+    num_images_encoded: int = 0
+    is_timing_sent: bool = False
+    #: prompt token ranges [start, end) that attend bidirectionally (`ModelAdapter.attention_blocks`): a prefill
+    #: chunk never ends inside one, and a cached block's key covers the whole of any it overlaps
+    attention_blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def request_id(self) -> str:

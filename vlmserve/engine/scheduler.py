@@ -10,6 +10,11 @@ its slot up. So one client's long streams cannot hold every slot while others wa
 recently admitted running sequence is preempted: its blocks go back to the pool (the cached ones stay findable)
 and it rejoins the front of the queue, to be recomputed from its prompt and the tokens it already generated.
 An `n > 1` sibling waits in the queue (others may pass it) while its leader computes their shared prompt blocks.
+
+A prefill chunk never ends inside a bidirectional attention block (`Sequence.attention_blocks`: Gemma 3's image
+blocks, PaliGemma's prefix): the block's first tokens attend to its last, so the whole block must be in the step
+that computes its end. The chunk stops before the block instead, and a sequence whose next block does not fit in
+what is left of this step's budget waits for the next step (the engine refuses a block longer than the budget).
 """
 
 from __future__ import annotations
@@ -75,7 +80,11 @@ class Scheduler:
                 break
             if sequence.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room
-            count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            count = chunk_size(sequence, min(sequence.num_tokens - sequence.num_computed_tokens, budget))
+            if count == 0:
+                # NOTE: it waits for a step where the block fits; only steps whose budget the sequences ahead of
+                # it take could starve it, and they finish their prompts or decode one token each.
+                continue
             if not self._reserve(sequence, count, out):
                 continue
             out.chunks.append(ScheduledChunk(sequence, sequence.num_computed_tokens, count))
@@ -130,8 +139,8 @@ class Scheduler:
                 held_back.append(sequence)
                 continue
             queried = self.kv.lookup(sequence)
-            count = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(sequence, count):
+            count = chunk_size(sequence, min(sequence.num_tokens - sequence.num_computed_tokens, budget))
+            if count == 0 or not self.kv.allocate_slots(sequence, count):
                 self.kv.free(sequence)  # a waiting sequence holds no blocks, or waiters could starve each other
                 self.waiting.appendleft(sequence)  # no room now; it stays first in line
                 break
@@ -163,3 +172,14 @@ class Scheduler:
         self.kv.free(sequence)
         sequence.release_prompt_state()
         sequence.status = SequenceStatus.FINISHED
+
+
+def chunk_size(sequence: Sequence, count: int) -> int:
+    """`count`, or fewer so that the chunk from the sequence's computed tokens does not end inside one of its
+    bidirectional attention blocks (0: the block's end is out of reach this step)."""
+    start = sequence.num_computed_tokens
+    end = start + count
+    for first, stop in sequence.attention_blocks:
+        if first < end < stop:
+            return max(first - start, 0)
+    return count

@@ -10,6 +10,10 @@
   pairs, BLOCK_Q = BLOCK_M // group tokens. Tiles are numbered over the packed batch without host syncs:
   sequence s owns tiles starting at cu[s] // BLOCK_Q + s (found by binary search), so the grid is
   T // BLOCK_Q + S. KV tiles that every row sees fully skip the mask.
+- Bidirectional blocks (``block_bounds``): each query row sees the keys [lo_q, hi_q], where hi_q reaches past its
+  own position to the end of its block and lo_q is where its sliding window (or, with ``blocks_spare_window``,
+  its block) starts. The tile ranges come from the tile's smallest and largest bounds, so causal steps tile as
+  before.
 
 Host wrappers take only host ints for grids: no ``.item()``, CUDA-graph capturable.
 """
@@ -46,11 +50,12 @@ def _load2d(ptrs, row_mask, d_mask, ROW_MASKED: tl.constexpr, D_PADDED: tl.const
 @triton.jit
 def _attend_tile(
     q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head_off_k, kv_head_off_v, offs_d, d_mask,
-    start, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+    start, seq_len, lo_q, hi_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, D_PADDED: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
-    """One online-softmax step over keys [start, start + BLOCK_N); scores kept in the log2 domain."""
+    """One online-softmax step over keys [start, start + BLOCK_N); row r sees keys [lo_q[r], hi_q[r]] (lo_q only
+    with USE_WINDOW); scores kept in the log2 domain."""
     offs_n = start + tl.arange(0, BLOCK_N)
     kv_valid = offs_n < seq_len
     if MASKED:
@@ -66,9 +71,9 @@ def _attend_tile(
     else:
         s = s * (scale * LOG2E)
     if MASKED:
-        allowed = (offs_n[None, :] <= pos_q[:, None]) & kv_valid[None, :]
+        allowed = (offs_n[None, :] <= hi_q[:, None]) & kv_valid[None, :]
         if USE_WINDOW:
-            allowed = allowed & (offs_n[None, :] > pos_q[:, None] - window)
+            allowed = allowed & (offs_n[None, :] >= lo_q[:, None])
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row may have seen only masked keys so far: keep exponents finite (exp2(-inf) = 0, not NaN).
@@ -84,13 +89,13 @@ def _attend_tile(
 
 @triton.jit
 def _decode_kernel(
-    out, part_acc, part_m, part_l, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+    out, part_acc, part_m, part_l, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, block_lo,
     scale, softcap, window, num_q_heads, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, BLOCKS_SPARE_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -110,6 +115,8 @@ def _decode_kernel(
     kv_lo = 0
     if USE_WINDOW:
         kv_lo = tl.maximum(seq_len - window, 0)
+        if BLOCKS_SPARE_WINDOW:  # a one-row sequence's block ends at its row; it may start before the window
+            kv_lo = tl.maximum(tl.minimum(kv_lo, tl.load(block_lo + q_row)), 0)
     # Whole BLOCK_N tiles per split, sized from this sequence's real length.
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, BLOCK_N), num_splits)
     start = kv_lo + split * tiles_per_split * BLOCK_N
@@ -124,12 +131,12 @@ def _decode_kernel(
     for tile_start in range(start, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head * stride_kh, kv_head * stride_vh, offs_d, d_mask,
-            tile_start, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+            tile_start, seq_len, pos_q, pos_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_SIZE, BLOCK_N, False, D_PADDED, False, USE_SOFTCAP)
     for tile_start in range(full_end, end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head * stride_kh, kv_head * stride_vh, offs_d, d_mask,
-            tile_start, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+            tile_start, seq_len, pos_q, pos_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_SIZE, BLOCK_N, True, D_PADDED, False, USE_SOFTCAP)
     if not IS_SPLIT:
         result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -184,11 +191,13 @@ def _find_sequence(cu_seqlens_q, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    out, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, softcap, window, num_seqs,
+    out, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, block_lo, block_hi, scale, softcap, window,
+    num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_BLOCKS: tl.constexpr, BLOCKS_SPARE_WINDOW: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     D_PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
@@ -212,17 +221,26 @@ def _prefill_kernel(
     rows = (q_start + tok)[:, None]
     q = _load2d(query + rows * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], row_valid, d_mask, True,
                 D_PADDED)
-    min_pos = context + q_tile * BLOCK_Q
-    max_pos = context + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    hi_q = pos_q
+    lo_q = pos_q - window + 1
+    if USE_BLOCKS:
+        # A block ends inside the sequence's keys (the scheduler's rule); the clamp only keeps reads in bounds.
+        row_hi = tl.load(block_hi + q_start + tok, mask=row_valid, other=-1)
+        hi_q = tl.where(row_valid, tl.minimum(tl.maximum(row_hi, pos_q), seq_len - 1), -1)
+        if BLOCKS_SPARE_WINDOW:
+            lo_q = tl.minimum(lo_q, tl.load(block_lo + q_start + tok, mask=row_valid, other=0))
+    far: tl.constexpr = 1 << 30
+    min_hi = tl.min(tl.where(row_valid, hi_q, far), 0)
+    max_hi = tl.max(hi_q, 0)
     kv_lo = 0
     t_full_lo = 0
     if USE_WINDOW:
-        kv_lo = tl.maximum(min_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-        t_full_lo = tl.cdiv(tl.maximum(max_pos - window + 1, 0) - kv_lo, BLOCK_N)
-    num_tiles = tl.cdiv(max_pos + 1 - kv_lo, BLOCK_N)
+        kv_lo = tl.maximum(tl.min(tl.where(row_valid, lo_q, far), 0), 0) // BLOCK_N * BLOCK_N
+        t_full_lo = tl.cdiv(tl.maximum(tl.max(tl.where(row_valid, lo_q, -far), 0), 0) - kv_lo, BLOCK_N)
+    num_tiles = tl.cdiv(max_hi + 1 - kv_lo, BLOCK_N)
     t_full_lo = tl.minimum(t_full_lo, num_tiles)
-    # Tiles in [t_full_lo, t_full_hi) lie inside every row's window and before every row's position.
-    t_full_hi = tl.minimum(tl.maximum((min_pos + 1 - kv_lo) // BLOCK_N, t_full_lo), num_tiles)
+    # Tiles in [t_full_lo, t_full_hi) lie inside every row's window and before every row's last key.
+    t_full_hi = tl.minimum(tl.maximum((min_hi + 1 - kv_lo) // BLOCK_N, t_full_lo), num_tiles)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -230,17 +248,17 @@ def _prefill_kernel(
     for t in range(0, t_full_lo):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head * stride_kh, kv_head * stride_vh, offs_d, d_mask,
-            kv_lo + t * BLOCK_N, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+            kv_lo + t * BLOCK_N, seq_len, lo_q, hi_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_SIZE, BLOCK_N, True, D_PADDED, USE_WINDOW, USE_SOFTCAP)
     for t in range(t_full_lo, t_full_hi):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head * stride_kh, kv_head * stride_vh, offs_d, d_mask,
-            kv_lo + t * BLOCK_N, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+            kv_lo + t * BLOCK_N, seq_len, lo_q, hi_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_SIZE, BLOCK_N, False, D_PADDED, USE_WINDOW, USE_SOFTCAP)
     for t in range(t_full_hi, num_tiles):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache, v_cache, table_row, kv_head * stride_kh, kv_head * stride_vh, offs_d, d_mask,
-            kv_lo + t * BLOCK_N, seq_len, pos_q, scale, softcap, window, stride_kb, stride_kt, stride_vb, stride_vt,
+            kv_lo + t * BLOCK_N, seq_len, lo_q, hi_q, scale, softcap, stride_kb, stride_kt, stride_vb, stride_vt,
             BLOCK_SIZE, BLOCK_N, True, D_PADDED, USE_WINDOW, USE_SOFTCAP)
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = out + rows * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
@@ -323,14 +341,17 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
 def paged_attention(
     query: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, block_tables: Tensor,
     *, scale: float, max_q_len: int, max_seq_len: int, sliding_window: int | None, softcap: float, out: Tensor,
+    block_bounds: tuple[Tensor, Tensor] | None = None, blocks_spare_window: bool = False,
 ) -> Tensor:
     """Dispatch to the decode kernel (``max_q_len == 1``) or the general tiled kernel; fills and returns ``out``."""
     if max_q_len == 1:
         decode_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale=scale,
-                         max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap, out=out)
+                         max_seq_len=max_seq_len, sliding_window=sliding_window, softcap=softcap, out=out,
+                         block_bounds=block_bounds, blocks_spare_window=blocks_spare_window)
     else:
         prefill_attention(query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale=scale,
-                          max_q_len=max_q_len, sliding_window=sliding_window, softcap=softcap, out=out)
+                          max_q_len=max_q_len, sliding_window=sliding_window, softcap=softcap, out=out,
+                          block_bounds=block_bounds, blocks_spare_window=blocks_spare_window)
     return out
 
 
@@ -356,9 +377,11 @@ def _head_constexprs(query: Tensor, k_cache: Tensor, sliding_window: int | None,
 def decode_attention(
     query: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, block_tables: Tensor,
     *, scale: float, max_seq_len: int, sliding_window: int | None, softcap: float, out: Tensor,
-    num_splits: int | None = None, **tunables: int,
+    num_splits: int | None = None, block_bounds: tuple[Tensor, Tensor] | None = None,
+    blocks_spare_window: bool = False, **tunables: int,
 ) -> Tensor:
-    """One query row per sequence (q_len 1, or 0 to skip); split-KV when the batch is too small to fill the card."""
+    """One query row per sequence (q_len 1, or 0 to skip); split-KV when the batch is too small to fill the card.
+    A one-row sequence's block ends at its row, so of ``block_bounds`` only the starts can matter (spared windows)."""
     num_seqs, num_q_heads, num_kv_heads = seq_lens.shape[0], query.shape[1], k_cache.shape[2]
     if num_seqs == 0 or query.shape[0] == 0:
         return out
@@ -371,12 +394,14 @@ def decode_attention(
     part_m = torch.empty(part_shape, device=query.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((*part_shape, consts["BLOCK_D"]), device=query.device, dtype=torch.float32)
+    spare = block_bounds is not None and blocks_spare_window and sliding_window is not None
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_acc, part_m, part_l, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+        block_bounds[0] if spare and block_bounds is not None else cu_seqlens_q,
         scale, softcap, sliding_window or 0, num_q_heads, num_splits,
         *_common_args(query, k_cache, v_cache, block_tables, out),
         BLOCK_M=block_m, BLOCK_N=config["block_n"] if num_splits == 1 else config["split_block_n"],
-        IS_SPLIT=num_splits > 1, **consts,
+        IS_SPLIT=num_splits > 1, BLOCKS_SPARE_WINDOW=spare, **consts,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1:
@@ -390,7 +415,8 @@ def decode_attention(
 
 def prefill_attention(
     query: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor, block_tables: Tensor,
-    *, scale: float, max_q_len: int, sliding_window: int | None, softcap: float, out: Tensor, **tunables: int,
+    *, scale: float, max_q_len: int, sliding_window: int | None, softcap: float, out: Tensor,
+    block_bounds: tuple[Tensor, Tensor] | None = None, blocks_spare_window: bool = False, **tunables: int,
 ) -> Tensor:
     """Any mix of q_len (prefill chunks over a paged prefix, decode rows); tensor-core tiles of BLOCK_M rows."""
     num_seqs, num_tokens = seq_lens.shape[0], query.shape[0]
@@ -404,10 +430,12 @@ def prefill_attention(
     if group > block_m:
         raise ValueError(f"{group} query heads per KV head do not fit a {block_m}-row tile")
     num_tiles = num_tokens // (block_m // group) + num_seqs
+    block_lo, block_hi = block_bounds if block_bounds is not None else (cu_seqlens_q, cu_seqlens_q)
     _prefill_kernel[(num_tiles, k_cache.shape[2])](
-        out, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, softcap, sliding_window or 0,
-        num_seqs, *_common_args(query, k_cache, v_cache, block_tables, out),
-        BLOCK_M=block_m, BLOCK_N=config["block_n"], **consts,
+        out, query, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, block_lo, block_hi, scale, softcap,
+        sliding_window or 0, num_seqs, *_common_args(query, k_cache, v_cache, block_tables, out),
+        BLOCK_M=block_m, BLOCK_N=config["block_n"], USE_BLOCKS=block_bounds is not None,
+        BLOCKS_SPARE_WINDOW=block_bounds is not None and blocks_spare_window and sliding_window is not None, **consts,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out

@@ -109,6 +109,16 @@ class ModelAdapter(ABC):
     def num_position_rows(self) -> int:
         return 1
 
+    def attention_blocks(self, prompt: PreparedPrompt) -> tuple[tuple[int, int], ...]:
+        """Token ranges [start, end) of `prompt` that attend bidirectionally inside the causal mask (Gemma 3's
+        image blocks, PaliGemma's prefix); empty for a causal decoder."""
+        return ()
+
+    @property
+    def blocks_spare_window(self) -> bool:
+        """Whether sliding-window layers leave the bidirectional blocks whole (else the window cuts them too)."""
+        return False
+
     @abstractmethod
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
         """Run the vision tower: one (tokens_i, hidden) tensor per image of the prompt, in prompt order."""

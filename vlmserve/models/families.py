@@ -18,11 +18,14 @@ from typing import Any, Literal
 
 import torch
 
+from vlmserve.errors import InvalidRequestError
+
 #: (model) → head: (tokens, hidden) → (tokens, vocab) float32 logits
 HeadFactory = Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]
 
 PositionRule = Literal["arange", "rope_index"]
 ImageLayout = Literal["one_run", "tiles", "touching"]
+BidirectionalRule = Literal["none", "image_runs", "prefix"]
 
 
 class _DecoderOutput:
@@ -94,6 +97,17 @@ class FamilySpec:
     #: "grouped": the decoder's MoE expert layers run as grouped GEMMs (vlmserve.models.moe_experts) instead of
     #: whatever transformers picked (its "eager" is a Python loop over experts)
     experts: Literal["default", "grouped"] = "default"
+    #: added to every "arange" position (PaliGemma counts positions from 1); generated tokens get it too
+    position_offset: int = 0
+    #: where the prompt attends bidirectionally inside the causal mask, read off the processor's token_type_ids
+    #: as transformers' own masks do: "image_runs", each run of image tokens (type 1; Gemma 3, whose sliding
+    #: layers still cut the run by their window); "prefix", all type-0 tokens as one block (PaliGemma's prefix-LM:
+    #: image and prompt, whose sliding layers OR the block onto their windowed causal mask, so the window spares it)
+    bidirectional: BidirectionalRule = "none"
+
+    @property
+    def blocks_spare_window(self) -> bool:
+        return self.bidirectional == "prefix"
 
 
 #: extras the model runner packs per step
@@ -128,18 +142,27 @@ _SPECS: tuple[FamilySpec, ...] = (
     # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
     # self-check is what stands behind it.
     FamilySpec(("mistral3",), image_layout="tiles"),
+    FamilySpec(("gemma3",), packable_image_keys=_PIXELS, bidirectional="image_runs"),
+    # the processor writes every image's tokens first, side by side, then <bos> and the prompt
+    FamilySpec(("paligemma",), packable_image_keys=_PIXELS, image_layout="touching", position_offset=1,
+               bidirectional="prefix"),
 )
 
 FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
 
 #: families known not to run on the paged engine, and why (logged when they fall back)
 REFUSED: dict[str, str] = {
-    "gemma3": "image tokens attend bidirectionally within their image block (needs its own packed mask)",
-    "paligemma": "prefix-LM attention over the prompt and 1-based positions (needs its own packed mask)",
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
     "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
-    "mllama": "cross-attention layers over image states",
+    # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
+    # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
+    # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
+    # before any image (full_text_row_masked_out_mask); and a second attention path, because the cross-attention
+    # modules call the same attention function as the self-attention ones (ours would write image K/V into the
+    # paged self-attention cache).
+    "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
+              "per-request cross-attention K/V beside the paged cache yet",
     "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
     "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
 }
@@ -147,6 +170,28 @@ REFUSED: dict[str, str] = {
 
 #: families whose vision tower runs vlmserve.models.vision_attention's segmented varlen attention
 VARLEN_VISION_FAMILIES = frozenset(t for spec in _SPECS if spec.vision_attention == "varlen" for t in spec.model_types)
+
+
+def bidirectional_blocks(rule: BidirectionalRule, token_type_ids: torch.Tensor | None) -> tuple[tuple[int, int], ...]:
+    """The prompt's bidirectional blocks [start, end) under `rule`, from the processor's (1, tokens) or (tokens,)
+    token_type_ids; none without them (the model's own forward then masks causally too)."""
+    if rule == "none" or token_type_ids is None:
+        return ()
+    types = token_type_ids.reshape(-1).tolist()
+    if rule == "prefix":
+        # transformers: block id 0 for every type-0 token; at inference (no suffix) they are the whole prompt
+        members = [i for i, t in enumerate(types) if t == 0]
+        if members and members[-1] - members[0] + 1 != len(members):
+            raise InvalidRequestError("the prompt's prefix (token_type_ids 0) is not one run of tokens",
+                                      param="token_type_ids")
+        return ((members[0], members[-1] + 1),) if members else ()
+    blocks: list[tuple[int, int]] = []
+    for index, kind in enumerate(types):
+        if kind == 1 and (index == 0 or types[index - 1] != 1):
+            blocks.append((index, index + 1))
+        elif kind == 1:
+            blocks[-1] = (blocks[-1][0], index + 1)
+    return tuple(blocks)
 
 
 def family_spec(model_type: str) -> FamilySpec | None:

@@ -18,7 +18,7 @@ import torch
 
 from vlmserve.models import hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
-from vlmserve.models.families import FamilySpec, family_spec, refusal
+from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
 from vlmserve.models.video_processing import (
     SHARED_TOKEN_VIDEO_FAMILIES,
     FrameVideoProcessor,
@@ -131,6 +131,15 @@ class HFAdapter(ModelAdapter):
     @property
     def num_position_rows(self) -> int:
         return self.spec.num_position_rows if self.spec is not None else 1
+
+    def attention_blocks(self, prompt: PreparedPrompt) -> tuple[tuple[int, int], ...]:
+        if self.spec is None:
+            return ()
+        return bidirectional_blocks(self.spec.bidirectional, prompt.model_inputs.get("token_type_ids"))
+
+    @property
+    def blocks_spare_window(self) -> bool:
+        return self.spec is not None and self.spec.blocks_spare_window
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
@@ -295,8 +304,9 @@ class HFAdapter(ModelAdapter):
 
     def _prompt_positions(self, prompt: PreparedPrompt, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.spec is None or self.spec.positions == "arange":
-            positions = torch.arange(len(ids), device=self.device)
-            return positions.expand(self.num_position_rows, -1), 0
+            offset = self.spec.position_offset if self.spec is not None else 0
+            positions = torch.arange(offset, offset + len(ids), device=self.device)
+            return positions.expand(self.num_position_rows, -1), offset
         inputs = dict(prompt.model_inputs)
         inputs["input_ids"] = ids.unsqueeze(0)
         inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))

@@ -14,7 +14,7 @@ from vlmserve.types import FinishReason
 def test_batched_generate_equals_each_alone(loaded: Callable[[str], Loaded]) -> None:
     family = loaded("llava")
     prompts = prompts_with_images(family.renderer, 5)
-    core = GenerateEngineCore(family.adapter, EngineConfig(max_generate_batch=4))
+    core = GenerateEngineCore(family.generate_adapter, EngineConfig(max_generate_batch=4))
     got = run_core(core, [request(f"g{i}", p, max_tokens=4 + i) for i, p in enumerate(prompts)])
     assert [got[f"g{i}"] for i in range(5)] == [generate_alone(family.reference, p, 4 + i)
                                                 for i, p in enumerate(prompts)]
@@ -24,7 +24,7 @@ def test_batched_generate_equals_each_alone(loaded: Callable[[str], Loaded]) -> 
 def test_abort_stops_a_row_while_its_batch_runs(loaded: Callable[[str], Loaded]) -> None:
     family = loaded("qwen2_vl")
     prompts = prompts_with_images(family.renderer, 2)
-    core = GenerateEngineCore(family.adapter, EngineConfig())
+    core = GenerateEngineCore(family.generate_adapter, EngineConfig())
     outputs: list[CoreOutput] = []
 
     def emit(batch: list[CoreOutput]) -> None:
@@ -47,7 +47,7 @@ def test_seeded_sampling_matches_between_batches(loaded: Callable[[str], Loaded]
     family = loaded("qwen2_vl")
     prompts = prompts_with_images(family.renderer, 3)
     seeded = request("s", prompts[0], temperature=1.0, seed=77, max_tokens=8)
-    alone = run_core(GenerateEngineCore(family.adapter, EngineConfig()), [seeded])["s"]
+    alone = run_core(GenerateEngineCore(family.generate_adapter, EngineConfig()), [seeded])["s"]
     crowd = [request(f"o{i}", p, temperature=0.8, max_tokens=8) for i, p in enumerate(prompts[1:])]
-    together = run_core(GenerateEngineCore(family.adapter, EngineConfig()), [crowd[0], seeded, crowd[1]])["s"]
+    together = run_core(GenerateEngineCore(family.generate_adapter, EngineConfig()), [crowd[0], seeded, crowd[1]])["s"]
     assert together == alone

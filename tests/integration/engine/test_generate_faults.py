@@ -45,12 +45,12 @@ def test_a_request_that_breaks_the_batch_fails_alone(loaded: Callable[[str], Loa
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     family = loaded("qwen2_vl")
     prompts = prompts_with_images(family.renderer, 3)
-    core = GenerateEngineCore(family.adapter, EngineConfig(max_generate_batch=4))
+    core = GenerateEngineCore(family.generate_adapter, EngineConfig(max_generate_batch=4))
     requests = [request("before", prompts[0], max_tokens=MAX_TOKENS),
                 request("culprit", prompts[1], max_tokens=MAX_TOKENS),
                 request("after", prompts[2], max_tokens=MAX_TOKENS)]
     reference = {r.request_id: run_core(core, [r])[r.request_id] for r in requests if r.request_id != "culprit"}
-    original = family.adapter.collate
+    original = family.generate_adapter.collate
     batch_sizes: list[int] = []
 
     def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def test_a_request_that_breaks_the_batch_fails_alone(loaded: Callable[[str], Loa
             raise ValueError("injected: image features and image tokens do not match")
         return original(batch)
 
-    monkeypatch.setattr(family.adapter, "collate", collate)
+    monkeypatch.setattr(family.generate_adapter, "collate", collate)
     results = drive(core, requests)
     assert batch_sizes == [3, 1, 1, 1]  # the batch failed, then each request ran alone
     culprit_tokens, culprit = results["culprit"]
@@ -80,11 +80,11 @@ def test_a_batch_failing_mid_decode_is_replayed_without_sending_a_token_twice(
     where it was, it is not restarted)."""
     family = loaded("qwen2_vl")
     prompts = prompts_with_images(family.renderer, 2)
-    core = GenerateEngineCore(family.adapter, EngineConfig(max_generate_batch=4))
+    core = GenerateEngineCore(family.generate_adapter, EngineConfig(max_generate_batch=4))
     requests = [request("greedy", prompts[0], max_tokens=MAX_TOKENS),
                 request("seeded", prompts[1], max_tokens=MAX_TOKENS, temperature=1.0, seed=7)]
     reference = {r.request_id: run_core(core, [r])[r.request_id] for r in requests}
-    model = family.adapter.model
+    model = family.generate_adapter.model
     original = model.forward
     calls: list[int] = []
 
@@ -109,14 +109,14 @@ def test_a_single_failing_request_is_not_retried(loaded: Callable[[str], Loaded]
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     family = loaded("qwen2_vl")
     prompt = prompts_with_images(family.renderer, 1)[0]
-    core = GenerateEngineCore(family.adapter, EngineConfig())
+    core = GenerateEngineCore(family.generate_adapter, EngineConfig())
     calls: list[int] = []
 
     def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
         calls.append(len(batch))
         raise IndexError("injected")
 
-    monkeypatch.setattr(family.adapter, "collate", collate)
+    monkeypatch.setattr(family.generate_adapter, "collate", collate)
     tokens, final = drive(core, [request("only", prompt, max_tokens=MAX_TOKENS)])["only"]
     assert calls == [1] and not tokens
     assert final.finish_reason is FinishReason.ERROR and final.error == "IndexError"

@@ -50,6 +50,6 @@ def test_no_salt_without_keys_or_with_the_flag_off(renderer: PromptRenderer, con
 
 def test_cached_tokens_reporting_can_be_turned_off(renderer: PromptRenderer) -> None:
     service, _ = prepare(renderer, ServerConfig(report_cached_tokens=False), None)
-    assert service._reported(48) == 0
+    assert service.reported_cached_tokens(48) == 0
     service, _ = prepare(renderer, ServerConfig(), None)
-    assert service._reported(48) == 48
+    assert service.reported_cached_tokens(48) == 48

@@ -64,7 +64,7 @@ def test_page_and_its_files_load_without_a_key_and_carry_the_csp(keyed: TestClie
 def test_the_page_holds_no_inline_script_and_no_outside_url(keyed: TestClient) -> None:
     html = keyed.get("/playground").text
     assert "<script>" not in html and "onclick" not in html.lower() and "style=" not in html
-    for name in ("index.html", "app.js", "api.js", "attachments.js", "conversation.js", "playground.css"):
+    for name in ("index.html", "app.js", "api.js", "attachments.js", "conversation.js", "panels.js", "playground.css"):
         text = keyed.get("/playground" if name == "index.html" else f"/playground/{name}").text
         assert "http://" not in text and "https://" not in text, name
         assert "innerHTML" not in text and "insertAdjacentHTML" not in text and "eval(" not in text, name

@@ -478,3 +478,56 @@ def test_tokens_slices_across_the_prompt_and_the_generated_tokens() -> None:
     assert sequence.tokens(1, 3) == [11, 12] and sequence.tokens(0, 4) == [10, 11, 12, 13]
     assert sequence.tokens(3, 6) == [13, 20, 21] and sequence.tokens(4, 6) == [20, 21]
     assert sequence.tokens(5, 7) == [21, 22] and sequence.num_tokens == 10
+
+
+# --- bidirectional attention blocks (Gemma 3's image blocks, PaliGemma's prefix) ----------------------------------
+
+
+def test_a_cached_block_inside_a_bidirectional_block_is_keyed_by_the_whole_block() -> None:
+    """A KV block's keys and values depend on every later token of a bidirectional block it overlaps: two prompts
+    that agree on the first KV block but not on the rest of the bidirectional block must not share it."""
+    kv = manager()
+    first = make_sequence([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    first.attention_blocks = ((0, 6),)
+    compute(kv, first)
+    same_start = make_sequence([1, 2, 3, 4, 5, 0, 7, 8, 9], request_id="s")  # differs inside the block, after it
+    same_start.attention_blocks = ((0, 6),)
+    kv.lookup(same_start)
+    assert same_start.num_computed_tokens == 0
+    causal = make_sequence([1, 2, 3, 4, 5, 6, 7, 8, 9], request_id="c")  # the same tokens under a causal mask
+    kv.lookup(causal)
+    assert causal.num_computed_tokens == 0
+    same_block = make_sequence([1, 2, 3, 4, 5, 6, 0, 0, 0], request_id="b")  # differs only after the block
+    same_block.attention_blocks = ((0, 6),)
+    kv.lookup(same_block)
+    assert same_block.num_computed_tokens == BS
+
+
+def test_the_lookahead_folds_in_later_images_of_the_block() -> None:
+    spans = (ImageSpan(2, 4, 0), ImageSpan(4, 6, 1))
+    hashes = [kv_cache.extend_block_hashes([], lambda s, e: list(range(s, e)), 8,
+                                           PreparedPrompt(token_ids=list(range(8)), image_hashes=("a", image),
+                                                          image_spans=spans), None, BS, ((0, 6),))
+              for image in ("b", "c")]
+    assert hashes[0][0] != hashes[1][0]  # the second image lies after block 0 but inside its bidirectional block
+
+
+def test_the_scheduler_never_ends_a_prefill_chunk_inside_a_bidirectional_block() -> None:
+    from vlmserve.engine.scheduler import chunk_size
+
+    sequence = make_sequence(list(range(20)))
+    sequence.attention_blocks = ((3, 9), (12, 14))
+    assert chunk_size(sequence, 5) == 3  # stops before the block
+    assert chunk_size(sequence, 9) == 9 and chunk_size(sequence, 11) == 11 and chunk_size(sequence, 13) == 12
+    sequence.num_computed_tokens = 3
+    assert chunk_size(sequence, 4) == 0  # the block's end is out of reach: nothing this step
+    sequence.num_computed_tokens = 5  # started inside the block (its first tokens came from the prefix cache)
+    assert chunk_size(sequence, 2) == 0 and chunk_size(sequence, 4) == 4
+    kv = manager()
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=7)
+    waiting = make_sequence(list(range(20)), request_id="w")
+    waiting.attention_blocks = ((3, 9),)
+    scheduler.add(waiting)
+    assert [(c.start, c.num_tokens) for c in scheduler.schedule().chunks] == [(0, 3)]
+    waiting.num_computed_tokens = 3
+    assert [(c.start, c.num_tokens) for c in scheduler.schedule().chunks] == [(3, 7)]  # the block, and on

@@ -66,8 +66,14 @@ def make_batch(
     )
 
 
-def dense_attention(batch: Batch, *, scale: float, window: int | None, softcap: float) -> torch.Tensor:
-    """Naive oracle: per sequence, repeat K/V heads for GQA and apply an explicit position mask."""
+Blocks = list[list[tuple[int, int]]]  # per sequence, bidirectional blocks [start, end) of key positions
+
+
+def dense_attention(batch: Batch, *, scale: float, window: int | None, softcap: float,
+                    blocks: Blocks | None = None, spare: bool = False) -> torch.Tensor:
+    """Naive oracle: per sequence, repeat K/V heads for GQA and apply an explicit position mask. With `blocks`,
+    a row inside a block also sees the block's later keys (Gemma 3: the window still applies; `spare`: PaliGemma 2,
+    the window does not cut the block)."""
     out = torch.zeros(batch.query.shape, dtype=torch.float32)
     num_q_heads = batch.query.shape[1]
     cu = batch.cu_seqlens_q.tolist()
@@ -87,23 +93,62 @@ def dense_attention(batch: Batch, *, scale: float, window: int | None, softcap: 
             pos = seq_len - q_len + row
             lo = 0 if window is None else max(0, pos - window + 1)
             mask[row, lo:pos + 1] = True
+            for start, end in (blocks[seq] if blocks else []):
+                if start <= pos < end:
+                    mask[row, start if spare else max(start, lo):end] = True
         probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
         out[cu[seq]:cu[seq + 1]] = torch.einsum("hqk,khd->qhd", probs, values)
     return out
 
 
+def block_bounds(batch: Batch, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the first and last key of its block (its own position twice outside any block)."""
+    lo = torch.zeros(batch.query.shape[0], dtype=torch.int32)
+    hi = torch.zeros_like(lo)
+    cu = batch.cu_seqlens_q.tolist()
+    for seq, seq_len in enumerate(batch.seq_lens.tolist()):
+        for row in range(cu[seq], cu[seq + 1]):
+            pos = seq_len - (cu[seq + 1] - cu[seq]) + row - cu[seq]
+            lo[row] = hi[row] = pos
+            for start, end in blocks[seq]:
+                if start <= pos < end:
+                    lo[row], hi[row] = start, end - 1
+    return lo, hi
+
+
 def run_reference(batch: Batch, *, scale: float = 0.3, window: int | None = None, softcap: float = 0.0,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, blocks: Blocks | None = None, spare: bool = False) -> torch.Tensor:
     return pa.paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables,
         scale=scale, max_q_len=int(batch.cu_seqlens_q.diff().max()), max_seq_len=int(batch.seq_lens.max()),
         sliding_window=window, softcap=softcap, out=out,
+        block_bounds=block_bounds(batch, blocks) if blocks else None, blocks_spare_window=spare,
     )
 
 
 # Decode rows, a chunked prefill over a prefix, a full prefill, a block-aligned length, and a q_len-0 sequence.
 MIXED_Q_LENS = [1, 7, 12, 1, 0, 4]
 MIXED_SEQ_LENS = [9, 30, 12, 16, 5, 8]
+# Blocks of each: a one-row sequence whose block ends at its row, two blocks (one reaching back before the chunk:
+# its start came from the prefix cache), a block inside a full prefill, none, none, a prefix-LM block over all.
+MIXED_BLOCKS: Blocks = [[(2, 9)], [(20, 27), (28, 30)], [(3, 9)], [], [], [(0, 8)]]
+
+
+@pytest.mark.parametrize(("window", "spare"), [(None, False), (5, False), (5, True)])
+def test_reference_bidirectional_blocks_match_dense(window: int | None, spare: bool) -> None:
+    batch = make_batch(MIXED_Q_LENS, MIXED_SEQ_LENS, extra_rows=1)
+    got = run_reference(batch, window=window, blocks=MIXED_BLOCKS, spare=spare)
+    torch.testing.assert_close(got, dense_attention(batch, scale=0.3, window=window, softcap=0.0,
+                                                    blocks=MIXED_BLOCKS, spare=spare), rtol=1e-5, atol=1e-5)
+    # the blocks change the answer (else this test could not fail on a kernel that ignores them)
+    causal = dense_attention(batch, scale=0.3, window=window, softcap=0.0)
+    assert (got - causal).abs().max() > 1e-2
+
+
+def test_reference_refuses_a_block_past_the_keys() -> None:
+    batch = make_batch([3], [6])
+    with pytest.raises(ValueError, match="bidirectional block ends at 7"):
+        run_reference(batch, blocks=[[(4, 8)]])
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -223,7 +268,7 @@ def test_triton_under_interpreter() -> None:
                            cwd=Path(__file__).resolve().parents[3])
     report = child.stdout + child.stderr
     assert child.returncode == 0, report
-    assert re.search(r"\b7 passed\b", report) and "skipped" not in report, report
+    assert re.search(r"\b10 passed\b", report) and "skipped" not in report, report
 
 
 @pytest.fixture
@@ -234,16 +279,18 @@ def interpreted() -> ModuleType:
     return triton_attention
 
 
-def run_triton(module: ModuleType, batch: Batch, *, window: int | None, softcap: float, **tunables: int) -> torch.Tensor:
+def run_triton(module: ModuleType, batch: Batch, *, window: int | None, softcap: float, blocks: Blocks | None = None,
+               spare: bool = False, **tunables: int) -> torch.Tensor:
     out = torch.zeros_like(batch.query)
     max_q_len = int(batch.cu_seqlens_q.diff().max())
     args = (batch.query, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables)
+    bounds = {"block_bounds": block_bounds(batch, blocks) if blocks else None, "blocks_spare_window": spare}
     if max_q_len == 1:
         module.decode_attention(*args, scale=0.3, max_seq_len=int(batch.seq_lens.max()), sliding_window=window,
-                                softcap=softcap, out=out, **tunables)
+                                softcap=softcap, out=out, **bounds, **tunables)
     else:
         module.prefill_attention(*args, scale=0.3, max_q_len=max_q_len, sliding_window=window, softcap=softcap,
-                                 out=out, **tunables)
+                                 out=out, **bounds, **tunables)
     return out
 
 
@@ -265,6 +312,23 @@ def test_interpreted_prefill(interpreted: ModuleType, window: int | None, softca
     batch = make_batch(MIXED_Q_LENS, MIXED_SEQ_LENS, num_q_heads=6, num_kv_heads=2, head_dim=24, extra_rows=2)
     got = run_triton(interpreted, batch, window=window, softcap=softcap, block_m=block_m, block_n=16)
     want = dense_attention(batch, scale=0.3, window=window, softcap=softcap)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("window", "spare"), [(None, False), (5, False), (5, True)])
+def test_interpreted_bidirectional_blocks(interpreted: ModuleType, window: int | None, spare: bool) -> None:
+    # head_dim 32 and 8-key tiles: blocks straddle tile edges, and some tiles are fully visible (unmasked path).
+    batch = make_batch(MIXED_Q_LENS, MIXED_SEQ_LENS, num_q_heads=4, num_kv_heads=2, head_dim=32, extra_rows=1)
+    want = dense_attention(batch, scale=0.3, window=window, softcap=0.0, blocks=MIXED_BLOCKS, spare=spare)
+    got = run_triton(interpreted, batch, window=window, softcap=0.0, blocks=MIXED_BLOCKS, spare=spare, block_m=16,
+                     block_n=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the decode kernel, on the one-row sequences (a spared window reaches back to the block's start)
+    decode = make_batch([1, 1, 1], [9, 16, 12], num_q_heads=4, num_kv_heads=2, head_dim=32)
+    decode_blocks: Blocks = [[(1, 9)], [], [(0, 12)]]
+    want = dense_attention(decode, scale=0.3, window=window, softcap=0.0, blocks=decode_blocks, spare=spare)
+    got = run_triton(interpreted, decode, window=window, softcap=0.0, blocks=decode_blocks, spare=spare, block_n=16)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -11,16 +11,41 @@ import pytest
 import torch
 
 from tests.fixtures.tiny.registry import FAMILIES
-from vlmserve.models.families import FAMILY_SPECS, REFUSED, own_head, refusal
+from vlmserve.errors import InvalidRequestError
+from vlmserve.models.families import FAMILY_SPECS, REFUSED, bidirectional_blocks, own_head, refusal
 from vlmserve.models.hf import HFAdapter
 
 
 def test_every_tiny_family_with_a_blocker_or_extras_is_off_the_allow_list() -> None:
     for name, family in FAMILIES.items():
-        if family.paged_blocker or family.recipe_extras:
+        if family.paged_blocker or (family.recipe_extras and name not in BIDIRECTIONAL):
             assert name not in FAMILY_SPECS, name
             assert refusal(name) is not None
     assert not FAMILY_SPECS.keys() & REFUSED.keys()
+
+
+#: families whose recipe extras are their bidirectional blocks, which the paged attention implements
+BIDIRECTIONAL = {"gemma3": "image_runs", "paligemma": "prefix"}
+
+
+def test_bidirectional_families_carry_their_rule() -> None:
+    for name, rule in BIDIRECTIONAL.items():
+        assert FAMILY_SPECS[name].bidirectional == rule and refusal(name) is None
+    assert FAMILY_SPECS["paligemma"].position_offset == 1 and FAMILY_SPECS["paligemma"].blocks_spare_window
+    assert not FAMILY_SPECS["gemma3"].blocks_spare_window
+
+
+def test_bidirectional_blocks_follow_transformers_rules() -> None:
+    types = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 0, 1, 1]])
+    # Gemma 3: each run of image tokens (type 1) is a block
+    assert bidirectional_blocks("image_runs", types) == ((2, 5), (6, 7), (8, 10))
+    # PaliGemma: every type-0 token (at inference: the whole prompt) is one block
+    assert bidirectional_blocks("prefix", torch.zeros(1, 6, dtype=torch.long)) == ((0, 6),)
+    assert bidirectional_blocks("prefix", torch.tensor([0, 0, 0, 1, 1])) == ((0, 3),)
+    with pytest.raises(InvalidRequestError, match="not one run"):
+        bidirectional_blocks("prefix", types)
+    # without token_type_ids (a prompt of token ids only) the model's own forward is causal too
+    assert bidirectional_blocks("image_runs", None) == () and bidirectional_blocks("none", types) == ()
 
 
 def test_an_unknown_family_is_refused_with_a_reason() -> None:

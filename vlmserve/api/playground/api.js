@@ -78,8 +78,10 @@ export async function* sseData(body, signal) {
 }
 
 /**
- * POST a streamed chat completion. `handlers.onContent(text)` gets each piece of the answer, `handlers.onUsage(u)`
- * the usage chunk, `handlers.onFinish(reason)` the finish reason. Resolves when `[DONE]` arrives; rejects with an
+ * POST a streamed chat completion. `handlers.onContent(text)` gets each piece of the answer,
+ * `handlers.onToolCall(delta)` each tool-call delta (`{index, id?, function: {name?, arguments?}}`, OpenAI's
+ * shape: a call's first delta names it, later ones add to its arguments), `handlers.onUsage(u)` the usage chunk,
+ * `handlers.onFinish(reason)` the finish reason. Resolves when `[DONE]` arrives; rejects with an
  * ApiError (the server's message) or, after `signal` fires, an AbortError.
  */
 export async function streamChat(body, apiKey, signal, handlers) {
@@ -94,6 +96,7 @@ export async function streamChat(body, apiKey, signal, handlers) {
     if (chunk.usage) handlers.onUsage(chunk.usage);
     for (const choice of chunk.choices || []) {
       if (choice.delta && choice.delta.content) handlers.onContent(choice.delta.content);
+      for (const call of (choice.delta && choice.delta.tool_calls) || []) handlers.onToolCall(call);
       if (choice.finish_reason) handlers.onFinish(choice.finish_reason);
     }
   }

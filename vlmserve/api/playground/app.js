@@ -3,6 +3,7 @@
 import { ApiError, listModels, streamChat } from "./api.js";
 import { Attachments } from "./attachments.js";
 import { AnswerView, showUserTurn, userContent } from "./conversation.js";
+import { PanelError, Panels } from "./panels.js";
 
 const KEY_STORAGE = "vlmserve.apiKey"; // sessionStorage: gone when the tab closes, never sent anywhere else
 const $ = (id) => document.getElementById(id);
@@ -13,6 +14,7 @@ const ui = {
   newChat: $("new-chat"), dropHint: $("drop-hint"),
 };
 const attachments = new Attachments($("attachments"), showError);
+const panels = new Panels(document);
 let messages = [];
 let controller = null;
 
@@ -52,16 +54,15 @@ async function loadModels() {
   }
 }
 
-// NOTE: the hook for the tool and JSON-schema panels (index.html keeps them hidden). Tools and response_format
-// json_schema are not served yet; when they are, the panels fill `tools` / `response_format` here.
+// The Tools and Response-format panels' fields (tools, tool_choice, response_format). Throws a PanelError, shown
+// in its panel, when what the user typed there cannot be sent: the caller then sends nothing.
 function extraRequestFields() {
-  return {};
+  return panels.requestFields();
 }
 
-function requestBody(history) {
+function requestBody(history, extra) {
   const body = {
-    model: ui.model.value, messages: history, stream: true, stream_options: { include_usage: true },
-    ...extraRequestFields(),
+    model: ui.model.value, messages: history, stream: true, stream_options: { include_usage: true }, ...extra,
   };
   const temperature = Number.parseFloat(ui.temperature.value);
   const maxTokens = Number.parseInt(ui.maxTokens.value, 10);
@@ -75,6 +76,17 @@ function setBusy(busy) {
   ui.stop.disabled = !busy;
 }
 
+/** The panels' fields, or null (with the message shown) when a panel holds what cannot be sent. */
+function panelFields() {
+  try {
+    return extraRequestFields();
+  } catch (err) {
+    if (!(err instanceof PanelError)) throw err;
+    showError(err.message);
+    return null;
+  }
+}
+
 async function sendTurn() {
   if (controller) return;
   const text = ui.prompt.value.trim();
@@ -84,34 +96,58 @@ async function sendTurn() {
     return;
   }
   clearError();
+  const extra = panelFields();
+  if (extra === null) return; // the prompt and images stay in the composer
   const images = attachments.take();
   ui.prompt.value = "";
   // "New chat" replaces `messages`: a turn still finishing then lands in the conversation it belongs to
   const history = messages;
   history.push({ role: "user", content: userContent(text, images, ui.detail.value) });
   const turn = showUserTurn(ui.log, text, images);
+  await answerTurn(history, extra, (err, answer) => failTurn(err, { history, turn, answer, text, images }));
+}
+
+/** Stream the model's answer to `history` into a new answer view; `onRefused(err, answer)` if the server refuses. */
+async function answerTurn(history, extra, onRefused) {
   const answer = new AnswerView(ui.log);
   controller = new AbortController();
   setBusy(true);
   try {
-    await streamChat(requestBody(history), apiKey(), controller.signal, {
+    await streamChat(requestBody(history, extra), apiKey(), controller.signal, {
       onContent: (piece) => answer.append(piece),
+      onToolCall: (delta) => answer.addToolCall(delta),
       onUsage: (usage) => { answer.usage = usage; },
       onFinish: (reason) => { answer.finishReason = reason; },
     });
+    if (extra.response_format) answer.showAsJson();
     answer.finish("done");
-    history.push({ role: "assistant", content: answer.content });
+    history.push(answer.message());
+    if (answer.toolCalls.length) answer.askForToolResults((results) => sendToolResults(history, results));
   } catch (err) {
     if (err.name === "AbortError") {
       answer.finish("stopped", "stopped");
       history.push({ role: "assistant", content: answer.content });
     } else {
-      failTurn(err, { history, turn, answer, text, images });
+      onRefused(err, answer);
     }
   } finally {
     controller = null;
     setBusy(false);
   }
+}
+
+/** The user's results of the answer's tool calls, as `tool` messages; the model then answers on. */
+async function sendToolResults(history, results) {
+  if (controller || history !== messages) return; // busy, or that conversation was replaced by "New chat"
+  clearError();
+  const extra = panelFields();
+  if (extra === null) return;
+  history.push(...results);
+  await answerTurn(history, extra, (err, answer) => {
+    history.splice(history.length - results.length, results.length);
+    answer.finish("error", "not answered");
+    showError(err.message);
+  });
 }
 
 /** A turn the server refused: out of the history, back into the composer to fix and send again. */

@@ -24,6 +24,69 @@ export class AnswerView {
     this.firstAt = null;
     this.usage = null;
     this.finishReason = null;
+    this.toolCalls = []; // {id, name, arguments, card} in the order the answer made them
+  }
+
+  /** One streamed tool-call delta: a new call gets a card (name + arguments), later deltas extend its arguments. */
+  addToolCall(delta) {
+    // NOTE: no first-token time from here: the server sends a call once it is whole (its arguments parse), so
+    // its arrival says when the call ended, and a token rate from it would be meaningless
+    let call = this.toolCalls[delta.index];
+    if (!call) {
+      call = { id: "", name: "", arguments: "", card: toolCard() };
+      this.toolCalls[delta.index] = call;
+      this.node.insertBefore(call.card.node, this.stats);
+    }
+    const fn = delta.function || {};
+    if (delta.id) call.id = delta.id;
+    if (fn.name) call.name += fn.name;
+    if (fn.arguments) call.arguments += fn.arguments;
+    call.card.name.textContent = call.name;
+    call.card.args.textContent = prettyJson(call.arguments) ?? call.arguments;
+    this.node.dataset.state = "streaming";
+  }
+
+  /** Show the answer pretty-printed when it is JSON (data-json says whether it parsed). */
+  showAsJson() {
+    const pretty = prettyJson(this.content);
+    this.node.dataset.json = pretty === null ? "invalid" : "valid";
+    if (pretty === null) return;
+    const block = element("pre", "text json", pretty);
+    this.text.replaceWith(block);
+    this.text = block;
+  }
+
+  /** The answer as an assistant message of the conversation (with its tool calls, if it made any). */
+  message() {
+    if (!this.toolCalls.length) return { role: "assistant", content: this.content };
+    return {
+      role: "assistant", content: this.content || null,
+      tool_calls: this.toolCalls.map((c) => ({ id: c.id, type: "function",
+                                               function: { name: c.name, arguments: c.arguments } })),
+    };
+  }
+
+  /** Under the tool cards: one result box per call and a button that hands `send` the `tool` messages. */
+  askForToolResults(send) {
+    const form = element("div", "tool-results");
+    const boxes = this.toolCalls.map((call) => {
+      const box = element("textarea", "tool-result");
+      box.rows = 2;
+      box.placeholder = `Result of ${call.name} (sent as a tool message)`;
+      call.card.node.append(box);
+      return box;
+    });
+    const button = element("button", "send-tool-results", "Send tool result" + (boxes.length > 1 ? "s" : ""));
+    button.type = "button";
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      boxes.forEach((box) => { box.disabled = true; });
+      send(this.toolCalls.map((call, i) => ({ role: "tool", tool_call_id: call.id, content: boxes[i].value })));
+    });
+    const row = element("div", "buttons");
+    row.append(button);
+    form.append(row);
+    this.node.insertBefore(form, this.stats);
   }
 
   append(piece) {
@@ -54,6 +117,23 @@ export class AnswerView {
     if (this.finishReason) parts.push(`finish: ${this.finishReason}`);
     if (note) parts.push(note);
     this.stats.textContent = parts.join(" \u00b7 ");
+  }
+}
+
+function toolCard() {
+  const node = element("div", "tool-call");
+  const name = element("span", "tool-name");
+  const args = element("pre", "tool-args");
+  node.append(element("span", "who", "tool call "), name, args);
+  return { node, name, args };
+}
+
+/** `text` re-indented when it is JSON, else null. */
+function prettyJson(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch (_) {
+    return null;
   }
 }
 
