@@ -178,6 +178,37 @@ def decode_bytes_meta(model: Any, config: dict[str, Any]) -> dict[str, Any]:
             "decode_weight_bytes": text_read * element, "kv_bytes_per_token": kv_per_token}
 
 
+# Qwen/Qwen2.5-VL-72B-Instruct: the 7B config with the published 72B sizes (the vision tower is the same but
+# for its output width).
+QWEN25_VL_72B_OVERRIDES: dict[str, Any] = {
+    "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "max_window_layers": 80,
+}
+
+
+def build_qwen25_vl_72b(out: Path) -> dict[str, Any]:
+    """The 72B architecture WITHOUT weights (config, tokenizer, processor, bench_meta.json): 144 GB of random bf16
+    is not worth writing; the server fills them itself with `--load-format dummy` (tensor-parallel only)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_dict = copy.deepcopy(QWEN25_VL_7B_CONFIG)
+    config_dict.update(QWEN25_VL_72B_OVERRIDES)
+    config_dict["vision_config"]["out_hidden_size"] = 8192
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_dict(config_dict),
+                                                                dtype=torch.bfloat16)
+    meta = decode_bytes_meta(model, config_dict)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(_greedy_generation_config(config_dict), indent=2))
+    write_qwen25_tokenizer_and_processor(out)
+    meta.update(model="qwen2.5-vl-72b", name="Qwen2.5-VL-72B-Instruct architecture (random bf16, --load-format dummy)",
+                scale="full", weights="none: serve with --load-format dummy")
+    (out / "bench_meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
 def build_glm4v_9b(out: Path, *, scale: str = "full", device: str = "cuda", seed: int = 0) -> dict[str, Any]:
     """GLM-4V-9B (for the native port `vlmserve.models.glm4v_9b`): see bench/glm4v.py."""
     from bench.glm4v import build_glm4v_9b as build
@@ -187,13 +218,15 @@ def build_glm4v_9b(out: Path, *, scale: str = "full", device: str = "cuda", seed
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["qwen2.5-vl-7b", "glm-4v-9b"])
+    parser.add_argument("model", choices=["qwen2.5-vl-7b", "qwen2.5-vl-72b", "glm-4v-9b"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--scale", default="full", choices=["full", "tiny"])
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if args.model == "qwen2.5-vl-7b":
         meta = build_qwen25_vl(args.out, scale=args.scale, device=args.device)
+    elif args.model == "qwen2.5-vl-72b":
+        meta = build_qwen25_vl_72b(args.out)
     else:
         meta = build_glm4v_9b(args.out, scale=args.scale, device=args.device)
     print(json.dumps(meta))  # one line: run_all reads the last stdout line

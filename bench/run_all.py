@@ -76,6 +76,12 @@ PRESETS = {
     # A quick look at one server's latency (W2 and W1 at c=1), e.g. a baseline beside an in-process diagnosis.
     "probe": Plan(w2_requests=3, w1={1: 2}, w3_conversations=0, phase_cap_s=40.0, w1_c64_cap_s=40.0, num_warmup=1,
                   drain_s=2.0),
+    # Tensor parallelism (issue 18, bench/tp_call.sh): W2 (TPOT at c=1) and W1 at c=64 only, one server at a time.
+    "tp": Plan(w2_requests=8, w1={64: 640}, w3_conversations=0, phase_cap_s=20.0, w1_c64_cap_s=35.0, num_warmup=1,
+               drain_s=3.0),
+    # a 72B-architecture model: W2 only (its TPOT against the bandwidth floor)
+    "tp_w2": Plan(w2_requests=6, w1={}, w3_conversations=0, phase_cap_s=40.0, w1_c64_cap_s=40.0, num_warmup=1,
+                  drain_s=3.0, server_ready_timeout_s=420.0),
     # CPU harness check with a tiny-layer model.
     "smoke": Plan(w2_requests=2, w1={1: 2, 2: 4}, w3_conversations=1, phase_cap_s=120.0, w1_c64_cap_s=120.0,
                   num_warmup=1, w3_max_tokens=8, server_ready_timeout_s=240.0),
@@ -220,7 +226,7 @@ def _load_tokenizer(model: str, model_dir: Path) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", choices=["qwen2.5-vl-7b", "glm-4v-9b"], default="qwen2.5-vl-7b",
+    parser.add_argument("--model", choices=["qwen2.5-vl-7b", "qwen2.5-vl-72b", "glm-4v-9b"], default="qwen2.5-vl-7b",
                         help="glm-4v-9b: vlmserve only (its published checkpoint needs remote code elsewhere)")
     parser.add_argument("--model-dir", type=Path, default=None, help="default /tmp/bench-<model>")
     parser.add_argument("--scale", choices=["full", "tiny"], default="full")

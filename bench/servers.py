@@ -72,6 +72,7 @@ SERVERS: dict[str, ServerSpec] = {
 GROUPS = {
     "all": ("ours", "ours-nocache", "seed", "tserve"),
     "ours": ("ours", "ours-nocache"),
+    "main": ("ours",),
     "baselines": ("seed", "tserve"),
 }
 

@@ -59,6 +59,10 @@ class ModelConfig:
     chat_template: str | None = option(
         None, "A Jinja chat template file that replaces the model's own.", metavar="FILE",
         example="--chat-template ./template.jinja")
+    load_format: str = option(
+        "auto", "'dummy' fills the weights with random values instead of reading them (config.json, tokenizer and "
+        "processor files are still read): benchmarks of architectures too large to write to disk. Only with "
+        "--tensor-parallel-size > 1.", choices=("auto", "dummy"), example="--load-format dummy")
     revision: str | None = option(None, "Model revision (branch, tag or commit) for hub downloads.",
                                   metavar="REV", example="--revision main")
     tool_call_parser: str = option(
@@ -130,15 +134,23 @@ class EngineConfig:
         True, "At load, check that the paged engine reproduces the model's own generate on a short image prompt "
         "(logprobs within a dtype-aware tolerance); on a mismatch the model is served by the generate engine.",
         example="--no-enable-paged-self-check")
+    tensor_parallel_size: int = option(
+        1, "Shard the decoder over this many processes (GPUs) of one host with torch.distributed: attention heads "
+        "and MLP columns split, one all-reduce after each attention and MLP block; the scheduler and the vision "
+        "tower run on rank 0. The paged engine only; transformers families with standard projection names and "
+        "GLM-4V-9B.", metavar="N", example="--tensor-parallel-size 2")
     max_generate_batch: int = option(8, "Largest batch the generate engine runs in one call.", metavar="N",
                                      example="--max-generate-batch 16")
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_generate_batch"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_generate_batch",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_waiting_requests < 0:
             raise ConfigError("--max-waiting-requests must not be negative")
+        if self.tensor_parallel_size > 1 and self.engine == "generate":
+            raise ConfigError("--tensor-parallel-size > 1 runs on the paged engine only; drop --engine generate")
         if not 0.05 <= self.kv_cache_memory_fraction <= 0.99:
             raise ConfigError("--kv-cache-memory-fraction must be between 0.05 and 0.99")
 

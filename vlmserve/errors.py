@@ -165,3 +165,7 @@ class InternalError(VlmserveError):
 
 class ModelLoadError(VlmserveError):
     """A model could not be found or loaded at start-up (raised to the CLI, never to a client)."""
+
+
+class TensorParallelError(ModelLoadError):
+    """The model cannot be sharded by --tensor-parallel-size (family, head counts or sizes); raised at start-up."""

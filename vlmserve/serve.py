@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,16 @@ def make_engine_core(adapter: ModelAdapter, config: Config) -> EngineCore:
     if choice == "generate":
         logger.info("engine: generate (batched model.generate), as requested with --engine generate")
         return GenerateEngineCore(adapter, config.engine)
-    if reason is None:
+    if config.engine.tensor_parallel_size > 1:
+        if reason is not None:
+            from vlmserve.errors import TensorParallelError
+
+            raise TensorParallelError(f"--tensor-parallel-size needs the paged engine, and {adapter.family} cannot "
+                                      f"run on it: {reason}")
+        # NOTE: the self-check runs the model's own generate on rank 0 alone, which a sharded decoder cannot
+        # (its all-reduces need every rank); the TP tests compare TP=N with TP=1 through the engine instead.
+        logger.info("paged self-check skipped under --tensor-parallel-size %d", config.engine.tensor_parallel_size)
+    elif reason is None:
         reason = _paged_self_check(adapter, config)
     if reason is None:
         from vlmserve.engine.core import PagedEngineCore
@@ -109,17 +119,42 @@ def placeholder_token_ids(adapter: ModelAdapter) -> frozenset[int]:
     return frozenset(t for t in candidates if isinstance(t, int) and t >= 0)
 
 
-def run(config: Config) -> int:
-    """Serve until stopped; returns the process exit status."""
+def load_for_serving(config: Config) -> tuple[ModelAdapter, Callable[[], None]]:
+    """The model, and what to call once the engine has stopped: with --tensor-parallel-size N > 1, rank 0's shard
+    (the workers are started here and stopped by the returned call)."""
+    if config.engine.tensor_parallel_size > 1:
+        from vlmserve.engine.parallel.launch import start
+
+        adapter, workers = start(config)
+        return adapter, workers.stop
     from vlmserve.errors import ModelLoadError
     from vlmserve.models.loader import load_model
 
+    if config.model.load_format == "dummy":
+        raise ModelLoadError("--load-format dummy works with --tensor-parallel-size > 1 only (the shard loader)")
+    return load_model(config.model), _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; returns the process exit status."""
+    from vlmserve.errors import ModelLoadError
+
     try:
-        adapter = load_model(config.model)
+        adapter, release = load_for_serving(config)
     except ModelLoadError as exc:
         logger.error("cannot start: %s", exc.message)
         return 2
-    return asyncio.run(_serve(adapter, config))
+    try:
+        return asyncio.run(_serve(adapter, config))
+    except ModelLoadError as exc:  # e.g. a family the paged engine refuses, under --tensor-parallel-size
+        logger.error("cannot start: %s", exc.message)
+        return 2
+    finally:
+        release()
 
 
 class _GracefulServer:
@@ -248,4 +283,5 @@ async def _serve(adapter: ModelAdapter, config: Config) -> int:
     return exit_code
 
 
-__all__ = ["build_service", "configure_logging", "log_playground_link", "make_engine_core", "run"]
+__all__ = ["build_service", "configure_logging", "load_for_serving", "log_playground_link", "make_engine_core",
+           "run"]

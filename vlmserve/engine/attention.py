@@ -23,6 +23,7 @@ import torch
 
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.paged_attention import paged_attention, write_kv
+from vlmserve.engine.recurrent_state import RecurrentStep
 from vlmserve.models.hf_compat import register_attention, use_attention
 
 ATTENTION_NAME = "vlmserve_paged"
@@ -39,6 +40,8 @@ class AttentionBatch:
     block_tables: torch.Tensor  # int32 [S, max_blocks]
     max_q_len: int
     max_seq_len: int
+    #: the step's view of the recurrent-state pool (hybrid decoders only; see `engine.recurrent_state`)
+    recurrent: RecurrentStep | None = None
     #: per query row, the first and last key of the bidirectional block it lies in (see `paged_attention`);
     #: None for a causal step
     block_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -56,6 +59,11 @@ class AttentionBatch:
 
 
 _current: AttentionBatch | None = None
+
+
+def current_batch() -> AttentionBatch | None:
+    """The active step's metadata; None outside an engine step."""
+    return _current
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -20,7 +20,10 @@ from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.kv_cache_manager import KVCacheManager
 from vlmserve.engine.model_runner import ModelRunner
+from vlmserve.engine.parallel import group as parallel_group
+from vlmserve.engine.parallel.step import StepChannel
 from vlmserve.engine.protocol import CoreOutput, Emit
+from vlmserve.engine.recurrent_state import RecurrentStates, StateSlots
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk, Scheduler
@@ -56,15 +59,19 @@ class PagedEngineCore:
 
     def __init__(self, adapter: ModelAdapter, config: EngineConfig) -> None:
         self._adapter = adapter
-        num_blocks = config.num_kv_blocks or self._default_num_blocks(adapter, config)
-        # A sequence must fit the whole pool alone, or preemption could never make room for it.
-        self.max_model_len = min(adapter.max_model_len, num_blocks * config.block_size)
-        if self.max_model_len < adapter.max_model_len:
-            logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
-                           "(raise --num-kv-blocks or --kv-cache-memory-fraction)", self.max_model_len,
-                           num_blocks, config.block_size)
+        num_blocks, self.max_model_len = kv_cache_size(adapter, config)
+        tp_group = parallel_group.current() if config.tensor_parallel_size > 1 else None
+        if config.tensor_parallel_size > 1 and tp_group is None:
+            raise RuntimeError("--tensor-parallel-size > 1: start the engine through vlmserve.engine.parallel.launch")
+        if tp_group is not None and adapter.recurrent_layout is not None:
+            # NOTE: the step plan workers receive carries no recurrent-state slots, and the state pool is not
+            # sharded: a hybrid decoder runs on one device
+            raise RuntimeError(f"--tensor-parallel-size > 1 does not support {adapter.family}: its linear-attention "
+                               "layers' per-sequence state is not sharded across ranks")
+        states, slots = self._recurrent_states(adapter, config)
         self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+                                 enable_prefix_caching=config.enable_prefix_caching, state_slots=slots,
+                                 scope=adapter.prefix_cache_scope)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
                                  device=adapter.device)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -73,7 +80,9 @@ class PagedEngineCore:
         self.runner = ModelRunner(adapter, cache, self.image_cache, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, enable_cuda_graphs=config.enable_cuda_graphs,
                                   compile_decoder=config.compile_decoder,
-                                  enable_vision_graphs=config.enable_vision_graphs)
+                                  enable_vision_graphs=config.enable_vision_graphs,
+                                  channel=StepChannel(tp_group) if tp_group is not None else None,
+                                  states=states)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
         self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
@@ -121,8 +130,8 @@ class PagedEngineCore:
     def _recover(self, chunks: list[ScheduledChunk], exc: Exception, emit: Emit) -> None:
         """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
 
-        Re-running is safe: a failed step changed no sequence's progress, and a chunk rewrites the same cache
-        slots. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
+        Re-running is safe: a failed step changed no sequence's progress, a chunk rewrites the same cache
+        slots, and a hybrid decoder's recurrent states are written back only by a step that succeeded. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
         completed, so none of the failed step's blocks was ever findable. Whether the *engine* is broken is
         decided by a health probe that no client controls, never by how many client requests failed: a crafted
         request that fails every time it runs is that request's error (a 500 for it), however often it is sent.
@@ -294,12 +303,44 @@ class PagedEngineCore:
             num_finished=c["finished"], engine=self.name)
 
     @staticmethod
-    def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
-        if adapter.device.type != "cuda":
-            return DEFAULT_CPU_BLOCKS
-        from vlmserve.engine.memory import profile_num_blocks
+    def _recurrent_states(adapter: ModelAdapter, config: EngineConfig
+                          ) -> tuple[RecurrentStates | None, StateSlots | None]:
+        """A hybrid decoder's state pool: one slot per running sequence plus one for the health probe."""
+        layout = adapter.recurrent_layout
+        if layout is None:
+            return None, None
+        num_slots = config.max_num_seqs + 1
+        if config.enable_prefix_caching:
+            logger.info("prefix caching off for %s: its %d linear-attention layers keep a recurrent state that a "
+                        "cached KV block cannot restore", adapter.family, len(layout.layers))
+        logger.info("recurrent state: %d slots of %.1f MiB (%d linear-attention layers)", num_slots,
+                    layout.bytes_per_sequence(adapter.dtype) / 2**20, len(layout.layers))
+        states = RecurrentStates.allocate(layout, num_slots, dtype=adapter.dtype, device=adapter.device)
+        return states, StateSlots(num_slots)
 
-        return profile_num_blocks(adapter, config)
+
+def kv_cache_size(adapter: ModelAdapter, config: EngineConfig) -> tuple[int, int]:
+    """(KV blocks, context limit) of the engine's cache. With tensor parallelism every rank computes its own and
+    all take the smallest (the memory profile is a forward all ranks run together, in the same order)."""
+    num_blocks = config.num_kv_blocks or _default_num_blocks(adapter, config)
+    tp_group = parallel_group.current() if config.tensor_parallel_size > 1 else None
+    if tp_group is not None:
+        num_blocks = tp_group.agree_min(num_blocks)
+    # A sequence must fit the whole pool alone, or preemption could never make room for it.
+    max_model_len = min(adapter.max_model_len, num_blocks * config.block_size)
+    if max_model_len < adapter.max_model_len:
+        logger.warning("context limited to %d tokens: the KV cache holds %d blocks of %d tokens "
+                       "(raise --num-kv-blocks or --kv-cache-memory-fraction)", max_model_len,
+                       num_blocks, config.block_size)
+    return num_blocks, max_model_len
+
+
+def _default_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
+    if adapter.device.type != "cuda":
+        return DEFAULT_CPU_BLOCKS
+    from vlmserve.engine.memory import profile_num_blocks
+
+    return profile_num_blocks(adapter, config)
 
 
 def _stamp_first_schedule(chunks: list[ScheduledChunk]) -> None:

@@ -40,8 +40,9 @@ class DecodeGraphs:
     """Captured decode steps for batch sizes up to `max_batch`; `run` replays the smallest that fits."""
 
     def __init__(self, adapter: ModelAdapter, cache: KVCache, *, max_batch: int, max_model_len: int,
-                 compile_decoder: bool = False) -> None:
+                 compile_decoder: bool = False, computes_logits: bool = True) -> None:
         self._adapter = adapter
+        self._computes_logits = computes_logits  # False on tensor-parallel workers: rank 0 alone samples
         self._decoder = compiled_decoder(adapter.text_model) if compile_decoder else adapter.text_model
         self._cache = cache
         self._max_model_len = max_model_len
@@ -78,7 +79,8 @@ class DecodeGraphs:
         with batch.active():
             output = self._decoder(inputs_embeds=self._embeds[:size].unsqueeze(0),
                                               position_ids=position_ids, use_cache=False)
-        return self._adapter.compute_logits(output.last_hidden_state[0])
+        hidden = output.last_hidden_state[0]
+        return self._adapter.compute_logits(hidden) if self._computes_logits else hidden
 
     @torch.inference_mode()
     def _capture(self, size: int, pool: Any) -> None:
@@ -95,7 +97,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, embeds: torch.Tensor, positions: torch.Tensor, attention: AttentionBatch) -> torch.Tensor:
-        """Logits (n, vocab) for n single-token sequences; `positions` is (rows, n)."""
+        """Logits (n, vocab) for n single-token sequences (hidden states where no logits are computed);
+        `positions` is (rows, n)."""
         n = embeds.shape[0]
         size = next(s for s in self.sizes if s >= n)
         self._embeds[:n].copy_(embeds)

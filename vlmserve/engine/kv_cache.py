@@ -27,11 +27,14 @@ from vlmserve.types import ImageSpan, PreparedPrompt
 BlockHash = bytes
 
 
-def root_hash(cache_salt: str | None) -> BlockHash:
-    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains."""
-    if cache_salt is None:
-        return b"root"
-    return hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+def root_hash(cache_salt: str | None, scope: str | None = None) -> BlockHash:
+    """The parent of a sequence's first block: the salt keeps differently salted requests in disjoint chains, and
+    so does the model's scope of the prompt (`ModelAdapter.prefix_cache_scope`: KV that depends on more than the
+    tokens and images, such as a rotary base chosen by the prompt's length)."""
+    root = b"root" if cache_salt is None else hashlib.blake2b(b"salt" + cache_salt.encode(), digest_size=16).digest()
+    if scope is None:
+        return root
+    return hashlib.blake2b(root + b"scope" + scope.encode(), digest_size=16).digest()
 
 
 def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str],
@@ -49,7 +52,7 @@ def hash_block(parent: BlockHash, token_ids: Seq[int], image_hashes: Seq[str],
 
 def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Seq[int]], num_tokens: int,
                         prompt: PreparedPrompt, cache_salt: str | None, block_size: int,
-                        attention_blocks: Seq[tuple[int, int]] = ()) -> list[BlockHash]:
+                        attention_blocks: Seq[tuple[int, int]] = (), scope: str | None = None) -> list[BlockHash]:
     """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
     `num_tokens` tokens (`tokens(start, end)` reads them); images and videos come from `prompt`'s spans (a video's
     hash covers its frames' pixels and timestamps). Returns `hashes`.
@@ -58,7 +61,7 @@ def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Se
     too: its key also covers them (and their images), so it is shared only where the whole block is the same.
     The one definition of a block's prefix-cache key: the KV-cache manager and the Ray router both use it.
     """
-    parent = hashes[-1] if hashes else root_hash(cache_salt)
+    parent = hashes[-1] if hashes else root_hash(cache_salt, scope)
     for start in range(len(hashes) * block_size, num_tokens - block_size + 1, block_size):
         end = start + block_size
         reach = max((hi for lo, hi in attention_blocks if lo < end < hi), default=end)
@@ -167,7 +170,8 @@ class BlockPool:
 
 @dataclass
 class KVCache:
-    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer key and value tensors, each [num_blocks, block_size, num_kv_heads, head_dim] ([0, ...] for a
+    layer that keeps no KV)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -176,12 +180,16 @@ class KVCache:
     @classmethod
     def allocate(cls, layout: KVLayout, num_blocks: int, block_size: int, *, dtype: torch.dtype,
                  device: torch.device) -> KVCache:
-        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        def layer_cache(layer: int) -> torch.Tensor:
+            # a layer without KV (a hybrid decoder's recurrent layer) gets an empty tensor: indices stay layer ids
+            blocks = num_blocks if layout.has_kv(layer) else 0
+            return torch.zeros((blocks, block_size, layout.num_kv_heads, layout.head_dim), dtype=dtype, device=device)
+
+        keys = [layer_cache(layer) for layer in range(layout.num_layers)]
+        values = [layer_cache(layer) for layer in range(layout.num_layers)]
         return cls(keys=keys, values=values, block_size=block_size)
 
     @staticmethod
     def bytes_per_block(layout: KVLayout, block_size: int, dtype: torch.dtype) -> int:
         element = torch.tensor([], dtype=dtype).element_size()
-        return 2 * layout.num_layers * block_size * layout.num_kv_heads * layout.head_dim * element
+        return 2 * layout.num_kv_layers * block_size * layout.num_kv_heads * layout.head_dim * element

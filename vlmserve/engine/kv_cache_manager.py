@@ -4,6 +4,9 @@
     running ──step completed──► cache_full_blocks (full blocks whose KV is written become findable)
     finished / preempted / aborted / failed ──free──► blocks back to the pool (cached ones stay findable)
 
+A hybrid decoder's sequence also holds a recurrent-state slot (`engine.recurrent_state`) from its first
+`allocate_slots` to `free`, and such models run without prefix caching.
+
 The one rule that keeps sharing safe: a block becomes findable only *after* the step that wrote its KV completed.
 Nothing then depends on the order in which one step's rows are computed (an eager prefill and a graphed decode of
 the same step read only blocks written by earlier steps, and their own), and a failed step leaves nothing half
@@ -16,17 +19,28 @@ a sequence's tokens only grow, so a preempted sequence keeps its hashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
+from vlmserve.engine.recurrent_state import StateSlots
 from vlmserve.engine.request import Sequence
+from vlmserve.types import PreparedPrompt
 
 
 class KVCacheManager:
     """Owns the block pool; the scheduler asks it for slots, the core tells it when a step's KV is written."""
 
-    def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool,
+                 state_slots: StateSlots | None = None,
+                 scope: Callable[[PreparedPrompt], str | None] | None = None) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        #: the model's prefix-cache scope of a prompt (`ModelAdapter.prefix_cache_scope`); None: tokens and images
+        self.scope = scope
+        #: a hybrid decoder's recurrent-state slots, held with the blocks (one per sequence holding blocks)
+        self.state_slots = state_slots
+        # NOTE: a recurrent state cannot resume from a cached block, so hybrid decoders never look blocks up
+        self.enable_prefix_caching = enable_prefix_caching and state_slots is None
 
     def lookup(self, sequence: Sequence) -> int:
         """Attach a sequence holding no blocks to the longest cached prefix of its tokens; returns the tokens
@@ -45,11 +59,30 @@ class KVCacheManager:
     def allocate_slots(self, sequence: Sequence, num_new_tokens: int) -> bool:
         """Blocks for `num_new_tokens` tokens after the computed ones; False, taking nothing, if the pool is short."""
         needed = -(-(sequence.num_computed_tokens + num_new_tokens) // self.block_size) - len(sequence.block_ids)
+        took_slot = self._take_state_slot(sequence)
+        if took_slot is None:
+            return False
         blocks = self.pool.allocate(max(needed, 0))
         if blocks is None:
+            if took_slot:
+                self._release_state_slot(sequence)
             return False
         sequence.block_ids.extend(blocks)
         return True
+
+    def _take_state_slot(self, sequence: Sequence) -> bool | None:
+        """True if a recurrent-state slot was taken for the sequence now, False if none is needed, None if the
+        pool has none free."""
+        if self.state_slots is None or sequence.state_slot is not None:
+            return False
+        assert sequence.num_computed_tokens == 0, "a recurrent state starts at token 0"
+        sequence.state_slot = self.state_slots.allocate()
+        return None if sequence.state_slot is None else True
+
+    def _release_state_slot(self, sequence: Sequence) -> None:
+        if self.state_slots is not None and sequence.state_slot is not None:
+            self.state_slots.release(sequence.state_slot)
+        sequence.state_slot = None
 
     def cache_full_blocks(self, sequence: Sequence) -> None:
         """Make the full blocks among the sequence's computed tokens findable. Call only once the step that wrote
@@ -65,6 +98,7 @@ class KVCacheManager:
     def free(self, sequence: Sequence) -> None:
         """Give back every block of the sequence; its progress restarts from nothing (its hashes stay valid)."""
         self.pool.release(sequence.block_ids)
+        self._release_state_slot(sequence)
         sequence.block_ids = []
         sequence.num_cached_blocks = 0
         sequence.num_computed_tokens = 0
@@ -89,5 +123,6 @@ class KVCacheManager:
     def _full_block_hashes(self, sequence: Sequence) -> list[BlockHash]:
         """Chained hashes of every full block of the sequence's known tokens, extending those computed before."""
         request = sequence.request
+        scope = self.scope(request.prompt) if self.scope is not None else None
         return extend_block_hashes(sequence.block_hashes, sequence.tokens, sequence.num_tokens, request.prompt,
-                                   request.cache_salt, self.block_size, sequence.attention_blocks)
+                                   request.cache_salt, self.block_size, sequence.attention_blocks, scope)

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from vlmserve.config import EngineConfig
-from vlmserve.engine import attention
+from vlmserve.engine import attention, recurrent_state
 from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.models.base import ModelAdapter
@@ -52,6 +52,8 @@ def profile_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     attention.install(adapter.text_model)
+    if adapter.recurrent_layout is not None:  # the scratch step's recurrent layers start from zeros, keep nothing
+        recurrent_state.install(adapter, attention.current_batch)
     hidden = adapter.embed_tokens(torch.zeros(1, dtype=torch.long, device=device)).shape[-1]
     embeds = torch.randn(1, tokens, hidden, dtype=adapter.dtype, device=device)
     rows = adapter.num_position_rows
@@ -71,7 +73,9 @@ def profile_num_blocks(adapter: ModelAdapter, config: EngineConfig) -> int:
     del scratch, out, embeds
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    available = total * config.kv_cache_memory_fraction - peak - reserve
+    recurrent = adapter.recurrent_layout  # the state pool (engine.recurrent_state) is allocated beside the KV
+    states = 0 if recurrent is None else (config.max_num_seqs + 1) * recurrent.bytes_per_sequence(adapter.dtype)
+    available = total * config.kv_cache_memory_fraction - peak - reserve - states
     per_block = KVCache.bytes_per_block(layout, block_size, adapter.dtype)
     num_blocks = int(available // per_block)
     logger.info("GPU memory: %.1f GiB total, %.1f GiB peak after a %d-token step, %.1f GiB kept for the vision "

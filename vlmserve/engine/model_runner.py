@@ -4,7 +4,7 @@ A step's input is one row per scheduled token, all sequences concatenated:
 - embeddings: prompt tokens take the prompt's embeddings (text embeddings with image features merged, computed
   once per prompt when its prefill starts); generated tokens take `embed_tokens`;
 - positions: the prompt's own (M-RoPE rows included, from the model's helper), generated token i at i + rope_delta
-  on every row — the delta is kept per sequence;
+  on every row — the delta is kept per sequence, as is a dynamic-NTK rotary factor (Qwen-VL-Chat);
 - attention metadata: cache slots, per-sequence block tables and lengths (see `engine.attention`).
 The decoder runs once on all rows; logits are taken only at each sequence's last row when that row is its newest
 token.
@@ -12,17 +12,20 @@ token.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmserve.engine import attention
+from vlmserve.engine import attention, recurrent_state
 from vlmserve.engine.attention import AttentionBatch
 from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.parallel.step import EAGER, GRAPHED, ForwardPlan, StepChannel
+from vlmserve.engine.recurrent_state import RecurrentStates, RecurrentStep
 from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
@@ -56,6 +59,7 @@ class _Rows:
         self._ids: list[int] = []
         self._positions: list[int] = []
         self._at: list[int] = []  # the row of each generated token
+        self._ntk: list[tuple[int, int, float]] = []  # (first row, rows, alpha) of sequences with a scaled rotary
 
     def add_prompt(self, embeds: torch.Tensor, positions: torch.Tensor,
                    deepstack: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -65,15 +69,27 @@ class _Rows:
         self._prompt.append((self.count, embeds, positions))
         self.count += embeds.shape[0]
 
+    def scale_rotary(self, first_row: int, alpha: float) -> None:
+        """Rows `first_row`.. up to the current end belong to a sequence whose rotary base uses NTK factor alpha."""
+        if alpha != 1.0 and self.count > first_row:
+            self._ntk.append((first_row, self.count - first_row, alpha))
+
     def decoder_extras(self, device: torch.device) -> dict[str, Any]:
-        """Qwen3-VL's deepstack keyword arguments for this step's rows; empty when no image row is in it."""
+        """Per-row decoder keyword arguments for this step: Qwen3-VL's deepstack inputs where an image row is in
+        it, Qwen-VL-Chat's per-row dynamic-NTK factors where a sequence has one; empty otherwise."""
+        extras: dict[str, Any] = {}
+        if self._ntk:
+            alphas = torch.ones(self.count, dtype=torch.float64)
+            for row, count, alpha in self._ntk:
+                alphas[row:row + count] = alpha
+            extras["ntk_alphas"] = alphas.to(device)
         if not self._deepstack:
-            return {}
+            return extras
         mask = torch.zeros(1, self.count, dtype=torch.bool, device=device)
         for row, visual, _ in self._deepstack:
             mask[0, row:row + visual.shape[0]] = visual
         layers = torch.cat([features for _, _, features in self._deepstack], dim=1)
-        return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(layers.unbind(0))}
+        return {**extras, "visual_pos_masks": mask, "deepstack_visual_embeds": list(layers.unbind(0))}
 
     def add_generated(self, token_ids: list[int], first_position: int) -> None:
         n = len(token_ids)
@@ -109,19 +125,31 @@ class _Rows:
 class ModelRunner:
     def __init__(self, adapter: ModelAdapter, cache: KVCache, image_cache: ImageEmbeddingCache, *,
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
-                 compile_decoder: bool = False, enable_vision_graphs: bool = False) -> None:
+                 compile_decoder: bool = False, enable_vision_graphs: bool = False,
+                 channel: StepChannel | None = None, computes_logits: bool = True,
+                 states: RecurrentStates | None = None) -> None:
+        """`channel`: with tensor parallelism, rank 0's runner sends each forward's inputs through it first (the
+        workers run the same forward on their shards); `computes_logits` is False on the workers. `states`: a
+        hybrid decoder's recurrent-state pool (`engine.recurrent_state`)."""
         self.adapter = adapter
+        self._channel = channel
         self.cache = cache
         self.image_cache = image_cache
+        self.states = states
         self.device = adapter.device
         self.sampler = Sampler(self.device)
         self._rows = adapter.num_position_rows
         attention.install(adapter.text_model)
+        if states is not None:
+            recurrent_state.install(adapter, attention.current_batch)
         self._graphs: DecodeGraphs | None = None
-        if enable_cuda_graphs and self.device.type == "cuda":
+        if enable_cuda_graphs and self.device.type == "cuda" and states is not None:
+            # NOTE: the recurrent layers gather and scatter per-sequence state on the host side of each step
+            logger.info("CUDA graphs off for %s: its recurrent layers' state is not captured", adapter.family)
+        elif enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
-                                            compile_decoder=compile_decoder)
+                                            compile_decoder=compile_decoder, computes_logits=computes_logits)
                 if enable_vision_graphs:
                     adapter.enable_vision_graphs()
             except Exception:  # a decoder that cannot be captured still runs, only slower
@@ -141,8 +169,12 @@ class ModelRunner:
         graphed, eager = self._partition(chunks)
         sequences: list[Sequence] = []
         logits: list[torch.Tensor] = []
+        eager_step = None
         if eager:
-            step = self._prepare(eager)
+            step = eager_step = self._prepare(eager)
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(EAGER, step.inputs_embeds, step.position_ids, step.attention,
+                                                  step.decoder_extras))
             with step.attention.active():
                 output = self.adapter.text_model(inputs_embeds=step.inputs_embeds, position_ids=step.position_ids,
                                                  use_cache=False, **step.decoder_extras)
@@ -154,20 +186,43 @@ class ModelRunner:
             step = self._prepare(graphed)
             positions = step.position_ids.squeeze(1) if self._rows > 1 else step.position_ids
             sequences += step.sample_sequences
+            if self._channel is not None:
+                self._channel.send(ForwardPlan.of(GRAPHED, step.inputs_embeds[0], positions, step.attention))
             logits.append(self._graphs.run(step.inputs_embeds[0], positions, step.attention))
         if not sequences:
+            self._commit(eager_step)
             return [], None
         batch_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
-        return sequences, self.sampler(batch_logits, [s.sampling for s in sequences])
+        sampled = self.sampler(batch_logits, [s.sampling for s in sequences])
+        self._commit(eager_step)  # only now: a step that failed anywhere before leaves every state as it was
+        return sequences, sampled
+
+    @staticmethod
+    def _commit(step: StepInputs | None) -> None:
+        if step is not None and step.attention.recurrent is not None:
+            step.attention.recurrent.commit()
+
+    @torch.inference_mode()
+    def run_plan(self, plan: ForwardPlan) -> None:
+        """A tensor-parallel worker's side of one forward rank 0 announced: the same forward, on this rank's
+        shard and KV cache; the output stays here (only rank 0 computes logits)."""
+        batch = plan.attention(self.cache)
+        if plan.kind == GRAPHED:
+            assert self._graphs is not None, "rank 0 replays a decode graph this worker did not capture"
+            self._graphs.run(plan.tensors["embeds"], plan.tensors["positions"], batch)
+            return
+        with batch.active():
+            self.adapter.text_model(inputs_embeds=plan.tensors["embeds"], position_ids=plan.tensors["positions"],
+                                    use_cache=False, **plan.extras())
 
     def _partition(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
         """(chunks for the decode graph, chunks to run eagerly)."""
         if self._graphs is None:
             return [], chunks
         # a prompt's last token with decoder extras (an image row, in principle) runs eagerly: graphs take none
-        # and so does one inside a bidirectional prompt block: graphs know no blocks
+        # and so does one inside a bidirectional prompt block: graphs know no blocks, nor per-sequence rotary bases
         graphed = [c for c in chunks if c.num_tokens == 1 and c.samples and c.sequence.prompt_extras is None
-                   and not _in_attention_block(c)]
+                   and not _in_attention_block(c) and c.sequence.ntk_alpha == 1.0]
         if not graphed or len(graphed) > self._graphs.max_batch:
             return [], chunks
         chosen = {id(c) for c in graphed}
@@ -190,6 +245,7 @@ class ModelRunner:
         for chunk in chunks:
             sequence = chunk.sequence
             num_prompt = sequence.num_prompt_tokens
+            first_row = rows.count
             if chunk.start < num_prompt:
                 assert sequence.prompt_embeds is not None and sequence.prompt_positions is not None
                 end = min(chunk.end, num_prompt)
@@ -198,6 +254,7 @@ class ModelRunner:
             generated_start = max(chunk.start, num_prompt)
             if chunk.end > generated_start:
                 rows.add_generated(sequence.tokens(generated_start, chunk.end), generated_start + sequence.rope_delta)
+            rows.scale_rotary(first_row, sequence.ntk_alpha)
             blocks = sequence.block_ids
             slots.extend(blocks[i // size] * size + i % size for i in range(chunk.start, chunk.end))
             cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
@@ -215,11 +272,25 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
             max_q_len=max(c.num_tokens for c in chunks), max_seq_len=max(seq_lens),
             block_bounds=_block_bounds(chunks, device), blocks_spare_window=self.adapter.blocks_spare_window)
+        batch.recurrent = self._recurrent_step(chunks, cu_seqlens)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
                           attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences,
                           decoder_extras=rows.decoder_extras(device))
+
+    def _recurrent_step(self, chunks: list[ScheduledChunk], cu_seqlens: list[int]) -> RecurrentStep | None:
+        if self.states is None:
+            return None
+        slots = []
+        for chunk in chunks:
+            if chunk.sequence.state_slot is None:
+                raise RuntimeError(f"sequence {chunk.sequence.request_id} holds no recurrent-state slot")
+            slots.append(chunk.sequence.state_slot)
+        step = RecurrentStep(self.states, slots, list(itertools.pairwise(cu_seqlens)),
+                             [c.start == 0 for c in chunks], [c.end for c in chunks])
+        step.check([c.start for c in chunks])
+        return step
 
     def _embed_prompts(self, sequences: list[Sequence]) -> None:
         """Prompt embeddings and positions of the sequences whose prefill starts this step. Their images come
@@ -259,6 +330,7 @@ class ModelRunner:
             sequence.prompt_embeds = embedding.inputs_embeds
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
+            sequence.ntk_alpha = embedding.ntk_alpha
             sequence.prompt_extras = embedding.extras
 
     def _video_features(self, sequence: Sequence) -> list[torch.Tensor]:

@@ -44,7 +44,10 @@ class Sequence:
     #: the prompt's per-token decoder extras (`PromptEmbedding.extras`), while it is being prefilled
     prompt_extras: dict[str, torch.Tensor] | None = None
     rope_delta: int = 0
+    ntk_alpha: float = 1.0  # `PromptEmbedding.ntk_alpha`: fixed by the prompt, kept through preemption
     num_preemptions: int = 0
+    #: its slot in the recurrent-state pool while it holds one (hybrid decoders only; see engine.recurrent_state)
+    state_slot: int | None = None
     #: for /metrics (sent once, with the first token): when it was first scheduled, and the vision-tower seconds
     #: and images encoded for it (a preemption before the first token re-encodes, and that counts too)
     first_scheduled_time: float | None = None

@@ -36,6 +36,39 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    #: the layers that keep KV (indices into the decoder's layers); None: all of them. Hybrid decoders (Qwen3.5)
+    #: keep a recurrent state in their other layers instead (`RecurrentLayout`)
+    attention_layers: tuple[int, ...] | None = None
+
+    def has_kv(self, layer: int) -> bool:
+        return self.attention_layers is None or layer in self.attention_layers
+
+    @property
+    def num_kv_layers(self) -> int:
+        return self.num_layers if self.attention_layers is None else len(self.attention_layers)
+
+
+@dataclass(frozen=True)
+class RecurrentLayout:
+    """Per-sequence state of a hybrid decoder's recurrent (linear-attention) layers, kept beside the paged KV.
+
+    Each such layer keeps, per sequence, the last inputs of its causal convolution and the recurrent (delta-rule)
+    state. Unlike KV, the state after token n cannot be rebuilt from anything but tokens 0..n.
+    """
+
+    #: decoder layer indices with a recurrent state
+    layers: tuple[int, ...]
+    #: (channels, kernel - 1): the convolution's left context, in the model's dtype
+    conv_shape: tuple[int, int]
+    #: (value heads, key dim, value dim): the recurrent state, kept in float32 as the model's own cache does
+    state_shape: tuple[int, int, int]
+
+    def bytes_per_sequence(self, dtype: torch.dtype) -> int:
+        import torch
+
+        conv = self.conv_shape[0] * self.conv_shape[1] * torch.tensor([], dtype=dtype).element_size()
+        state = self.state_shape[0] * self.state_shape[1] * self.state_shape[2] * 4
+        return len(self.layers) * (conv + state)
 
 
 @dataclass
@@ -50,6 +83,9 @@ class PromptEmbedding:
     inputs_embeds: torch.Tensor  # (tokens, hidden)
     positions: torch.Tensor  # (rows, tokens), int64
     rope_delta: int = 0
+    #: dynamic-NTK factor of the sequence's rotary base, chosen by its prompt and kept for all its tokens
+    #: (Qwen-VL-Chat past seq_length); 1.0: the model's own base
+    ntk_alpha: float = 1.0
     #: per-token tensors some families inject after early layers; None for most. Qwen3-VL deepstack:
     #: "visual_mask" (tokens,) bool, the image tokens; "deepstack" (layers, image tokens, hidden)
     extras: dict[str, Any] | None = None
@@ -160,3 +196,27 @@ class ModelAdapter(ABC):
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden) → (tokens, vocab) in float32."""
+
+    def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
+        """What besides tokens and images makes this prompt's KV differ from another's with the same prefix (a
+        dynamic-NTK rotary base chosen by the prompt's length); prompts of different scopes share no block."""
+        return None
+
+    # --- hybrid decoders (recurrent layers beside attention) ------------------------------------------------
+
+    @property
+    def recurrent_layout(self) -> RecurrentLayout | None:
+        """The per-sequence recurrent state of the decoder's linear-attention layers; None for plain decoders."""
+        return None
+
+    def recurrent_modules(self) -> dict[int, torch.nn.Module]:
+        """The decoder's recurrent token mixers by layer index (those `recurrent_layout.layers` names)."""
+        return {}
+
+    def run_recurrent(self, module: torch.nn.Module, hidden: torch.Tensor, segments: list[tuple[int, int]],
+                      conv: torch.Tensor, state: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One recurrent layer over a packed step: `hidden` (rows, hidden) holds the step's sequences one after
+        another, sequence i at rows `segments[i]`, starting from its `conv[i]` and `state[i]`; returns the output
+        rows and every sequence's conv and state after its rows."""
+        raise NotImplementedError(f"{self.family} has no recurrent layers")

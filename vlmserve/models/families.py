@@ -93,7 +93,13 @@ class FamilySpec:
     #: per-token decoder inputs beyond embeddings and positions; entries outside IMPLEMENTED_EXTRAS refuse paged.
     #: "deepstack": Qwen3-VL's vision features of early tower layers, added to the image rows' hidden states after
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
+    #: "visual_indicators": Ovis2's indicator tokens (<IMG_START> …) take rows of the visual vocabulary as their
+    #: embeddings in prompts with images (a per-prompt embedding rule, applied by the adapter's embed_prompt)
     extras: tuple[str, ...] = ()
+    #: "gated_delta_net": a hybrid decoder whose "linear_attention" layers (Qwen3.5's gated delta-net) keep a
+    #: per-sequence recurrent state instead of KV; `vlmserve.models.gated_delta_net` runs them on the packed step,
+    #: the engine keeps their state in a slot pool (no prefix caching: a cached block has no state to resume from)
+    recurrent: Literal["gated_delta_net"] | None = None
     #: "grouped": the decoder's MoE expert layers run as grouped GEMMs (vlmserve.models.moe_experts) instead of
     #: whatever transformers picked (its "eager" is a Python loop over experts)
     experts: Literal["default", "grouped"] = "default"
@@ -111,7 +117,7 @@ class FamilySpec:
 
 
 #: extras the model runner packs per step
-IMPLEMENTED_EXTRAS = frozenset({"deepstack"})
+IMPLEMENTED_EXTRAS = frozenset({"deepstack", "visual_indicators"})
 
 _GRID = frozenset({"pixel_values", "image_grid_thw"})
 _PIXELS = frozenset({"pixel_values"})
@@ -139,6 +145,11 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("llava_onevision",), image_layout="touching"),
     FamilySpec(("idefics2",), decoder="text_model"),
     FamilySpec(("idefics3", "smolvlm"), decoder="text_model", image_layout="tiles"),
+    # Qwen3-VL's vision side without deepstack, a hybrid decoder: 3 of 4 layers gated delta-net (linear attention)
+    FamilySpec(("qwen3_5", "qwen3_5_moe"), positions="rope_index", num_position_rows=3, packable_image_keys=_GRID,
+               recurrent="gated_delta_net", experts="grouped"),
+    # indicator tokens (<IMG_START> …) between each image's tiles take visual-vocabulary embeddings
+    FamilySpec(("ovis2",), packable_image_keys=_PIXELS, image_layout="tiles", extras=("visual_indicators",)),
     # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
     # self-check is what stands behind it.
     FamilySpec(("mistral3",), image_layout="tiles"),
@@ -154,7 +165,6 @@ FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.
 REFUSED: dict[str, str] = {
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
-    "ovis2": "visual indicator tokens take embeddings from the vision tower's own vocabulary",
     # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
     # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
     # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
@@ -163,8 +173,6 @@ REFUSED: dict[str, str] = {
     # paged self-attention cache).
     "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
               "per-request cross-attention K/V beside the paged cache yet",
-    "qwen3_5": "linear-attention (recurrent) layers keep no KV cache",
-    "qwen3_5_moe": "linear-attention (recurrent) layers keep no KV cache",
 }
 
 

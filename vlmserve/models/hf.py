@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from vlmserve.models import hf_compat
-from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
+from vlmserve.models import gated_delta_net, hf_compat
+from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
 from vlmserve.models.video_processing import (
     SHARED_TOKEN_VIDEO_FAMILIES,
@@ -67,6 +67,7 @@ class HFAdapter(ModelAdapter):
             if self.family in SHARED_TOKEN_VIDEO_FAMILIES:
                 video_token = image_token_id  # GLM-4.1V writes video frames with the image token
             self.video_token_id = video_token if isinstance(video_token, int) else None
+        self._indicators: dict[int, torch.Tensor] | None = None  # Ovis2's visual indicator embeddings
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -115,6 +116,10 @@ class HFAdapter(ModelAdapter):
         if getattr(self._text_config, "is_encoder_decoder", False):
             return "encoder-decoder architecture"
         other = set(getattr(self._text_config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+        if self.spec.recurrent == "gated_delta_net" and "linear_attention" in other:
+            if self.recurrent_layout is None:
+                return "the spec names gated delta-net layers but the decoder has no layers[i].linear_attn"
+            other.discard("linear_attention")
         if other:
             return f"decoder layers of type {', '.join(sorted(other))} are not plain attention"
         return None
@@ -124,9 +129,27 @@ class HFAdapter(ModelAdapter):
         cfg = self._text_config
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        recurrent = self.recurrent_layout
+        attention_layers = None if recurrent is None else tuple(
+            i for i in range(cfg.num_hidden_layers) if i not in recurrent.layers)
         # Sliding windows need nothing here: transformers passes each layer's window to the attention function.
         return KVLayout(num_layers=cfg.num_hidden_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", num_heads),
-                        head_dim=head_dim)
+                        head_dim=head_dim, attention_layers=attention_layers)
+
+    @property
+    def recurrent_layout(self) -> RecurrentLayout | None:
+        if self.spec is None or self.spec.recurrent is None or self._decoder is None:
+            return None
+        return gated_delta_net.recurrent_layout(self._decoder)
+
+    def recurrent_modules(self) -> dict[int, torch.nn.Module]:
+        if self.recurrent_layout is None:
+            return {}
+        return hf_compat.linear_attention_modules(self.text_model)
+
+    def run_recurrent(self, module: torch.nn.Module, hidden: torch.Tensor, segments: list[tuple[int, int]],
+                      conv: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gated_delta_net.packed_forward(module, hidden, segments, conv, state)
 
     @property
     def num_position_rows(self) -> int:
@@ -277,6 +300,8 @@ class HFAdapter(ModelAdapter):
             if int(mask.sum()) != features.shape[0]:
                 raise RuntimeError(f"{int(mask.sum())} placeholder tokens but {features.shape[0]} vision features")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[:, :hidden])
+        if image_embeds and self.spec is not None and "visual_indicators" in self.spec.extras:
+            embeds = self._with_visual_indicators(ids, embeds)
         extras = self._deepstack_extras(ids, visual, hidden) if visual and self._has_deepstack else None
         positions, delta = self._prompt_positions(prompt, ids)
         return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
@@ -301,6 +326,15 @@ class HFAdapter(ModelAdapter):
         picked = rows[mask][:, hidden:]
         deepstack = picked.reshape(picked.shape[0], -1, hidden).transpose(0, 1)
         return {"visual_mask": mask, "deepstack": deepstack.contiguous()}
+
+    def _with_visual_indicators(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Ovis2: in a prompt with images, its indicator tokens take rows of the visual vocabulary, not their text
+        embeddings (as the model's forward does when given pixel values; generated tokens keep text embeddings)."""
+        if self._indicators is None:
+            self._indicators = hf_compat.visual_indicator_embeddings(self._base)
+        for token_id, vector in self._indicators.items():
+            embeds[ids == token_id] = vector.to(embeds.dtype)
+        return embeds
 
     def _prompt_positions(self, prompt: PreparedPrompt, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.spec is None or self.spec.positions == "arange":

@@ -213,3 +213,72 @@ def placeholder_video_processor() -> Any:
     from transformers.video_processing_utils import BaseVideoProcessor
 
     return BaseVideoProcessor()
+
+
+# --- hybrid decoders (Qwen3.5's gated delta-net layers) ---------------------------------------------------------
+
+def linear_attention_modules(decoder: Any) -> dict[int, torch.nn.Module]:
+    """A hybrid decoder's linear-attention token mixers by layer index: `layers[i].linear_attn` where the text
+    config's `layer_types[i]` is "linear_attention" (Qwen3.5, Qwen3.5-MoE, Qwen3-Next)."""
+    layer_types = list(getattr(decoder.config, "layer_types", None) or ())
+    return {index: layer.linear_attn for index, layer in enumerate(decoder.layers)
+            if index < len(layer_types) and layer_types[index] == "linear_attention"}
+
+
+def gated_delta_rules(module: torch.nn.Module) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The chunked and the token-by-token gated delta rule the module's own forward calls (its modeling module's
+    `torch_chunk_gated_delta_rule` and `torch_recurrent_gated_delta_rule`, FLA's calling convention:
+    `(query, key, value, g=, beta=, initial_state=, output_final_state=, use_qk_l2norm_in_kernel=)` with
+    (batch, tokens, heads, dim) tensors, returning (output, final state)).
+
+    NOTE: 5.25's versions repeat key heads up to the value heads themselves, 5.17's callers do it first; callers
+    here pass as many key heads as value heads, which both take.
+    """
+    import sys
+
+    source = sys.modules[type(module).__module__]
+    return source.torch_chunk_gated_delta_rule, source.torch_recurrent_gated_delta_rule
+
+
+# --- Ovis2's visual indicator tokens ----------------------------------------------------------------------------
+
+def visual_indicator_embeddings(base: Any) -> dict[int, torch.Tensor]:
+    """Ovis2's indicator tokens (<IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>) and the embeddings its
+    forward gives them in a prompt with images: the last rows of the visual vocabulary (`visual_embeddings_table`
+    over the top `num_visual_indicator_tokens` ids, what `get_image_features` returns as
+    `visual_indicator_features`), in `visual_indicator_token_ids` order. They depend on the weights only."""
+    num = int(base.vision_tower.num_visual_indicator_tokens)
+    size = int(base.visual_vocab_size)
+    device = base.visual_embeddings_table.weight.device
+    vectors = base.visual_embeddings_table(torch.arange(size - num, size, device=device))
+    return {int(token): vectors[i] for i, token in enumerate(base.visual_indicator_token_ids)}
+
+
+# --- loading without from_pretrained (tensor-parallel shards) ----------------------------------------------------
+
+def no_init_weights() -> Any:
+    """A context in which transformers' modules skip their random weight initialisation."""
+    from transformers import initialization
+
+    return initialization.no_init_weights()
+
+
+def checkpoint_key_renamer(model: Any) -> Callable[[str], tuple[str, bool]]:
+    """checkpoint key → (the model's parameter name, whether a weight *conversion* — not a plain rename — would
+    be needed). `from_pretrained` renames legacy checkpoint keys (`model.layers.*` → `model.language_model.*`,
+    `visual.*` → `model.visual.*`) through the model's registered conversion mapping; this applies the same
+    renamings to one key at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, converter = rename_source_key(key, renamings, converters, prefix, names)
+        return name, converter is not None
+
+    return rename

@@ -44,7 +44,14 @@ def load_hf_model(path: Path, *, device: str, dtype: Any, max_model_len: int | N
                              f"{hf_config.model_type!r}; if the repository ships its own code, add "
                              "--trust-remote-code")
     model = model.to(device).eval()
-    spec = family_spec(str(hf_config.model_type))
+    return build_hf_adapter(model, path, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                            chat_template=chat_template, is_remote_code=is_remote_code)
+
+
+def build_hf_adapter(model: Any, path: Path, *, max_model_len: int | None, trust_remote_code: bool,
+                     chat_template: str | None, is_remote_code: bool = False) -> HFAdapter:
+    """Wrap a loaded (or shard-loaded) transformers model with its processor into the adapter both engines use."""
+    spec = family_spec(str(model.config.model_type))
     if spec is not None and spec.vision_attention == "varlen" and install_vision_attention(model):
         logger.info("vision tower: one varlen attention call per layer")
     if spec is not None and spec.experts == "grouped" and (switched := install_grouped_experts(model)):

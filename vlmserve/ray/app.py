@@ -74,7 +74,9 @@ def _gpus_per_replica(config: Config) -> float:
         return config.ray.num_gpus_per_replica
     from vlmserve.models.loader import resolve_device
 
-    return 1.0 if resolve_device(config.model.device) == "cuda" else 0.0
+    # a replica with --tensor-parallel-size N is a whole TP group: its N ranks run in the replica's actor (rank 0)
+    # and N - 1 worker processes it starts, on the N GPUs Ray gives the actor (CUDA_VISIBLE_DEVICES)
+    return float(config.engine.tensor_parallel_size) if resolve_device(config.model.device) == "cuda" else 0.0
 
 
 def _replica_count(scale: RayConfig) -> dict[str, Any]:

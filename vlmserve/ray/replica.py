@@ -15,7 +15,7 @@ from typing import Any
 
 from vlmserve.config import Config
 from vlmserve.engine.client import AsyncEngine
-from vlmserve.serve import PromptKit, build_engine
+from vlmserve.serve import PromptKit, build_engine, load_for_serving
 from vlmserve.types import GenerationRequest, StructuredOutputSpec, TokenDelta
 
 logger = logging.getLogger("vlmserve.ray")
@@ -28,10 +28,10 @@ class EngineReplica:
         # NOTE: Ray Serve awaits async constructors; the engine thread must start on the replica's event loop.
         from ray import serve
 
-        from vlmserve.models.loader import load_model
         from vlmserve.ray.stats_board import get_or_create_board
 
-        self._adapter = load_model(config.model)
+        # with --tensor-parallel-size N the replica is a TP group: rank 0 here, its workers started by this call
+        self._adapter, self._release = load_for_serving(config)
         self._engine: AsyncEngine = build_engine(self._adapter, config)
         self._engine.start()
         self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -73,3 +73,4 @@ class EngineReplica:
     async def __del__(self) -> None:
         self._reporter.cancel()
         await self._engine.shutdown(5.0)
+        self._release()  # stops tensor-parallel workers, if any

@@ -36,8 +36,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
 ]
 
-#: the tiny checkpoints with expert layers (glm46v's spec also says "grouped", but its tiny checkpoint is dense)
-MOE_FAMILIES = ["glm4v_moe", "qwen3_vl_moe"]
+#: the tiny checkpoints with expert layers (the glm46v and qwen3_5 specs also say "grouped"; their tiny checkpoints
+#: are dense)
+MOE_FAMILIES = ["glm4v_moe", "qwen3_vl_moe", "qwen3_5_moe"]
 
 
 def test_the_moe_families_ask_for_grouped_experts() -> None:

@@ -7,7 +7,9 @@ position the chosen token's logprob and the top alternatives must equal the log-
 small position errors (a dropped M-RoPE delta keeps tiny models' tokens but moves their logprobs by ~1e-3).
 
 A third prompt differs from the first only in its second image and runs after it on the same engine: reusing the
-first prompt's KV for that image (a prefix-cache key that forgot an image) shows up as wrong logprobs.
+first prompt's KV for that image (a prefix-cache key that forgot an image) shows up as wrong logprobs. Hybrid
+decoders (Qwen3.5) run without prefix caching; for them the third prompt checks that a freed recurrent-state slot
+is reused from zeros.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def test_paged_logprobs_equal_generate(name: str, build: Callable[[Path], Path],
     if spec is not None and spec.positions == "rope_index":
         assert adapter.embed_prompt(prompts[0], adapter.encode_images(prompts[0])).rope_delta < 0
     assert max(errors) <= TOLERANCE, f"{name}: largest logprob difference {max(errors):.3g}"
-    if all(len(p.image_spans) == len(p.image_hashes) >= 2 and p.image_spans[1].start >= 16
-           for p in (prompts[0], prompts[2])):
+    if adapter.recurrent_layout is not None:
+        assert core.stats().prefix_cache_queries == 0  # hybrid decoders run without prefix caching
+    elif all(len(p.image_spans) == len(p.image_hashes) >= 2 and p.image_spans[1].start >= 16
+             for p in (prompts[0], prompts[2])):
         assert core.stats().prefix_cache_hits > 0  # the third prompt did reuse the first one's leading blocks

@@ -113,7 +113,7 @@ def _image_features(model: Any, inputs: dict[str, Any]) -> Any:
 def _recipe_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """Logits by the generic paged recipe: text embeddings with the vision features scattered at the image tokens,
     explicit positions (get_rope_index where the model has it), the decoder alone with its own causal mask
-    (plus Qwen3-VL's deepstack inputs), then lm_head."""
+    (plus Qwen3-VL's deepstack inputs and Ovis2's visual indicator embeddings), then lm_head."""
     inner, input_ids = model.model, inputs["input_ids"]
     decoder = getattr(inner, "language_model", None) or inner.text_model
     output = _image_features(model, inputs)
@@ -124,6 +124,9 @@ def _recipe_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         embeds = inner.get_input_embeddings()(input_ids)
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        indicators = getattr(output, "visual_indicator_features", None)  # Ovis2
+        for index, token_id in enumerate(getattr(inner, "visual_indicator_token_ids", None) or ()):
+            embeds[input_ids == token_id] = indicators[index].to(embeds.dtype)
         if hasattr(inner, "get_rope_index"):
             positions = hf_compat.rope_index(inner, dict(inputs))[0][:, None, :]
         else:

@@ -52,9 +52,16 @@ def prepared(store: bool = True) -> PreparedResponse:
     return PreparedResponse(state, generation, [{"role": "user", "content": "hi"}], {})
 
 
+class PlainChat:
+    """What the Responses path asks of ChatService for a request without tools: the cached-tokens policy."""
+
+    def reported_cached_tokens(self, cached_tokens: int) -> int:
+        return cached_tokens
+
+
 def service(engine: ScriptedEngine) -> tuple[ResponsesService, MemoryResponseStore]:
     store = MemoryResponseStore(max_entries=10, max_bytes=10**6, ttl_s=60)
-    return ResponsesService(chat=None, engine=engine, store=store), store  # type: ignore[arg-type]
+    return ResponsesService(chat=PlainChat(), engine=engine, store=store), store  # type: ignore[arg-type]
 
 
 def test_a_failure_mid_generation_is_stored_as_failed() -> None:
@@ -119,8 +126,8 @@ class ScriptedText:
                              num_generated_tokens=i + 1, finish_reason=FinishReason.STOP if last else None)
 
 
-class HermesChat:
-    """The one ChatService method the Responses path asks when a request has tools: how to read the output."""
+class HermesChat(PlainChat):
+    """What the Responses path asks of ChatService when a request has tools: also how to read the output."""
 
     def output_plan(self, request: Any, generation: GenerationRequest) -> Any:
         from vlmserve.api.output_parsing import OutputPlan

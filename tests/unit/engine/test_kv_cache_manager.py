@@ -149,6 +149,20 @@ def test_different_salts_never_share_and_the_same_salt_does() -> None:
     assert root_hash(None) != root_hash("") != root_hash("key-a")
 
 
+def test_prompts_of_different_model_scopes_never_share() -> None:
+    """The model's scope of a prompt (a rotary base chosen by its length) splits the chains like a salt does."""
+    kv = KVCacheManager(16, block_size=BS, enable_prefix_caching=True,
+                        scope=lambda prompt: "long" if prompt.num_tokens > 12 else None)
+    compute(kv, make_sequence(list(range(12))))
+    longer = make_sequence(list(range(16)), request_id="longer")  # same first 12 tokens, another scope
+    kv.lookup(longer)
+    assert longer.num_computed_tokens == 0
+    same = make_sequence(list(range(12)), request_id="same")
+    kv.lookup(same)
+    assert same.num_computed_tokens == 8
+    assert root_hash(None, "long") not in (root_hash(None), root_hash("long"), root_hash("long", "long"))
+
+
 def two_image_prompt(second_image: str) -> tuple[list[int], tuple[str, ...], tuple[ImageSpan, ...]]:
     tokens = [1, 2, 9, 9, 9, 3, 4, 5, 6, 7, 9, 9, 9, 8, 8, 8, 8, 8, 8, 8]
     spans = (ImageSpan(2, 5, 0), ImageSpan(10, 13, 1))

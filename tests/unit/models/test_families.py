@@ -56,10 +56,10 @@ def test_an_unknown_family_is_refused_with_a_reason() -> None:
 
 
 def test_a_spec_with_unimplemented_extras_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = dataclasses.replace(FAMILY_SPECS["llava"], extras=("deepstack", "visual_indicators"))
+    spec = dataclasses.replace(FAMILY_SPECS["llava"], extras=("deepstack", "cross_attention_states"))
     monkeypatch.setitem(FAMILY_SPECS, "llava", spec)
     reason = refusal("llava") or ""
-    assert "visual_indicators" in reason and "deepstack" not in reason
+    assert "cross_attention_states" in reason and "deepstack" not in reason
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,71 @@ def test_processor_internals() -> None:
     assert type(video).__name__ == "BaseVideoProcessor"
 
 
+# --- hybrid decoders ------------------------------------------------------------------------------------------
+
+def _tiny_qwen3_5_text() -> Any:
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextModel
+
+    config = Qwen3_5TextConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                               layer_types=["linear_attention", "full_attention", "linear_attention"],
+                               linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                               linear_num_value_heads=2)
+    torch.manual_seed(0)
+    return Qwen3_5TextModel(config).eval()
+
+
+def test_linear_attention_modules_are_the_linear_layers_token_mixers() -> None:
+    decoder = _tiny_qwen3_5_text()
+    modules = hf_compat.linear_attention_modules(decoder)
+    assert list(modules) == [0, 2]
+    assert all(modules[i] is decoder.layers[i].linear_attn for i in (0, 2))
+    assert hf_compat.linear_attention_modules(_tiny_llama().model) == {}
+
+
+@torch.inference_mode()
+def test_gated_delta_rules_take_fla_s_convention_and_agree() -> None:
+    """Both rules take (batch, tokens, heads, dim) tensors by keyword and return (output, final state); the chunked
+    one over a sequence equals the token-by-token one, and resuming from a returned state continues the sequence."""
+    module = hf_compat.linear_attention_modules(_tiny_qwen3_5_text())[0]
+    chunk_rule, token_rule = hf_compat.gated_delta_rules(module)
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    g, beta = -torch.rand(1, 6, 2), torch.rand(1, 6, 2)
+    kwargs = {"output_final_state": True, "use_qk_l2norm_in_kernel": True}
+    whole, whole_state = chunk_rule(q, k, v, g=g, beta=beta, initial_state=None, **kwargs)
+    first, state = chunk_rule(q[:, :4], k[:, :4], v[:, :4], g=g[:, :4], beta=beta[:, :4], initial_state=None,
+                              **kwargs)
+    outputs = [first]
+    for t in (4, 5):
+        out, state = token_rule(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g=g[:, t:t + 1],
+                                beta=beta[:, t:t + 1], initial_state=state, **kwargs)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state, whole_state, atol=1e-5, rtol=0)
+    assert whole.shape == (1, 6, 2, 8) and whole_state.shape == (1, 2, 8, 8)
+
+
+@torch.inference_mode()
+def test_visual_indicator_embeddings_are_what_ovis2_s_image_features_give_its_indicator_tokens() -> None:
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, vocab_size=64, hidden_stride=2, num_visual_indicator_tokens=5)
+    text = dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2)
+    indicator_ids = [120, 121, 122, 123, 124]
+    config = Ovis2Config(vision_config=vision, text_config=text, image_token_id=119, hidden_size=64, vocab_size=128,
+                         visual_indicator_token_ids=indicator_ids)
+    torch.manual_seed(0)
+    base = Ovis2ForConditionalGeneration(config).eval().model
+    expected = base.get_image_features(pixel_values=torch.randn(1, 3, 32, 32), return_dict=True)
+    got = hf_compat.visual_indicator_embeddings(base)
+    assert list(got) == indicator_ids
+    torch.testing.assert_close(torch.stack(list(got.values())), expected.visual_indicator_features)
+
+
 def test_a_registered_experts_implementation_receives_the_expert_calls() -> None:
     from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel

@@ -48,6 +48,13 @@ def load(path: str | Path, *, device: str, dtype: torch.dtype, max_model_len: in
         processor = Glm4vProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load GLM-4V-9B from {path}: {type(exc).__name__}: {exc}") from exc
+    return build_adapter(model, processor, max_model_len)
+
+
+def build_adapter(model: ChatGLMForConditionalGeneration, processor: Glm4vProcessor,
+                  max_model_len: int | None) -> Glm4vAdapter:
+    """The adapter over a loaded (or shard-loaded) model."""
+    config = model.config
     model.eval()
     limit = config.seq_length if max_model_len is None else max_model_len
     if limit > config.seq_length:

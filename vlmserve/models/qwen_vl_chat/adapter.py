@@ -6,10 +6,11 @@ resampler's features replace those tokens' embeddings in order. Positions are pl
 Generation stops at <|im_end|> (the end of the assistant's turn), at <|endoftext|> (the checkpoint's
 generation_config eos) and at <|im_start|> (the original's chat() treats it as a stop word too).
 
-NOTE: dynamic NTK makes the rotary base depend on the prompt length once a prompt exceeds seq_length (2048), a
-per-request choice the paged engine's bare decoder cannot make. The default context is therefore seq_length;
-a larger `max_model_len` moves the model to the generate engine, where `QwenVLChatForCausalLM.forward` applies
-it exactly (see `paged_support`).
+Dynamic NTK makes the rotary base depend on the prompt's length once a prompt exceeds seq_length (2048): the
+factor is the prompt's (`PromptEmbedding.ntk_alpha`), kept by the paged engine per sequence and applied per row
+of the packed step, as the original applies it per request. Its KV therefore differs from a shorter prompt's
+with the same prefix: the factor scopes the prefix cache (`prefix_cache_scope`). The default context stays
+seq_length, the published config's; `max_model_len` raises it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding
-from vlmserve.models.qwen_vl_chat.modeling import QwenVLChatForCausalLM, QwenVLChatModel
+from vlmserve.models.qwen_vl_chat.modeling import QwenVLChatForCausalLM, QwenVLChatModel, dynamic_ntk_alpha
 from vlmserve.models.qwen_vl_chat.tokenizer import ENDOFTEXT, IM_END, IM_START
 from vlmserve.types import PreparedPrompt
 
@@ -59,13 +60,14 @@ class QwenVLChatAdapter(ModelAdapter):
         model.generation_config.eos_token_id = sorted(stops)
         model.generation_config.pad_token_id = self.pad_token_id
 
-    def paged_support(self) -> str | None:
+    def ntk_alpha(self, prompt: PreparedPrompt) -> float:
+        """The prompt's dynamic-NTK factor (1.0 up to seq_length tokens), as the original chooses it at prefill."""
         config = self.model.config
-        if config.use_dynamic_ntk and self.max_model_len > config.seq_length:
-            return (f"with max_model_len {self.max_model_len} > seq_length {config.seq_length}, prompts may be "
-                    "long enough for dynamic NTK rotary scaling, which depends on each prompt's length; the "
-                    "generate engine applies it per request")
-        return None
+        return dynamic_ntk_alpha(prompt.num_tokens, config.seq_length) if config.use_dynamic_ntk else 1.0
+
+    def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
+        alpha = self.ntk_alpha(prompt)
+        return None if alpha == 1.0 else f"ntk_alpha={alpha:g}"
 
     # --- generate engine -------------------------------------------------------------------------------------
 
@@ -108,7 +110,8 @@ class QwenVLChatAdapter(ModelAdapter):
             features = torch.cat(image_embeds).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), features)
         positions = torch.arange(len(ids), device=self.device).unsqueeze(0)
-        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=0)
+        return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=0,
+                               ntk_alpha=self.ntk_alpha(prompt))
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.transformer.wte(token_ids)

@@ -11,8 +11,8 @@ Two long-context tricks of the original are kept:
 - dynamic NTK (`use_dynamic_ntk`): a prompt of L > seq_length tokens raises the rotary base by
   alpha ** (dim / (dim - 2)), alpha = 2 ** ceil(log2(L / seq_length) + 1) - 1, chosen at prefill and kept for
   the whole generation. `QwenVLChatForCausalLM.forward` does this per batch row (the generate path). The bare
-  decoder (`text_model`, the paged path) has no notion of a prompt and uses alpha = 1, which is exact whenever
-  prompts stay within seq_length; the adapter keeps the paged engine to that case.
+  decoder (`text_model`, the paged path) has no notion of a prompt: it takes the factors as `ntk_alphas`, per
+  token of a packed step, which the paged engine keeps per sequence from its prompt's length.
 
 Attention runs through `ALL_ATTENTION_FUNCTIONS` with (batch, heads, tokens, head_dim) tensors after rotary and
 logn scaling, so an engine can register its own (paged) attention.
@@ -74,14 +74,21 @@ class QwenRotaryEmbedding(nn.Module):
         base = self.base * alpha ** (self.dim / (self.dim - 2))
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
-    def forward(self, position_ids: torch.Tensor, alphas: list[float] | None = None
+    def forward(self, position_ids: torch.Tensor, alphas: list[float] | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`alphas`: one NTK factor per batch row (a list), or per token of a one-row packed batch (a tensor of
+        shape (tokens,): the paged engine's rows of several sequences, each with its own factor)."""
         device = position_ids.device
-        if alphas is None:
-            inv_freq = self.inverse_frequencies(1.0, device).expand(position_ids.shape[0], -1)
+        if isinstance(alphas, torch.Tensor):
+            # the same float32 tables as per-row factors give, one per distinct factor, picked per token
+            distinct, which = torch.unique(alphas, return_inverse=True)
+            tables = torch.stack([self.inverse_frequencies(float(a), device) for a in distinct.tolist()])
+            inv_freq = tables[which].unsqueeze(0)  # (1, tokens, dim / 2)
+        elif alphas is None:
+            inv_freq = self.inverse_frequencies(1.0, device).expand(position_ids.shape[0], -1).unsqueeze(1)
         else:
-            inv_freq = torch.stack([self.inverse_frequencies(a, device) for a in alphas])
-        freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq.unsqueeze(1)
+            inv_freq = torch.stack([self.inverse_frequencies(a, device) for a in alphas]).unsqueeze(1)
+        freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq
         table = torch.cat([freqs, freqs], dim=-1)
         return table.cos(), table.sin()
 
@@ -235,7 +242,7 @@ class QwenVLChatModel(QwenVLChatPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                ntk_alphas: list[float] | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+                ntk_alphas: list[float] | torch.Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
