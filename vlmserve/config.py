@@ -190,16 +190,41 @@ class MediaConfig:
                                      metavar="PIXELS", example="--high-detail-pixels 4194304")
     num_media_workers: int = option(4, "Threads that fetch, decode and preprocess images off the event loop.",
                                     metavar="N", example="--num-media-workers 8")
+    max_video_bytes: int = option(64 * 2**20, "Largest encoded video accepted (video_url parts), in bytes.",
+                                  metavar="BYTES", example="--max-video-bytes 33554432")
+    max_video_duration_s: float = option(600.0, "Longest video accepted, in seconds (from its container header "
+                                         "and, while decoding, from the frames' timestamps).", metavar="SECONDS",
+                                         example="--max-video-duration-s 60")
+    video_fps: float = option(2.0, "Frames per second sampled from a video; a request may ask for another rate "
+                              "with mm_processor_kwargs.fps.", metavar="FPS", example="--video-fps 1")
+    max_video_frames: int = option(64, "Most frames sampled from one video (the rate is lowered to fit); a request "
+                                   "may ask for fewer with mm_processor_kwargs.max_frames.", metavar="N",
+                                   example="--max-video-frames 32")
+    max_video_pixels: int = option(
+        64 * 448 * 448, "Pixel budget of one video: frames are downscaled so that frames x width x height stays "
+        "under it.", metavar="PIXELS", example="--max-video-pixels 4000000")
+    max_video_frame_pixels: int = option(
+        8_300_000, "Largest video frame accepted, in pixels (width x height), checked from the stream header before "
+        "decoding.", metavar="PIXELS", example="--max-video-frame-pixels 2073600")
+    max_video_decode_pixels: int = option(
+        16_000_000_000, "Pixels one video's decoding may produce (every frame is decoded to sample a few: about 4.5 "
+        "minutes of 1080p at 30 fps); estimated from the header, then counted while decoding.", metavar="PIXELS",
+        example="--max-video-decode-pixels 4000000000")
+    max_videos_per_request: int = option(2, "Most videos one request may carry.", metavar="N",
+                                         example="--max-videos-per-request 1")
 
     def __post_init__(self) -> None:
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ConfigError(f"--allowed-local-media-path: not a directory: {self.allowed_local_media_path}")
         for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "num_media_workers",
-                     "max_image_decode_bytes"):
+                     "max_image_decode_bytes", "max_video_bytes", "max_video_frames", "max_video_pixels",
+                     "max_video_frame_pixels", "max_videos_per_request", "max_video_decode_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ConfigError("--fetch-timeout-s must be positive")
+        if self.max_video_duration_s <= 0 or self.video_fps <= 0:
+            raise ConfigError("--max-video-duration-s and --video-fps must be positive")
         if self.max_image_aspect_ratio < 1:
             raise ConfigError("--max-image-aspect-ratio must be at least 1")
 

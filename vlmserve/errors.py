@@ -60,6 +60,18 @@ class MediaFetchError(MediaError):
     code = "invalid_image_url"
 
 
+class VideoError(MediaError):
+    """A video could not be decoded, or breaks a video limit (400)."""
+
+    code = "invalid_video"
+
+
+class VideoFetchError(MediaFetchError):
+    """A remote or local video source was refused or could not be read (400)."""
+
+    code = "invalid_video_url"
+
+
 class UnsupportedFeatureError(InvalidRequestError):
     """The request is valid OpenAI but asks for something this model or server does not do (400)."""
 

@@ -211,11 +211,12 @@ class PromptKit:
     max_images_per_prompt: int | None
     family: str
     max_model_len: int
+    video_token_id: int | None = None
 
     @classmethod
     def of(cls, adapter: ModelAdapter, max_model_len: int) -> PromptKit:
         return cls(adapter.processor, adapter.image_token_id, adapter.max_images_per_prompt, adapter.family,
-                   max_model_len)
+                   max_model_len, adapter.video_token_id)
 
 
 def build_frontend(engine: EngineClient, kit: PromptKit, config: Config) -> Any:
@@ -226,7 +227,8 @@ def build_frontend(engine: EngineClient, kit: PromptKit, config: Config) -> Any:
     from vlmserve.multimodal.prompt import PromptRenderer
 
     renderer = PromptRenderer(kit.processor, image_token_id=kit.image_token_id, max_model_len=kit.max_model_len,
-                              max_images_per_prompt=kit.max_images_per_prompt)
+                              max_images_per_prompt=kit.max_images_per_prompt, video_token_id=kit.video_token_id,
+                              model_family=kit.family)
     return build_app(engine, renderer, MediaLoader(config.media), config, config.model.default_served_names(),
                      grounding_format=format_for_family(kit.family), model_family=kit.family)
 

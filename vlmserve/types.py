@@ -96,6 +96,27 @@ class ImagePart:
 
 
 @dataclass(frozen=True)
+class VideoPart:
+    """A decoded video: its sampled RGB frames (PIL images) and what the model's processor needs to place them in
+    time. `hash` covers every frame's pixels and the timestamps, so the prefix cache keys video tokens on it."""
+
+    frames: tuple[Any, ...]
+    hash: str
+    timestamps: tuple[float, ...]  # seconds from the start, one per frame
+    source_fps: float  # the stream's own frame rate
+    sampled_fps: float  # frames per second of the sampled frames (the rate the model is told)
+    duration_s: float
+
+    @property
+    def frame_indices(self) -> tuple[int, ...]:
+        """Each frame's index in the source stream (processors place frames in time from these and the fps)."""
+        return tuple(round(t * self.source_fps) for t in self.timestamps)
+
+
+MediaPart = ImagePart | VideoPart
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     """One chat turn after media intake: text parts and decoded images, in order.
 
@@ -103,13 +124,17 @@ class ChatMessage:
     arguments as an object, as chat templates expect); tool turns name the call they answer."""
 
     role: str
-    parts: tuple[TextPart | ImagePart, ...]
+    parts: tuple[TextPart | ImagePart | VideoPart, ...]
     tool_calls: tuple[Mapping[str, Any], ...] = ()
     tool_call_id: str | None = None
 
     @property
     def images(self) -> list[ImagePart]:
         return [p for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def videos(self) -> list[VideoPart]:
+        return [p for p in self.parts if isinstance(p, VideoPart)]
 
 
 @dataclass(frozen=True)
@@ -135,10 +160,17 @@ class PreparedPrompt:
     model_inputs: dict[str, Any] = field(default_factory=dict)
     image_hashes: tuple[str, ...] = ()
     image_spans: tuple[ImageSpan, ...] = ()
+    # Videos as images: `video_spans[i].index` indexes `video_hashes` (-1: the span stands for every video).
+    video_hashes: tuple[str, ...] = ()
+    video_spans: tuple[ImageSpan, ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_video_tokens(self) -> int:
+        return sum(span.end - span.start for span in self.video_spans)
 
     @property
     def num_image_tokens(self) -> int:

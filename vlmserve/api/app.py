@@ -190,14 +190,16 @@ def _parse_request(body: bytes) -> schemas.ChatCompletionRequest:
 
 
 def _loggable_messages(messages: list[schemas.ChatMessageParam]) -> list[dict[str, Any]]:
-    """The conversation for --log-requests, with inline image data replaced by its length (never image bytes)."""
+    """The conversation for --log-requests, with inline image and video data replaced by its length (never the
+    media bytes)."""
     dumped = [m.model_dump(exclude_none=True) for m in messages]
     for message in dumped:
         for part in message["content"] if isinstance(message.get("content"), list) else ():
-            url = part.get("image_url", {}).get("url", "")
-            if url.startswith("data:"):
-                header = url.split(",", 1)[0]
-                part["image_url"]["url"] = f"{header[:64]},<{len(url)} characters>"
+            for kind in ("image_url", "video_url"):
+                url = part.get(kind, {}).get("url", "")
+                if url.startswith("data:"):
+                    header = url.split(",", 1)[0]
+                    part[kind]["url"] = f"{header[:64]},<{len(url)} characters>"
     return dumped
 
 

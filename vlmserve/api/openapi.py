@@ -121,7 +121,10 @@ def _content_part_schema() -> dict[str, Any]:
     image_part = {"type": "object", "additionalProperties": False, "required": ["type", "image_url"],
                   "properties": {"type": {"const": "image_url"}, "cache_control": _CACHE_CONTROL,
                                  "image_url": {"$ref": REF_TEMPLATE.format(model="ImageURL")}}}
-    return {"title": "ContentPart", "oneOf": [_text_part(), image_part],
+    video_part = {"type": "object", "additionalProperties": False, "required": ["type", "video_url"],
+                  "properties": {"type": {"const": "video_url"}, "cache_control": _CACHE_CONTROL,
+                                 "video_url": {"$ref": REF_TEMPLATE.format(model="VideoURL")}}}
+    return {"title": "ContentPart", "oneOf": [_text_part(), image_part, video_part],
             "description": schemas.ContentPart.__doc__}
 
 

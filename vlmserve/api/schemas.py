@@ -66,20 +66,33 @@ class ImageURL(_Strict):
     detail: Literal["auto", "low", "high"] = "auto"
 
 
-class ContentPart(_Strict):
-    """One part of a message's content: `{"type": "text", "text"}` or `{"type": "image_url", "image_url"}`."""
+class VideoURL(_Strict):
+    url: str = Field(min_length=1, description="http(s) URL, data:video/...;base64 URI, or an allowed local file")
 
-    type: Literal["text", "image_url"]
+
+class ContentPart(_Strict):
+    """One part of a message's content: `{"type": "text", "text"}`, `{"type": "image_url", "image_url"}` or
+    (vLLM's extension) `{"type": "video_url", "video_url"}`."""
+
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
     @model_validator(mode="after")
     def _payload_matches_type(self) -> ContentPart:
-        if self.type == "text" and (self.text is None or self.image_url is not None):
-            raise ValueError("a text part needs 'text' and nothing else")
-        if self.type == "image_url" and (self.image_url is None or self.text is not None):
-            raise ValueError("an image_url part needs 'image_url' and nothing else")
+        payloads = {"text": self.text, "image_url": self.image_url, "video_url": self.video_url}
+        if payloads[self.type] is None or any(v is not None for k, v in payloads.items() if k != self.type):
+            raise ValueError(f"a {self.type} part needs '{self.type}' and nothing else")
         return self
+
+
+class MMProcessorKwargs(_Strict):
+    """vLLM's per-request `mm_processor_kwargs`: how this request's videos are sampled (within the server's
+    `--max-video-frames`)."""
+
+    fps: Annotated[float, Field(gt=0.0, le=120.0)] | None = None
+    max_frames: Annotated[int, Field(ge=1)] | None = None
 
 
 class FunctionCallParam(BaseModel):
@@ -246,6 +259,7 @@ class ChatCompletionRequest(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # vLLM's older guided decoding fields (one of them, or one of the above, per request)
     guided_json: dict[str, Any] | str | None = None

@@ -23,7 +23,7 @@ from vlmserve.api.tools import ToolPlan, message_tool_fields, plan_tools
 from vlmserve.config import Config, ServerConfig
 from vlmserve.engine.client import EngineClient, model_input_bytes
 from vlmserve.errors import InvalidRequestError, ModelNotFoundError
-from vlmserve.multimodal.loader import ImageRef, MediaLoader
+from vlmserve.multimodal.loader import ImageRef, MediaLoader, VideoRef, VideoSampling
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import (
     ChatMessage,
@@ -33,6 +33,7 @@ from vlmserve.types import (
     SamplingParams,
     TextPart,
     TokenDelta,
+    VideoPart,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class ChatService:
         try:
             images = await self._media.load(_image_refs(request.messages))
             self._admission.hold_bytes(ticket, sum(3 * part.image.width * part.image.height for part in images))
-            chat = _to_chat_messages(request.messages, images)
+            videos = await self._load_videos(request)
+            self._admission.hold_bytes(ticket, sum(3 * f.width * f.height for v in videos for f in v.frames))
+            chat = _to_chat_messages(request.messages, images, videos)
             prompt = await asyncio.to_thread(self._render, chat, request.chat_template, tool_plan.tools,
                                              template_kwargs)
             self._admission.hold_bytes(ticket, model_input_bytes(prompt.model_inputs))
@@ -114,7 +117,23 @@ class ChatService:
             sampling = dataclasses.replace(sampling, structured=structured.spec)
         generation = GenerationRequest(request_id=request_id, prompt=prompt, sampling=sampling, client_id=client_id,
                                        cache_salt=api_key_id if self._salt_caches else None)
-        return generation, _summary(generation, images)
+        return generation, _summary(generation, images, videos)
+
+    async def _load_videos(self, request: schemas.ChatCompletionRequest) -> list[VideoPart]:
+        refs = _video_refs(request.messages)
+        if not refs:
+            return []
+        self._renderer.check_accepts_video()  # before any fetch: a model without a video path refuses at once
+        sampling = self._media.default_video_sampling
+        options = request.mm_processor_kwargs
+        if options is not None:
+            if options.max_frames is not None and options.max_frames > sampling.max_frames:
+                raise InvalidRequestError(f"mm_processor_kwargs.max_frames is {options.max_frames}; this server "
+                                          f"samples at most {sampling.max_frames} frames per video "
+                                          "(--max-video-frames)", param="mm_processor_kwargs.max_frames")
+            sampling = VideoSampling(fps=options.fps or sampling.fps,
+                                     max_frames=options.max_frames or sampling.max_frames)
+        return list(await self._media.load_videos(refs, sampling))
 
     def _check_text_size(self, messages: list[schemas.ChatMessageParam]) -> None:
         """The renderer's length bound, applied before any image is fetched."""
@@ -352,24 +371,40 @@ def _image_refs(messages: list[schemas.ChatMessageParam]) -> list[ImageRef]:
     return refs
 
 
-def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[ImagePart]) -> list[ChatMessage]:
-    pending = iter(images)
+def _video_refs(messages: list[schemas.ChatMessageParam]) -> list[VideoRef]:
+    """Every video of the conversation, in order, with the request field that holds it (for errors)."""
+    return [VideoRef(url=part.video_url.url, param=f"messages[{i}].content[{j}].video_url")
+            for i, message in enumerate(messages) if isinstance(message.content, list)
+            for j, part in enumerate(message.content) if part.video_url is not None]
+
+
+def _to_chat_messages(messages: list[schemas.ChatMessageParam], images: list[ImagePart],
+                      videos: list[VideoPart] | None = None) -> list[ChatMessage]:
+    pending_images, pending_videos = iter(images), iter(videos or ())
     chat: list[ChatMessage] = []
     for message, (role, tool_calls, tool_call_id) in zip(messages, message_tool_fields(messages), strict=True):
-        parts: list[TextPart | ImagePart] = []
+        parts: list[TextPart | ImagePart | VideoPart] = []
         if isinstance(message.content, str):
             parts.append(TextPart(message.content))
         elif message.content is not None:
             for part in message.content:
-                parts.append(TextPart(part.text or "") if part.type == "text" else next(pending))
+                if part.type == "text":
+                    parts.append(TextPart(part.text or ""))
+                else:
+                    parts.append(next(pending_images) if part.type == "image_url" else next(pending_videos))
         chat.append(ChatMessage(role=role, parts=tuple(parts), tool_calls=tool_calls,
                                 tool_call_id=tool_call_id if role == "tool" else None))
     return chat
 
 
-def _summary(generation: GenerationRequest, images: list[ImagePart]) -> dict[str, Any]:
+def _summary(generation: GenerationRequest, images: list[ImagePart], videos: list[VideoPart]) -> dict[str, Any]:
     prompt = generation.prompt
-    return {"request_id": generation.request_id, "prompt_tokens": prompt.num_tokens,
-            "image_tokens": prompt.num_image_tokens,
-            "images": [f"{part.hash[:16]}:{part.image.width}x{part.image.height}" for part in images],
-            "max_tokens": generation.sampling.max_tokens, "n": generation.sampling.n}
+    summary: dict[str, Any] = {"request_id": generation.request_id, "prompt_tokens": prompt.num_tokens,
+                               "image_tokens": prompt.num_image_tokens,
+                               "images": [f"{part.hash[:16]}:{part.image.width}x{part.image.height}"
+                                          for part in images],
+                               "max_tokens": generation.sampling.max_tokens, "n": generation.sampling.n}
+    if videos:
+        summary["video_tokens"] = prompt.num_video_tokens
+        summary["videos"] = [f"{v.hash[:16]}:{len(v.frames)}x{v.frames[0].width}x{v.frames[0].height}" for v in videos]
+    return summary

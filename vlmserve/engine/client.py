@@ -279,7 +279,7 @@ class AsyncEngine:
             return
         # NOTE: special tokens typed into message text ("<|image_pad|>") tokenize to the real placeholder ids;
         # placeholders outside the images' spans have no features to fill them and crash the model's forward.
-        spans = [(span.start, span.end) for span in prompt.image_spans]
+        spans = [(span.start, span.end) for span in (*prompt.image_spans, *prompt.video_spans)]
         for position, token in enumerate(prompt.token_ids):
             if token in self._placeholder_ids and not any(start <= position < end for start, end in spans):
                 raise InvalidRequestError(

@@ -54,7 +54,8 @@ def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Se
                         prompt: PreparedPrompt, cache_salt: str | None, block_size: int,
                         attention_blocks: Seq[tuple[int, int]] = (), scope: str | None = None) -> list[BlockHash]:
     """Extend `hashes`, the chain of a token sequence's full blocks so far, over the full blocks of its first
-    `num_tokens` tokens (`tokens(start, end)` reads them); images come from `prompt`'s spans. Returns `hashes`.
+    `num_tokens` tokens (`tokens(start, end)` reads them); images and videos come from `prompt`'s spans (a video's
+    hash covers its frames' pixels and timestamps). Returns `hashes`.
 
     A KV block inside a bidirectional attention block (`attention_blocks`) depends on that block's later tokens
     too: its key also covers them (and their images), so it is shared only where the whole block is the same.
@@ -65,6 +66,7 @@ def extend_block_hashes(hashes: list[BlockHash], tokens: Callable[[int, int], Se
         end = start + block_size
         reach = max((hi for lo, hi in attention_blocks if lo < end < hi), default=end)
         images = images_in_range(prompt.image_spans, prompt.image_hashes, start, reach)
+        images += images_in_range(prompt.video_spans, prompt.video_hashes, start, reach)
         parent = hash_block(parent, tokens(start, end), images, tokens(end, reach) if reach > end else ())
         hashes.append(parent)
     return hashes

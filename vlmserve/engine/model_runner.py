@@ -320,13 +320,32 @@ class ModelRunner:
                 if _one_feature_per_image(prompt) and len(prompt_features) == len(prompt.image_hashes):
                     for image_hash, feature in zip(prompt.image_hashes, prompt_features, strict=True):
                         self.image_cache.put(image_hash, feature)
+        videos: dict[int, list[torch.Tensor]] = {}
         for sequence in sequences:
-            embedding = self.adapter.embed_prompt(sequence.request.prompt, features[id(sequence.request.prompt)])
+            if sequence.request.prompt.video_hashes and id(sequence.request.prompt) not in videos:
+                videos[id(sequence.request.prompt)] = self._video_features(sequence)
+        for sequence in sequences:
+            prompt = sequence.request.prompt
+            embedding = self.adapter.embed_prompt(prompt, features[id(prompt)], video_embeds=videos.get(id(prompt)))
             sequence.prompt_embeds = embedding.inputs_embeds
             sequence.prompt_positions = embedding.positions.to(self.device)
             sequence.rope_delta = embedding.rope_delta
             sequence.ntk_alpha = embedding.ntk_alpha
             sequence.prompt_extras = embedding.extras
+
+    def _video_features(self, sequence: Sequence) -> list[torch.Tensor]:
+        """The sequence's video features, from the embedding cache (keyed by video hash) or the vision tower (its
+        time counted in the sequence's vision-encoder time)."""
+        prompt = sequence.request.prompt
+        cached = self.image_cache.get_all(prompt.video_hashes)
+        if cached is not None:
+            return cached
+        with timed(self.device) as elapsed:
+            encoded = self.adapter.encode_videos(prompt)
+        sequence.vision_encoder_s += elapsed[0]
+        for video_hash, feature in zip(prompt.video_hashes, encoded, strict=True):
+            self.image_cache.put(video_hash, feature)
+        return encoded
 
 
 def _in_attention_block(chunk: ScheduledChunk) -> bool:

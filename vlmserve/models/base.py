@@ -100,6 +100,8 @@ class ModelAdapter(ABC):
     max_images_per_prompt: int | None = None
     #: trim whitespace around answers, as the family's original chat() does
     strip_answer_whitespace: bool = False
+    #: the placeholder token of video features; None when the model takes no video here
+    video_token_id: int | None = None
 
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:
@@ -162,6 +164,10 @@ class ModelAdapter(ABC):
         override this: a tower over one image is launch-bound on a GPU, so batching is most of its speed."""
         return [self.encode_images(prompt) for prompt in prompts]
 
+    def encode_videos(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """One (tokens_i, hidden) tensor per video of the prompt; only adapters with a `video_token_id` have videos."""
+        raise NotImplementedError(f"{type(self).__name__} takes no video")
+
     def enable_vision_graphs(self) -> bool:
         """Replay the vision tower from CUDA graphs where it can be captured; False where it cannot."""
         return False
@@ -172,8 +178,10 @@ class ModelAdapter(ABC):
         return False
 
     @abstractmethod
-    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
-        """Text embeddings with `image_embeds` merged at the image-token positions, and positions."""
+    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],
+                     video_embeds: list[torch.Tensor] | None = None) -> PromptEmbedding:
+        """Text embeddings with `image_embeds` merged at the image-token positions (and `video_embeds` at the
+        video-token positions, for adapters with a `video_token_id`), and positions."""
 
     @abstractmethod
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,17 @@ import torch
 from vlmserve.models import gated_delta_net, hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
-from vlmserve.models.vision_budget import patch_geometry, split_by_patches, synthetic_inputs
+from vlmserve.models.video_processing import (
+    SHARED_TOKEN_VIDEO_FAMILIES,
+    FrameVideoProcessor,
+    GridVideoProcessor,
+)
+from vlmserve.models.vision_budget import (
+    patch_geometry,
+    split_by_patches,
+    split_video_groups,
+    synthetic_inputs,
+)
 from vlmserve.models.vision_graphs import GRAPHABLE_VISION_FAMILIES, VisionGraphs
 from vlmserve.types import PreparedPrompt
 
@@ -27,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: keys of the processor output that run along the token axis (left-padded when batching)
 _PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+#: keys of the processor output that belong to videos (encoded by `encode_videos`, never with the images)
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 class HFAdapter(ModelAdapter):
     """A transformers VLM served through its own processor, vision tower and decoder."""
@@ -49,6 +61,12 @@ class HFAdapter(ModelAdapter):
         self.vision_geometry = (patch_geometry(processor) if self.spec is not None and self.spec.vision_attention == "varlen"
                                 else None)
         self._vision_graphs: VisionGraphs | None = None
+        if isinstance(getattr(processor, "video_processor", None), (GridVideoProcessor, FrameVideoProcessor)):
+            config = model.config
+            video_token = getattr(config, "video_token_id", getattr(config, "video_token_index", None))
+            if self.family in SHARED_TOKEN_VIDEO_FAMILIES:
+                video_token = image_token_id  # GLM-4.1V writes video frames with the image token
+            self.video_token_id = video_token if isinstance(video_token, int) else None
         self._indicators: dict[int, torch.Tensor] | None = None  # Ovis2's visual indicator embeddings
 
     # --- generate engine -------------------------------------------------------------------------------------
@@ -205,8 +223,47 @@ class HFAdapter(ModelAdapter):
                 features = None
             if features is not None:
                 return features
-        kwargs = _matching_kwargs(self._base.get_image_features, model_inputs, self.device, self.dtype)
-        output = self._base.get_image_features(**kwargs)
+        return self._features(self._base.get_image_features, model_inputs)
+
+    @torch.inference_mode()
+    def encode_videos(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """The vision tower's features of each video of `prompt`, in tower calls of at most the patch budget.
+
+        NOTE: the Qwen towers attend within one temporal patch group at a time (their cu_seqlens and rotary
+        positions repeat per group), so a video cut between groups encodes exactly as it does whole."""
+        if "video_grid_thw" not in prompt.model_inputs:
+            return self._frame_video_features(prompt)
+        grid = prompt.model_inputs["video_grid_thw"]
+        pixels = prompt.model_inputs["pixel_values_videos"]
+        merge = self.processor.video_processor.merge_size ** 2
+        budget = self.vision_geometry.patch_budget if self.vision_geometry is not None else None
+        pieces = []
+        for frames in split_video_groups(pixels, grid, budget):
+            pieces.append(self._features(self._base.get_video_features, frames))
+        flat = torch.cat(pieces)
+        return list(flat.split([int(t * h * w) // merge for t, h, w in grid.tolist()]))
+
+    def _frame_video_features(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        """LLaVA-NeXT-Video / LLaVA-OneVision: every frame through the tower and the family's pooling, video after
+        video; LLaVA-OneVision then ends each video with its `image_newline` row.
+
+        NOTE: that newline row is the one step of the model's forward done here rather than by the model (its
+        `get_video_features` stops before it); the video logprob test checks it against `generate`."""
+        pixels = prompt.model_inputs["pixel_values_videos"]
+        videos = []
+        for video in pixels.split(1):
+            features = self._features(self._base.get_video_features, {"pixel_values": video})
+            newline = getattr(self._base, "image_newline", None)
+            if self.family == "llava_onevision" and newline is not None:
+                features = torch.cat([features, newline[None, :].to(features.dtype)])
+            videos.append(features)
+        return videos
+
+    def _features(self, tower: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
+        """`tower` (get_image_features or get_video_features) on `model_inputs`, as (tokens, hidden) rows with any
+        deepstack features beside them."""
+        kwargs = _matching_kwargs(tower, model_inputs, self.device, self.dtype)
+        output = tower(**kwargs)
         deepstack = hf_compat.deepstack_features(output) if self._has_deepstack else None
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
@@ -225,25 +282,50 @@ class HFAdapter(ModelAdapter):
         return self.spec is not None and "deepstack" in self.spec.extras
 
     @torch.inference_mode()
-    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
+    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],
+                     video_embeds: list[torch.Tensor] | None = None) -> PromptEmbedding:
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
-        extras = None
+        visual: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token mask, feature rows) per modality
+        in_video = self._shared_token_video_mask(prompt, ids)
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"
-            mask = ids.eq(self.image_token_id)
-            features = torch.cat(image_embeds).to(embeds.dtype)
+            visual.append((ids.eq(self.image_token_id) & ~in_video, torch.cat(image_embeds).to(embeds.dtype)))
+        if video_embeds:
+            assert self.video_token_id is not None, "videos reach only models with a video token"
+            mask = in_video if self.video_token_id == self.image_token_id else ids.eq(self.video_token_id)
+            visual.append((mask, torch.cat(video_embeds).to(embeds.dtype)))
+        hidden = embeds.shape[-1]
+        for mask, features in visual:
             if int(mask.sum()) != features.shape[0]:
-                raise RuntimeError(f"{int(mask.sum())} image tokens but {features.shape[0]} image features")
-            hidden = embeds.shape[-1]
-            if self._has_deepstack:
-                deepstack = features[:, hidden:].reshape(features.shape[0], -1, hidden).transpose(0, 1)
-                extras = {"visual_mask": mask, "deepstack": deepstack.contiguous()}
+                raise RuntimeError(f"{int(mask.sum())} placeholder tokens but {features.shape[0]} vision features")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features[:, :hidden])
-            if self.spec is not None and "visual_indicators" in self.spec.extras:
-                embeds = self._with_visual_indicators(ids, embeds)
+        if image_embeds and self.spec is not None and "visual_indicators" in self.spec.extras:
+            embeds = self._with_visual_indicators(ids, embeds)
+        extras = self._deepstack_extras(ids, visual, hidden) if visual and self._has_deepstack else None
         positions, delta = self._prompt_positions(prompt, ids)
         return PromptEmbedding(inputs_embeds=embeds, positions=positions, rope_delta=delta, extras=extras)
+
+    def _shared_token_video_mask(self, prompt: PreparedPrompt, ids: torch.Tensor) -> torch.Tensor:
+        """Where a family that writes video frames with the image token has video tokens (mm_token_type_ids 2);
+        all False elsewhere."""
+        types = prompt.model_inputs.get("mm_token_type_ids")
+        if self.video_token_id is None or self.video_token_id != self.image_token_id or types is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        return types[0].to(ids.device).eq(2)
+
+    @staticmethod
+    def _deepstack_extras(ids: torch.Tensor, visual: list[tuple[torch.Tensor, torch.Tensor]],
+                          hidden: int) -> dict[str, torch.Tensor]:
+        """Qwen3-VL's deepstack inputs: one mask over image and video tokens, their features in token order."""
+        rows = torch.zeros(len(ids), visual[0][1].shape[-1], dtype=visual[0][1].dtype, device=ids.device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for modality_mask, features in visual:
+            rows[modality_mask] = features
+            mask |= modality_mask
+        picked = rows[mask][:, hidden:]
+        deepstack = picked.reshape(picked.shape[0], -1, hidden).transpose(0, 1)
+        return {"visual_mask": mask, "deepstack": deepstack.contiguous()}
 
     def _with_visual_indicators(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Ovis2: in a prompt with images, its indicator tokens take rows of the visual vocabulary, not their text
@@ -312,7 +394,8 @@ def _packed_image_inputs(inputs: list[dict[str, Any]], packable: frozenset[str])
     """The image inputs of several prompts as one, concatenated along the first axis, or None where that would
     not mean "these images, one after another": keys beyond the family's packable ones (sizes, masks, patch
     counts), pixels of different shapes without a grid to tell them apart, or prompts without images."""
-    keys = {k for model_inputs in inputs for k in model_inputs if k not in {*_PER_TOKEN_KEYS, "input_ids"}}
+    keys = {k for model_inputs in inputs for k in model_inputs
+            if k not in {*_PER_TOKEN_KEYS, *_VIDEO_KEYS, "input_ids"}}
     if not keys or not keys <= packable or "pixel_values" not in keys:
         return None
     merged: dict[str, Any] = {}

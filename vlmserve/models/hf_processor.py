@@ -44,15 +44,25 @@ def load_processor(path: str | Path, *, chat_template: str | None = None, trust_
         tokenizer_template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
         if tokenizer_template is not None:
             processor.chat_template = tokenizer_template
+    _install_video(processor, Path(path))
     return processor
+
+
+def _install_video(processor: Any, path: Path) -> None:
+    """Our torchvision-free video preprocessing for the families that take videos (see video_processing)."""
+    from vlmserve.models.video_processing import install_video_processor
+
+    model_type = str(read_json(path / "config.json").get("model_type", ""))
+    if install_video_processor(processor, path, model_type):
+        logger.info("video input enabled for %s (frames preprocessed without torchvision)", model_type)
 
 
 def _processor_class(path: Path) -> Any:
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        declared = _read_json(path / name).get("processor_class")
+        declared = read_json(path / name).get("processor_class")
         if declared:
             return hf_compat.transformers_class(str(declared))
-    model_type = _read_json(path / "config.json")["model_type"]
+    model_type = read_json(path / "config.json")["model_type"]
     class_name = hf_compat.processor_class_name(model_type)
     if not class_name:
         raise ImportError(f"no processor class known for model type {model_type!r}")
@@ -76,7 +86,7 @@ def _image_only_processor(path: Path, trust_remote_code: bool) -> Any:
             raise ImportError(f"{cls.__name__} needs a {attribute}, which cannot be built here")
     accepted = inspect.signature(cls.__init__).parameters
     # Sub-processor settings nested under their attribute names were consumed building the parts above.
-    settings = {k: v for k, v in _read_json(path / "processor_config.json").items()
+    settings = {k: v for k, v in read_json(path / "processor_config.json").items()
                 if k in accepted and k not in parts}
     settings["chat_template"] = _saved_chat_template(path)
     return _accepting_placeholder_video(cls)(**parts, **settings)
@@ -92,7 +102,7 @@ def _image_processor(path: Path, trust_remote_code: bool) -> Any:
         if "torchvision" not in str(exc).lower():
             raise
         declared = _declared_image_processor_type(path)
-        model_type = str(_read_json(path / "config.json").get("model_type", ""))
+        model_type = str(read_json(path / "config.json").get("model_type", ""))
         pil_cls = hf_compat.pil_image_processor_class(model_type, declared)
         if pil_cls is None:
             raise
@@ -102,13 +112,13 @@ def _image_processor(path: Path, trust_remote_code: bool) -> Any:
 def _declared_image_processor_type(path: Path) -> str:
     """The image processor class the checkpoint names: nested in processor_config.json (transformers 5's own
     save) or flat in preprocessor_config.json (the Hub's layout); transformers prefers the nested one."""
-    nested = _read_json(path / "processor_config.json").get("image_processor")
+    nested = read_json(path / "processor_config.json").get("image_processor")
     if isinstance(nested, dict) and nested.get("image_processor_type"):
         return str(nested["image_processor_type"])
-    return str(_read_json(path / "preprocessor_config.json").get("image_processor_type", ""))
+    return str(read_json(path / "preprocessor_config.json").get("image_processor_type", ""))
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path) -> dict[str, Any]:
     return dict(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else {}
 
 

@@ -98,3 +98,26 @@ def synthetic_inputs(geometry: PatchGeometry, num_patches: int, device: torch.de
     generator = torch.Generator(device=device).manual_seed(0)
     pixels = torch.randn(int(grid.prod()), geometry.features, generator=generator, device=device, dtype=dtype)
     return {"pixel_values": pixels, "image_grid_thw": grid}
+
+
+def split_video_groups(pixels: torch.Tensor, grid: torch.Tensor, budget: int | None) -> list[dict[str, Any]]:
+    """Video tower inputs cut between temporal patch groups into calls of at most `budget` patches (a single
+    group larger than the budget goes alone); one call when everything fits or there is no budget."""
+    if budget is None or pixels.shape[0] <= budget:
+        return [{"pixel_values_videos": pixels, "video_grid_thw": grid}]
+    rows = [[1, int(h), int(w)] for t, h, w in grid.tolist() for _ in range(int(t))]
+    calls: list[list[list[int]]] = [[]]
+    used = 0
+    for row in rows:
+        size = row[1] * row[2]
+        if calls[-1] and used + size > budget:
+            calls.append([])
+            used = 0
+        calls[-1].append(row)
+        used += size
+    out, start = [], 0
+    for call in calls:
+        size = sum(h * w for _, h, w in call)
+        out.append({"pixel_values_videos": pixels[start:start + size], "video_grid_thw": torch.tensor(call)})
+        start += size
+    return out

@@ -24,13 +24,14 @@ import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from vlmserve.config import MediaConfig
-from vlmserve.errors import MediaFetchError
+from vlmserve.errors import MediaFetchError, VideoFetchError
 from vlmserve.multimodal.addresses import AddressRefused, HostPolicy, IPAddress, check_host_syntax, parse_ip
 
 logger = logging.getLogger(__name__)
@@ -56,42 +57,67 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()  # certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set
 
 
-def too_large(max_bytes: int, param: str) -> MediaFetchError:
-    return MediaFetchError(f"image is larger than {max_bytes} bytes (--max-image-bytes)", param=param)
+@dataclass(frozen=True)
+class MediaKind:
+    """What is being fetched: its name in messages, the media type data URIs must declare, the byte cap's flag and
+    the content part that carries it."""
+
+    noun: str  # "image" | "video"
+    bytes_flag: str  # the flag raising the byte cap
+    part: str  # the content part type carrying it, e.g. "image_url"
+    error: type[MediaFetchError]  # what a refused source raises (its code names the kind)
+
+
+IMAGE = MediaKind("image", "--max-image-bytes", "image_url", MediaFetchError)
+VIDEO = MediaKind("video", "--max-video-bytes", "video_url", VideoFetchError)
+_OTHER_PART = {"image": VIDEO, "video": IMAGE}
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def too_large(max_bytes: int, param: str, kind: MediaKind = IMAGE) -> MediaFetchError:
+    return kind.error(f"{kind.noun} is larger than {max_bytes} bytes ({kind.bytes_flag})", param=param)
 
 
 # --- data URIs ------------------------------------------------------------------------------------------------
 
 
-def decode_data_uri(url: str, max_bytes: int, param: str) -> bytes:
-    """The bytes of a `data:image/<type>;base64,<payload>` URI, size-checked before any decoding.
+def decode_data_uri(url: str, max_bytes: int, param: str, kind: MediaKind = IMAGE) -> bytes:
+    """The bytes of a `data:<kind>/<type>;base64,<payload>` URI, size-checked before any decoding.
 
-    Base64 is decoded strictly (standard alphabet, padding required, no whitespace). The declared image subtype is
+    Base64 is decoded strictly (standard alphabet, padding required, no whitespace). The declared subtype is
     not trusted: the decoder sniffs the real format from the bytes.
     """
+    noun = kind.noun
     comma = url.find(",")
     if comma < 0:
-        raise MediaFetchError("a data URI must look like data:image/<type>;base64,<data>", param=param)
+        raise kind.error(f"a data URI must look like data:{noun}/<type>;base64,<data>", param=param)
     media_type, *params = url[len("data:"):comma].split(";")
-    if not media_type.strip().lower().startswith("image/"):
-        raise MediaFetchError("a data URI must have an image media type, e.g. data:image/png;base64,...",
-                              param=param)
+    declared = media_type.strip().lower()
+    if not declared.startswith(f"{noun}/"):
+        other = _OTHER_PART[noun]
+        hint = (f"; send {_article(other.noun)} {other.noun} as a {{\"type\": \"{other.part}\"}} content part"
+                if declared.startswith(f"{other.noun}/") else "")
+        raise kind.error(f"a data URI must have {_article(noun)} {noun} media type, e.g. data:{noun}/"
+                              f"{'png' if noun == 'image' else 'mp4'};base64,...{hint}", param=param)
     if not params or params[-1].strip().lower() != "base64":
-        raise MediaFetchError("a data URI image must be base64-encoded (data:image/<type>;base64,<data>)",
+        raise kind.error(f"a data URI {noun} must be base64-encoded (data:{noun}/<type>;base64,<data>)",
                               param=param)
     payload_len = len(url) - comma - 1
     # 4 base64 characters carry 3 bytes: refuse from the length alone, before spending time and memory decoding.
     if payload_len > 4 * -(-max_bytes // 3):
-        raise too_large(max_bytes, param)
+        raise too_large(max_bytes, param, kind)
     try:
         data = base64.b64decode(url[comma + 1:], validate=True)
     except ValueError:  # binascii.Error is a ValueError, and non-ASCII text raises a plain one
-        raise MediaFetchError("the data URI's base64 payload is invalid (standard alphabet with padding, "
+        raise kind.error("the data URI's base64 payload is invalid (standard alphabet with padding, "
                               "no whitespace)", param=param) from None
     if len(data) > max_bytes:
-        raise too_large(max_bytes, param)
+        raise too_large(max_bytes, param, kind)
     if not data:
-        raise MediaFetchError("the data URI holds no image data", param=param)
+        raise kind.error(f"the data URI holds no {noun} data", param=param)
     return data
 
 
@@ -102,16 +128,16 @@ def is_local_source(url: str) -> bool:
     return (url.startswith("/") and not url.startswith("//")) or url[:5].lower() == "file:"
 
 
-def read_local_file(url: str, root: Path | None, max_bytes: int, param: str) -> bytes:
+def read_local_file(url: str, root: Path | None, max_bytes: int, param: str, kind: MediaKind = IMAGE) -> bytes:
     """The bytes of a `file://` URL or absolute path that lies inside `root` once symlinks are resolved.
 
     Whatever the reason (no such file, outside the folder, a symlink leading out, a directory, a device, no
     permission) the client gets the same message, so requests cannot probe the file system.
     """
     if root is None:
-        raise MediaFetchError("local image files are not allowed; the server operator can allow a folder with "
-                              "--allowed-local-media-path", param=param)
-    refused = MediaFetchError("the image path is not a readable file inside the folder allowed by "
+        raise kind.error(f"local {kind.noun} files are not allowed; the server operator can allow a folder "
+                              "with --allowed-local-media-path", param=param)
+    refused = kind.error(f"the {kind.noun} path is not a readable file inside the folder allowed by "
                               "--allowed-local-media-path", param=param)
     path = url
     if url[:5].lower() == "file:":
@@ -134,12 +160,12 @@ def read_local_file(url: str, root: Path | None, max_bytes: int, param: str) -> 
             if not stat.S_ISREG(info.st_mode):
                 raise refused
             if info.st_size > max_bytes:
-                raise too_large(max_bytes, param)
+                raise too_large(max_bytes, param, kind)
             data = handle.read(max_bytes + 1)
     except (OSError, RuntimeError, ValueError):  # missing, loops, NUL bytes, permissions: all look the same
         raise refused from None
     if len(data) > max_bytes:
-        raise too_large(max_bytes, param)
+        raise too_large(max_bytes, param, kind)
     return data
 
 
@@ -173,107 +199,111 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def fetch(self, url: str, param: str) -> bytes:
+    def _max_bytes(self, kind: MediaKind) -> int:
+        return self._config.max_video_bytes if kind is VIDEO else self._config.max_image_bytes
+
+    async def fetch(self, url: str, param: str, kind: MediaKind = IMAGE) -> bytes:
         """The encoded bytes behind `url`; `param` is the request field of the URL, used in errors."""
         loop = asyncio.get_running_loop()
-        max_bytes = self._config.max_image_bytes
+        max_bytes = self._max_bytes(kind)
         if url[:5].lower() == "data:":
-            return await loop.run_in_executor(self._executor, decode_data_uri, url, max_bytes, param)
+            return await loop.run_in_executor(self._executor, decode_data_uri, url, max_bytes, param, kind)
         if is_local_source(url):
             return await loop.run_in_executor(self._executor, read_local_file, url, self._local_root, max_bytes,
-                                              param)
+                                              param, kind)
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError, TypeError):
             parsed = None
         if parsed is None or parsed.scheme not in _HTTP_SCHEMES:
-            raise MediaFetchError("image_url must be an http(s) URL or a data:image/...;base64 URI", param=param)
+            raise kind.error(f"{kind.part} must be an http(s) URL or a data:{kind.noun}/...;base64 URI",
+                                  param=param)
         timeout = self._config.fetch_timeout_s
         try:
-            return await asyncio.wait_for(self._fetch_http(parsed, param), timeout)
+            return await asyncio.wait_for(self._fetch_http(parsed, param, kind), timeout)
         except (asyncio.TimeoutError, httpx.TimeoutException):
-            raise MediaFetchError(f"fetching the image took longer than {timeout:g} s (--fetch-timeout-s)",
+            raise kind.error(f"fetching the {kind.noun} took longer than {timeout:g} s (--fetch-timeout-s)",
                                   param=param) from None
 
-    async def _fetch_http(self, url: httpx.URL, param: str) -> bytes:
+    async def _fetch_http(self, url: httpx.URL, param: str, kind: MediaKind) -> bytes:
         """Fetch with redirects followed by hand, each target checked like the first URL."""
         for _ in range(self._config.max_redirects + 1):
-            target, headers, extensions = await self._pin(url, param)
+            target, headers, extensions = await self._pin(url, param, kind)
             try:
                 async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
                     if response.has_redirect_location:
-                        url = self._redirect_target(url, response.headers["location"], param)
+                        url = self._redirect_target(url, response.headers["location"], param, kind)
                         continue
                     if not response.is_success:
-                        raise MediaFetchError(f"the image URL answered HTTP {response.status_code}", param=param)
-                    return await self._read_capped(response, param)
+                        raise kind.error(f"the {kind.noun} URL answered HTTP {response.status_code}", param=param)
+                    return await self._read_capped(response, param, kind)
             except httpx.TimeoutException:
                 raise
             except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-                logger.debug("image fetch failed: %s", type(exc).__name__)
-                raise MediaFetchError("could not fetch the image URL (connection failed or the server's answer was "
+                logger.debug("media fetch failed: %s", type(exc).__name__)
+                raise kind.error(f"could not fetch the {kind.noun} URL (connection failed or the server's answer was "
                                       "not valid HTTP)", param=param) from None
-        raise MediaFetchError(f"the image URL redirected more than {self._config.max_redirects} times "
+        raise kind.error(f"the {kind.noun} URL redirected more than {self._config.max_redirects} times "
                               "(--max-redirects)", param=param)
 
-    async def _pin(self, url: httpx.URL, param: str) -> tuple[httpx.URL, dict[str, str], dict[str, object]]:
+    async def _pin(self, url: httpx.URL, param: str, kind: MediaKind) -> tuple[httpx.URL, dict[str, str], dict[str, object]]:
         """Check `url`, resolve its host once, and build a request to the checked address itself."""
         if url.userinfo:
-            raise MediaFetchError("image URLs must not carry a user name or password", param=param)
+            raise kind.error(f"{kind.noun} URLs must not carry a user name or password", param=param)
         host = url.raw_host.decode("ascii")  # the IDNA (ASCII) form, as resolvers and TLS see it
         try:
             literal = check_host_syntax(host)
             if literal is not None:
                 addresses = [literal]
             else:
-                addresses = await self._resolve(host, param)
+                addresses = await self._resolve(host, param, kind)
             address = self._policy.check(host, addresses)
         except AddressRefused as exc:
-            raise MediaFetchError(exc.reason, param=param) from None
-        headers = {"Host": url.netloc.decode("ascii"), "Accept": "image/*", "Accept-Encoding": "identity",
+            raise kind.error(exc.reason, param=param) from None
+        headers = {"Host": url.netloc.decode("ascii"), "Accept": f"{kind.noun}/*", "Accept-Encoding": "identity",
                    "User-Agent": _USER_AGENT, "Connection": "close"}
         extensions: dict[str, object] = {}
         if literal is None and url.scheme == "https":
             extensions["sni_hostname"] = host  # TLS still verifies the certificate against the name
         return url.copy_with(host=str(address)), headers, extensions
 
-    async def _resolve(self, host: str, param: str) -> list[IPAddress]:
+    async def _resolve(self, host: str, param: str, kind: MediaKind) -> list[IPAddress]:
         try:
             answers = await self._resolver(host)
         except (OSError, UnicodeError, ValueError):
-            raise MediaFetchError("the image URL's host name could not be resolved", param=param) from None
+            raise kind.error(f"the {kind.noun} URL's host name could not be resolved", param=param) from None
         addresses = [parse_ip(answer) for answer in answers]
         if any(address is None for address in addresses):
-            raise MediaFetchError("the image URL's host name could not be resolved", param=param)
+            raise kind.error(f"the {kind.noun} URL's host name could not be resolved", param=param)
         return [address for address in addresses if address is not None]
 
-    def _redirect_target(self, url: httpx.URL, location: str, param: str) -> httpx.URL:
+    def _redirect_target(self, url: httpx.URL, location: str, param: str, kind: MediaKind) -> httpx.URL:
         try:
             target = url.join(location)
         except (httpx.InvalidURL, ValueError, TypeError):
             target = None
         if target is None or target.scheme not in _HTTP_SCHEMES:
-            raise MediaFetchError("the image URL redirected to a location that is not an http(s) URL", param=param)
+            raise kind.error(f"the {kind.noun} URL redirected to a location that is not an http(s) URL", param=param)
         return target
 
-    async def _read_capped(self, response: httpx.Response, param: str) -> bytes:
+    async def _read_capped(self, response: httpx.Response, param: str, kind: MediaKind) -> bytes:
         """Read the body, stopping as soon as it passes the byte cap, whatever Content-Length said."""
-        max_bytes = self._config.max_image_bytes
+        max_bytes = self._max_bytes(kind)
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            raise too_large(max_bytes, param)
+            raise too_large(max_bytes, param, kind)
         # We asked for Accept-Encoding: identity. A server that compresses anyway (one layer or several, e.g.
         # "gzip, gzip") is refused rather than decoded: decompression is how a few KB become GBs, and the cap must
         # hold for the bytes we keep, so only an uncompressed body is ever read.
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            raise MediaFetchError("the image URL answered with a Content-Encoding (compression) that was not asked "
-                                  "for; serve the image uncompressed", param=param)
+            raise kind.error(f"the {kind.noun} URL answered with a Content-Encoding (compression) that was not "
+                                  f"asked for; serve the {kind.noun} uncompressed", param=param)
         body = bytearray()
         async for chunk in response.aiter_bytes():  # no decoder runs: only identity gets here
             body += chunk
             if len(body) > max_bytes:
-                raise too_large(max_bytes, param)
+                raise too_large(max_bytes, param, kind)
         if not body:
-            raise MediaFetchError("the image URL answered with an empty body", param=param)
+            raise kind.error(f"the {kind.noun} URL answered with an empty body", param=param)
         return bytes(body)

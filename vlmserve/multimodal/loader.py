@@ -23,10 +23,11 @@ from typing import Any, TypeVar
 import httpx
 
 from vlmserve.config import MediaConfig
-from vlmserve.errors import InvalidRequestError, MediaError
+from vlmserve.errors import InvalidRequestError, MediaError, VideoError
 from vlmserve.multimodal.decode import DecodeLimits, decode_image, image_hash, raise_pillow_pixel_limit
-from vlmserve.multimodal.fetch import MediaFetcher
-from vlmserve.types import ImagePart
+from vlmserve.multimodal.fetch import VIDEO, MediaFetcher
+from vlmserve.multimodal.video import VideoLimits, decode_video, require_av
+from vlmserve.types import ImagePart, VideoPart
 
 T = TypeVar("T")
 
@@ -40,6 +41,22 @@ class ImageRef:
     url: str  # as sent in image_url.url
     param: str  # the request field for error messages, e.g. "messages[0].content[1].image_url"
     detail: str = "auto"  # "low" | "high" | "auto"
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """One video of a request, as the client sent it."""
+
+    url: str  # as sent in video_url.url
+    param: str  # e.g. "messages[0].content[1].video_url"
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How a request's videos are sampled: the server's flags, or the request's own `mm_processor_kwargs`."""
+
+    fps: float
+    max_frames: int
 
 
 class MediaLoader:
@@ -58,6 +75,14 @@ class MediaLoader:
         raise_pillow_pixel_limit(config.max_image_pixels)
         self._limits = DecodeLimits(config.max_image_pixels, max_aspect_ratio=config.max_image_aspect_ratio,
                                     max_decode_bytes=config.max_image_decode_bytes)
+        self._video_limits = VideoLimits(max_duration_s=config.max_video_duration_s,
+                                         max_frames=config.max_video_frames, max_pixels=config.max_video_pixels,
+                                         max_frame_pixels=config.max_video_frame_pixels,
+                                         max_decode_pixels=config.max_video_decode_pixels)
+
+    @property
+    def default_video_sampling(self) -> VideoSampling:
+        return VideoSampling(fps=self._config.video_fps, max_frames=self._config.max_video_frames)
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -90,6 +115,29 @@ class MediaLoader:
             image, digest = decoded[ref.url][budget]
             parts.append(ImagePart(image=image, hash=digest, detail=ref.detail))
         return parts
+
+    async def load_videos(self, refs: list[VideoRef], sampling: VideoSampling | None = None) -> list[VideoPart]:
+        """The decoded, sampled videos of `refs`, in order; identical URLs are fetched and decoded once."""
+        if not refs:
+            return []
+        limit = self._config.max_videos_per_request
+        if len(refs) > limit:
+            raise VideoError(f"a request may carry at most {limit} videos, this one has {len(refs)} "
+                             "(--max-videos-per-request)", param="messages")
+        require_av(refs[0].param)  # before any fetch: without PyAV, no video can be used
+        sampling = sampling or self.default_video_sampling
+        first: dict[str, VideoRef] = {}
+        for ref in refs:
+            first.setdefault(ref.url, ref)
+        results = await _gather_in_order([self._load_video(ref, sampling) for ref in first.values()])
+        decoded = dict(zip(first, results, strict=True))
+        return [decoded[ref.url] for ref in refs]
+
+    async def _load_video(self, ref: VideoRef, sampling: VideoSampling) -> VideoPart:
+        data = await self._fetcher.fetch(ref.url, f"{ref.param}.url", VIDEO)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: decode_video(
+            data, self._video_limits, fps=sampling.fps, max_frames=sampling.max_frames, param=ref.param))
 
     async def _load_url(self, url: str, by_budget: dict[int, ImageRef]) -> dict[int, tuple[Any, str]]:
         first = next(iter(by_budget.values()))

@@ -21,7 +21,7 @@ from typing import Any
 from vlmserve.errors import ContextLengthError, InvalidRequestError, UnsupportedFeatureError
 from vlmserve.multimodal.template import render_chat_template
 from vlmserve.multimodal.template_probe import holds_tool_images, renders_tool_turns, renders_tools
-from vlmserve.types import ChatMessage, ImagePart, ImageSpan, PreparedPrompt, TextPart
+from vlmserve.types import ChatMessage, ImagePart, ImageSpan, PreparedPrompt, TextPart, VideoPart
 
 _ZERO_WIDTH_SPACE = "\u200b"
 #: when the vocabulary cannot be listed: a generous bound on the characters one token covers
@@ -36,9 +36,13 @@ class PromptRenderer:
     """
 
     def __init__(self, processor: Any, *, image_token_id: int | None, max_model_len: int,
-                 max_images_per_prompt: int | None = None) -> None:
+                 max_images_per_prompt: int | None = None, video_token_id: int | None = None,
+                 model_family: str = "this model") -> None:
+        """`video_token_id`: the placeholder of video frames' features; None when the model takes no video."""
         self._processor = processor
         self._image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self._family = model_family
         self.max_model_len = max_model_len
         self._max_images = max_images_per_prompt
         self._copy_lock = threading.Lock()  # only around making a thread's copy, never around rendering
@@ -77,6 +81,12 @@ class PromptRenderer:
         images = [part for message in messages for part in message.images]
         if images and self._image_token_id is None:
             raise UnsupportedFeatureError("this model does not accept images", param="messages")
+        videos = [part for message in messages for part in message.videos]
+        if videos:
+            self.check_accepts_video()
+            if images and self.video_token_id == self._image_token_id:
+                raise UnsupportedFeatureError(f"{self._family} models take images or videos in one conversation, "
+                                              "not both", param="messages")
         if self._max_images is not None and len(images) > self._max_images:
             raise UnsupportedFeatureError(
                 f"this model accepts at most {self._max_images} image(s) per conversation; "
@@ -89,16 +99,38 @@ class PromptRenderer:
         # Tool definitions and template variables come from the client too: no special token may hide in them.
         text = self._render_text(processor, conversation, template, _defuse_all(tools, special),
                                  _defuse_all(template_kwargs or {}, special))
-        inputs = self._process(processor, text, [part.image for part in images])
+        inputs = self._process(processor, text, [part.image for part in images], videos)
         token_ids = [int(t) for t in inputs.pop("input_ids")[0].tolist()]
         if len(token_ids) >= self.max_model_len:
             raise ContextLengthError(
-                f"the prompt is {len(token_ids)} tokens (image tokens included) but the model's context is "
-                f"{self.max_model_len} tokens (--max-model-len), leaving no room for output", param="messages")
+                f"the prompt is {len(token_ids)} tokens (image tokens included, video tokens too) but the model's "
+                f"context is {self.max_model_len} tokens (--max-model-len), leaving no room for output",
+                param="messages")
         inputs.pop("attention_mask", None)
-        spans = self._image_spans(token_ids, len(images))
+        inputs.pop("video_metadata", None)
+        spans, video_spans = self._spans(token_ids, inputs, len(images), len(videos))
         return PreparedPrompt(token_ids=token_ids, model_inputs=dict(inputs),
-                              image_hashes=tuple(p.hash for p in images), image_spans=spans)
+                              image_hashes=tuple(p.hash for p in images), image_spans=spans,
+                              video_hashes=tuple(v.hash for v in videos), video_spans=video_spans)
+
+    def _spans(self, token_ids: list[int], inputs: dict[str, Any], num_images: int, num_videos: int
+               ) -> tuple[tuple[ImageSpan, ...], tuple[ImageSpan, ...]]:
+        """Where the images' and the videos' placeholder tokens lie."""
+        if num_videos and self.video_token_id == self._image_token_id:
+            # video frames written with the image token (GLM-4.1V; never beside images): the processor's token
+            # types tell them apart
+            types = [2 if int(t) == 2 else 0 for t in inputs["mm_token_type_ids"][0].tolist()]
+            return (), placeholder_spans(types, 2, num_videos, "video")
+        return (placeholder_spans(token_ids, self._image_token_id, num_images, "image"),
+                placeholder_spans(token_ids, self.video_token_id, num_videos, "video"))
+
+    def check_accepts_video(self) -> None:
+        """A 400 for models whose video path is not supported here (see vlmserve.models.video_processing)."""
+        if self.video_token_id is None:
+            raise UnsupportedFeatureError(f"video input is not supported for {self._family} models on this server "
+                                          "(video_url parts are taken by Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V, "
+                                          "GLM-4.5V, LLaVA-NeXT-Video and LLaVA-OneVision)",
+                                          param="messages")
 
     def _choose_template(self, override: str | None, messages: list[ChatMessage],
                          tools: list[dict[str, Any]] | None) -> str | None:
@@ -147,39 +179,55 @@ class PromptRenderer:
             context["tools"] = tools
         return render_chat_template(template, context)
 
-    def _process(self, processor: Any, text: str, images: list[Any]) -> dict[str, Any]:
+    def _process(self, processor: Any, text: str, images: list[Any], videos: list[VideoPart]) -> dict[str, Any]:
         bos = getattr(self.tokenizer, "bos_token", None)
         kwargs: dict[str, Any] = {"return_tensors": "pt"}
         if bos and text.startswith(bos):
             kwargs["add_special_tokens"] = False  # the template already wrote it
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = [list(video.frames) for video in videos]
+            kwargs["video_metadata"] = [video_metadata(video) for video in videos]
         try:
-            if images:
-                return dict(processor(text=[text], images=images, **kwargs))
             return dict(processor(text=[text], **kwargs))
         except (ValueError, TypeError, IndexError) as exc:
             # e.g. a conversation whose image placeholders the template did not emit
             raise InvalidRequestError("the model's processor could not prepare this conversation "
                                       f"({type(exc).__name__})", param="messages") from exc
 
-    def _image_spans(self, token_ids: list[int], num_images: int) -> tuple[ImageSpan, ...]:
-        if not num_images:
-            return ()
-        runs: list[tuple[int, int]] = []
-        for i, token in enumerate(token_ids):
-            if token != self._image_token_id:
-                continue
-            if runs and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1)
-            else:
-                runs.append((i, i + 1))
-        if len(runs) == num_images:
-            return tuple(ImageSpan(start, end, index) for index, (start, end) in enumerate(runs))
-        # NOTE: several runs per image (or images back to back): one span covering all image tokens, tagged with
-        # the first image; the prefix cache then hashes every image into it, which is conservative and correct.
-        if not runs:
-            raise InvalidRequestError("the chat template emitted no image placeholder for the images sent",
-                                      param="messages")
-        return (ImageSpan(runs[0][0], runs[-1][1], -1),)
+
+def placeholder_spans(token_ids: list[int], token_id: int | None, count: int, noun: str) -> tuple[ImageSpan, ...]:
+    """Where the `count` images (or videos) of a prompt lie: the runs of their placeholder token, one per item."""
+    if not count:
+        return ()
+    runs: list[tuple[int, int]] = []
+    for i, token in enumerate(token_ids):
+        if token != token_id:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    if len(runs) == count:
+        return tuple(ImageSpan(start, end, index) for index, (start, end) in enumerate(runs))
+    # NOTE: several runs per item (tiles, or Qwen3-VL's frames with timestamps between) or items back to back:
+    # one span covering all their tokens, tagged -1; the prefix cache then hashes every item into it, which is
+    # conservative and correct.
+    if not runs:
+        raise InvalidRequestError(f"the chat template emitted no {noun} placeholder for the {noun}s sent",
+                                  param="messages")
+    return (ImageSpan(runs[0][0], runs[-1][1], -1),)
+
+
+def video_metadata(video: VideoPart) -> Any:
+    """What transformers' processors read about a sampled video: its source frame rate and the frames taken."""
+    from transformers.video_utils import VideoMetadata
+
+    width, height = video.frames[0].size
+    return VideoMetadata(total_num_frames=max(1, round(video.duration_s * video.source_fps)), fps=video.source_fps,
+                         width=width, height=height, duration=video.duration_s, video_backend="pyav",
+                         frames_indices=list(video.frame_indices))
 
 
 def _special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
@@ -229,6 +277,8 @@ def _to_template_message(message: ChatMessage, special: re.Pattern[str] | None) 
             content.append({"type": "text", "text": _defuse(part.text, special)})
         elif isinstance(part, ImagePart):
             content.append({"type": "image"})
+        elif isinstance(part, VideoPart):
+            content.append({"type": "video"})
     rendered: dict[str, Any] = {"role": message.role, "content": content}
     if message.role == "tool" or message.tool_calls:
         # NOTE: templates written for text-only LLMs (Qwen2.5's tokenizer template among them) print these turns'

@@ -127,7 +127,8 @@ class Glm4vAdapter(ModelAdapter):
         return self.model.get_image_features(pixel_values)
 
     @torch.no_grad()
-    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
+    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],
+                     video_embeds: list[torch.Tensor] | None = None) -> PromptEmbedding:
         token_ids = torch.tensor(prompt.token_ids, dtype=torch.long, device=self.device)
         embeds = self.model.get_input_embeddings()(token_ids[None])
         if image_embeds:

@@ -98,7 +98,8 @@ class QwenVLChatAdapter(ModelAdapter):
         return self.model.get_image_features(pixel_values.to(self.device))
 
     @torch.inference_mode()
-    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> PromptEmbedding:
+    def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],
+                     video_embeds: list[torch.Tensor] | None = None) -> PromptEmbedding:
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         slots = torch.eq(ids, self.model.config.image_pad_id)
