@@ -247,14 +247,16 @@ class HFAdapter(ModelAdapter):
         """LLaVA-NeXT-Video / LLaVA-OneVision: every frame through the tower and the family's pooling, video after
         video; LLaVA-OneVision then ends each video with its `image_newline` row.
 
-        NOTE: that newline row is the one step of the model's forward done here rather than by the model (its
-        `get_video_features` stops before it); the video logprob test checks it against `generate`."""
+        NOTE: before 5.25 that newline row is the one step of the model's forward done here rather than by the model
+        (its `get_video_features` stops before it); the video logprob test checks it against `generate`."""
         pixels = prompt.model_inputs["pixel_values_videos"]
         videos = []
         for video in pixels.split(1):
-            features = self._features(self._base.get_video_features, {"pixel_values": video})
+            inputs = hf_compat.video_features_inputs(self._base.get_video_features, video)
+            features = self._features(self._base.get_video_features, inputs)
             newline = getattr(self._base, "image_newline", None)
-            if self.family == "llava_onevision" and newline is not None:
+            if (self.family == "llava_onevision" and newline is not None
+                    and not hf_compat.video_features_end_with_newline(self._base.get_video_features)):
                 features = torch.cat([features, newline[None, :].to(features.dtype)])
             videos.append(features)
         return videos

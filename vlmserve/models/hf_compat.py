@@ -10,6 +10,8 @@ What changed inside the range (5.17 -> 5.25, read and run):
   `create_causal_mask`, the `*OutputWithPast` classes); the old name warns (FutureWarning, an error in our tests).
 - 5.25 returns Qwen3-VL's deepstack features per layer as one tensor per image, not one tensor per layer.
 - 5.25's Aya Vision applies Cohere's `logit_scale` in its forward; 5.17's does not.
+- 5.25 renamed LLaVA-NeXT-Video's and LLaVA-OneVision's `get_video_features(pixel_values=...)` to
+  `pixel_values_videos`, and LLaVA-OneVision's now ends each video with its `image_newline` row itself.
 """
 
 from __future__ import annotations
@@ -152,6 +154,21 @@ def deepstack_features(output: Any) -> list[torch.Tensor] | None:
     if layers is None:
         return None
     return [torch.cat(list(layer)) if isinstance(layer, (list, tuple)) else layer for layer in layers]
+
+
+def video_features_inputs(get_video_features: Callable[..., Any], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`pixels` (one video's frames) under the name this version's `get_video_features` takes them by."""
+    accepted = inspect.signature(get_video_features).parameters
+    return {"pixel_values_videos" if "pixel_values_videos" in accepted else "pixel_values": pixels}
+
+
+def video_features_end_with_newline(get_video_features: Callable[..., Any]) -> bool:
+    """Whether this version's `get_video_features` appends LLaVA-OneVision's `image_newline` row itself (5.25)
+    rather than leaving it to the model's forward (5.17). Read from its source, like `logit_scale`."""
+    try:
+        return "image_newline" in inspect.getsource(get_video_features)
+    except (OSError, TypeError):
+        return False
 
 
 def logit_scale(model: Any) -> float | None:

@@ -156,6 +156,25 @@ def test_logit_scale_follows_the_installed_forward() -> None:
     assert hf_compat.logit_scale(_tiny_llama()) is None  # no logit_scale in the config
 
 
+@pytest.mark.parametrize("model", ["LlavaNextVideoModel", "LlavaOnevisionModel"])
+def test_video_features_take_one_videos_frames_under_this_versions_name(model: str) -> None:
+    get_video_features = getattr(hf_compat.transformers_class(model), "get_video_features")
+    frames = torch.zeros(1, 2, 3, 8, 8)
+    (name, value), = hf_compat.video_features_inputs(get_video_features, frames).items()
+    assert value is frames
+    inspect.signature(get_video_features).bind(None, **{name: value})  # binds: the name is the one it requires
+
+
+def test_video_newline_is_read_from_the_installed_get_video_features() -> None:
+    import transformers
+    from packaging.version import Version
+
+    onevision = hf_compat.transformers_class("LlavaOnevisionModel").get_video_features
+    assert hf_compat.video_features_end_with_newline(onevision) == (Version(transformers.__version__) >= Version("5.25"))
+    assert not hf_compat.video_features_end_with_newline(hf_compat.transformers_class(
+        "LlavaNextVideoModel").get_video_features)
+
+
 def test_processor_internals() -> None:
     processor_cls = hf_compat.transformers_class("Qwen2VLProcessor")
     assert processor_cls.__name__ == "Qwen2VLProcessor" and "image_processor" in processor_cls.get_attributes()
