@@ -158,7 +158,7 @@ def test_logit_scale_follows_the_installed_forward() -> None:
 
 @pytest.mark.parametrize("model", ["LlavaNextVideoModel", "LlavaOnevisionModel"])
 def test_video_features_take_one_videos_frames_under_this_versions_name(model: str) -> None:
-    get_video_features = getattr(hf_compat.transformers_class(model), "get_video_features")
+    get_video_features = hf_compat.transformers_class(model).get_video_features
     frames = torch.zeros(1, 2, 3, 8, 8)
     (name, value), = hf_compat.video_features_inputs(get_video_features, frames).items()
     assert value is frames
