@@ -35,15 +35,15 @@ from unittest import mock
 
 import torch
 
+from bench.closed_loop import closed_loop
 from bench.engine_direct import render
 from vlmserve.config import EngineConfig, ModelConfig
 from vlmserve.engine.core import PagedEngineCore
 from vlmserve.engine.generate_core import GenerateEngineCore
-from vlmserve.engine.protocol import CoreOutput
 from vlmserve.models import hf_compat, moe_experts
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
-from vlmserve.types import GenerationRequest, SamplingParams
+from vlmserve.types import SamplingParams
 
 TINY = os.environ.get("BENCH_MOE_TINY") == "1"
 DEVICE = "cpu" if TINY else "cuda"
@@ -141,34 +141,8 @@ _ids = iter(range(10**9))
 
 def drive(core: Any, prompts: list[Any], concurrency: int, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     """`prompts` through `core` with at most `concurrency` in flight, a new one as soon as one finishes."""
-    pending, in_flight, generated = list(prompts), set(), 0
-
-    def emit(outputs: list[CoreOutput]) -> None:
-        nonlocal generated
-        for o in outputs:
-            if o.error:
-                raise RuntimeError(o.error)
-            generated += len(o.new_token_ids)
-            if o.finish_reason is not None:
-                in_flight.discard(o.request_id)
-
-    def top_up() -> None:
-        while pending and len(in_flight) < concurrency:
-            request_id = f"moe-{next(_ids)}"
-            core.add_request(GenerationRequest(request_id, pending.pop(0), SamplingParams(
-                max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
-            in_flight.add(request_id)
-
-    top_up()
-    _sync()
-    started = time.perf_counter()
-    while core.has_work():
-        core.step(emit)
-        top_up()
-    _sync()
-    seconds = time.perf_counter() - started
-    return {"requests": len(prompts), "concurrency": concurrency, "output_tokens": generated,
-            "seconds": round(seconds, 2), "output_tok_per_s": round(generated / seconds, 1)}
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return closed_loop(core, prompts, concurrency, params, f"moe-{next(_ids)}", DEVICE)
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 10) -> float:

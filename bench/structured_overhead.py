@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from bench.closed_loop import closed_loop, sync
 from vlmserve.config import EngineConfig, ModelConfig
 from vlmserve.engine.core import PagedEngineCore
-from vlmserve.engine.protocol import CoreOutput
 from vlmserve.engine.structured import StructuredOutputs, apply_bitmask, fill_bitmask
 from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
-from vlmserve.types import GenerationRequest, SamplingParams, StructuredOutputSpec
+from vlmserve.types import SamplingParams, StructuredOutputSpec
 
 #: never complete within 128 tokens: constrained and free requests generate the same number of tokens
 LONG_SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "integer"},
@@ -50,49 +50,6 @@ TOOL_SCHEMA = {
     "required": ["location", "unit"],
     "additionalProperties": False,
 }
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def closed_loop(core: PagedEngineCore, prompts: list[Any], concurrency: int, params: SamplingParams, tag: str,
-                device: str) -> dict[str, Any]:
-    """`concurrency` requests in flight, a new one as soon as one finishes; output tokens per second."""
-    pending = list(enumerate(prompts))
-    in_flight: set[str] = set()
-    finishes: dict[str, int] = {}
-    generated = 0
-
-    def emit(outputs: list[CoreOutput]) -> None:
-        nonlocal generated
-        for o in outputs:
-            if o.error:
-                raise RuntimeError(o.error)
-            generated += len(o.new_token_ids)
-            if o.finish_reason is not None:
-                in_flight.discard(o.request_id)
-                finishes[o.finish_reason.value] = finishes.get(o.finish_reason.value, 0) + 1
-
-    def top_up() -> None:
-        while pending and len(in_flight) < concurrency:
-            i, prompt = pending.pop(0)
-            core.add_request(GenerationRequest(f"{tag}-{i}", prompt, params))
-            in_flight.add(f"{tag}-{i}")
-
-    top_up()
-    _sync(device)
-    started, steps = time.perf_counter(), 0
-    while core.has_work():
-        core.step(emit)
-        steps += 1
-        top_up()
-    _sync(device)
-    seconds = time.perf_counter() - started
-    return {"requests": len(prompts), "seconds": round(seconds, 3), "steps": steps, "output_tokens": generated,
-            "output_tok_per_s": round(generated / seconds, 1), "mean_step_ms": round(1000 * seconds / steps, 3),
-            "finish_reasons": finishes}
 
 
 def compile_times(tokenizer: Any, eos: frozenset[int], repeats: int) -> dict[str, Any]:
@@ -137,10 +94,10 @@ def mask_cost(tokenizer: Any, eos: frozenset[int], batch: int, steps: int, vocab
         started = time.perf_counter()
         bitmask = fill_bitmask(matchers, vocab)
         fills.append(time.perf_counter() - started)
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         apply_bitmask(logits, bitmask, list(range(batch)))
-        _sync(device)
+        sync(device)
         applies.append(time.perf_counter() - started)
         token = comma[step % len(comma)]
         for matcher in matchers:
