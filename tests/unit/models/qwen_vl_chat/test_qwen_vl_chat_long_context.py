@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.integration.engine.conftest import engine_config
+from tests.integration.engine.test_paged_engine import EagerDecodeGraphs
 from tests.unit.models.qwen_vl_chat.qwen_vl_chat_prompts import images, prepare
 from tests.unit.models.qwen_vl_chat.qwen_vl_chat_reference import logits_reference
 from vlmserve.engine.core import PagedEngineCore
@@ -28,10 +29,10 @@ MAX_TOKENS = 6
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def long_adapter(qwen_vl_chat_dir: Path) -> Any:
-    """Its own copy of the tiny checkpoint (the engine switches its decoder to paged attention), served with a
-    4096-token context (the published config's seq_length is 2048)."""
+    """A fresh copy of the tiny checkpoint for each test (the engine switches its decoder to paged attention, and
+    the reference `generate` needs it unswitched), served with a 4096-token context (seq_length is 2048)."""
     from vlmserve.models.qwen_vl_chat.adapter import load
 
     return load(qwen_vl_chat_dir, device="cpu", dtype=torch.float32, max_model_len=4096)
@@ -70,8 +71,10 @@ def _largest_difference(got: list[PositionLogprobs], expected: tuple[list[int], 
                for item in (p.chosen, *p.top))
 
 
+@pytest.mark.parametrize("decode_graphs", [False, True], ids=["eager", "graph-stand-in"])
 def test_long_and_short_prompts_each_keep_their_own_rotary_base(long_adapter: Any,
-                                                                qwen_vl_chat_state: dict[str, torch.Tensor]) -> None:
+                                                                qwen_vl_chat_state: dict[str, torch.Tensor],
+                                                                decode_graphs: bool) -> None:
     adapter = long_adapter
     assert adapter.paged_support() is None
     long, short = _prompt(adapter, 700), _prompt(adapter, 20)
@@ -91,9 +94,16 @@ def test_long_and_short_prompts_each_keep_their_own_rotary_base(long_adapter: An
     torch.testing.assert_close(expected["long"][1][0], original.float().log_softmax(-1), atol=1e-4, rtol=0)
 
     core = PagedEngineCore(adapter, engine_config(max_num_batched_tokens=512, block_size=16))
+    if decode_graphs:
+        # decode graphs take no per-row rotary factor: the long sequence's decode rows must stay eager, while the
+        # short one's may replay (the CPU stand-in runs the graph's call eagerly, without decoder extras)
+        graphs = EagerDecodeGraphs(adapter)
+        core.runner._graphs = graphs  # type: ignore[assignment]
     first, _ = _run(core, {"short": short})  # its blocks are cached now: the long prompt must not use them
     got, cached = _run(core, {"long": long, "again": short})  # one prefilling while the other decodes
     assert cached["again"] > 0 and cached["long"] == 0
     errors = [_largest_difference(first["short"], expected["short"]), _largest_difference(got["again"],
               expected["short"]), _largest_difference(got["long"], expected["long"])]
     assert max(errors) <= TOLERANCE, errors
+    if decode_graphs:
+        assert graphs.batches, "no decode row replayed the graph stand-in"
