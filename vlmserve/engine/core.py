@@ -130,13 +130,13 @@ class PagedEngineCore:
     def _recover(self, chunks: list[ScheduledChunk], exc: Exception, emit: Emit) -> None:
         """After a failed step, run its chunks one at a time: only the sequences that fail alone are failed.
 
-        Re-running is safe: a failed step changed no sequence's progress, a chunk rewrites the same cache
-        slots, and a hybrid decoder's recurrent states are written back only by a step that succeeded. The prefix cache needs no cleaning: blocks become findable only after the step that wrote them
-        completed, so none of the failed step's blocks was ever findable. Whether the *engine* is broken is
-        decided by a health probe that no client controls, never by how many client requests failed: a crafted
-        request that fails every time it runs is that request's error (a 500 for it), however often it is sent.
-        Only when the probe fails too, step after step, does the error propagate and the server stop (to be
-        restarted by its supervisor).
+        Re-running is safe: a failed step changed no sequence's progress, a chunk rewrites the same cache slots, and
+        a hybrid decoder's recurrent states are written back only by a step that succeeded. The prefix cache needs no
+        cleaning: blocks become findable only after the step that wrote them completed, so none of the failed step's
+        blocks was ever findable. Whether the *engine* is broken is decided by a health probe that no client
+        controls, never by how many client requests failed: a crafted request that fails every time it runs is that
+        request's error (a 500 for it), however often it is sent. Only when the probe fails too, step after step,
+        does the error propagate and the server stop (to be restarted by its supervisor).
         """
         logger.warning("engine step of %d sequences failed (%s); retrying them one by one", len(chunks),
                        type(exc).__name__, exc_info=exc)
