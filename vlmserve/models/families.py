@@ -110,6 +110,10 @@ class FamilySpec:
     #: layers still cut the run by their window); "prefix", all type-0 tokens as one block (PaliGemma's prefix-LM:
     #: image and prompt, whose sliding layers OR the block onto their windowed causal mask, so the window spares it)
     bidirectional: BidirectionalRule = "none"
+    #: Mllama: image features are not merged into the embeddings; the decoder's cross-attention layers read each
+    #: request's vision states, whose K/V the engine keeps per sequence (`vlmserve.models.cross_attention`,
+    #: `vlmserve.engine.cross_state`); every block of a prompt with images is keyed by all its images
+    cross_attention: bool = False
 
     @property
     def blocks_spare_window(self) -> bool:
@@ -154,6 +158,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     # self-check is what stands behind it.
     FamilySpec(("mistral3",), image_layout="tiles"),
     FamilySpec(("gemma3",), packable_image_keys=_PIXELS, bidirectional="image_runs"),
+    # one <|image|> per image; the vision states reach the decoder through its cross-attention layers only
+    FamilySpec(("mllama",), image_layout="touching", cross_attention=True),
     # the processor writes every image's tokens first, side by side, then <bos> and the prompt
     FamilySpec(("paligemma",), packable_image_keys=_PIXELS, image_layout="touching", position_offset=1,
                bidirectional="prefix"),
@@ -165,14 +171,6 @@ FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.
 REFUSED: dict[str, str] = {
     "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
                        "step yet); its head also divides the logits by logits_scaling",
-    # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
-    # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
-    # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
-    # before any image (full_text_row_masked_out_mask); and a second attention path, because the cross-attention
-    # modules call the same attention function as the self-attention ones (ours would write image K/V into the
-    # paged self-attention cache).
-    "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
-              "per-request cross-attention K/V beside the paged cache yet",
 }
 
 
