@@ -1,7 +1,7 @@
 """Per-sequence cross-attention K/V (Mllama), kept beside the paged KV cache.
 
-A cross-attention layer's K/V depend on the request's images only, and their size on the request (images ×
-tiles × patches), so they do not live in fixed-size blocks. Each sequence with images holds one entry, with the
+A cross-attention layer's K/V depend on the request's images only, and their size on the request (images x
+tiles x patches), so they do not live in fixed-size blocks. Each sequence with images holds one entry, with the
 same lifecycle as its blocks (`kv_cache_manager`):
 
     prefill starts ──► the runner encodes the prompt's images and puts the K/V of every cross-attention layer
@@ -11,7 +11,7 @@ same lifecycle as its blocks (`kv_cache_manager`):
                                                 spare it the vision tower), and builds its K/V again
 
 NOTE: the entries are not counted in the KV-cache memory budget (the memory profile sizes the paged cache only);
-a Llama 3.2 11B request with one 4-tile image holds 8 layers × 2 × 6,404 × 8 × 128 values (~200 MiB in bf16).
+a Llama 3.2 11B request with one 4-tile image holds 8 layers x 2 x 6,404 x 8 x 128 values (~200 MiB in bf16).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
 from vlmserve.engine.cross_state import CrossKVStore
+from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
 from vlmserve.engine.recurrent_state import StateSlots
 from vlmserve.engine.request import Sequence
 from vlmserve.types import PreparedPrompt

@@ -4,10 +4,10 @@ Mllama's image features never enter the token embeddings: its `<|image|>` token 
 decoder's cross-attention layers read the vision states of the request's images. On the paged engine:
 
 - at a request's prefill, the vision tower and projector give its vision states (`vision_states`, one piece per
-  image: tiles × patches rows, padding tiles included, as the model's forward keeps them), and each cross-attention
+  image: tiles x patches rows, padding tiles included, as the model's forward keeps them), and each cross-attention
   layer's k_proj / v_proj / k_norm turn them into K/V once (`build_cross_kv`); the engine keeps them per sequence
   beside the paged cache (`vlmserve.engine.cross_state`);
-- per packed row, the vision tokens it may see come from the processor's `cross_attention_mask` (token × image ×
+- per packed row, the vision tokens it may see come from the processor's `cross_attention_mask` (token x image x
   tile), a generated token repeating the prompt's last row as transformers' generate extends the mask; a row that
   sees no tile attends all of them with equal weight and its MLP output is zeroed (`full_text_row_masked_out_mask`),
   exactly as `_prepare_cross_attention_mask` builds it;
@@ -61,10 +61,15 @@ def cross_attention_layers(decoder: torch.nn.Module) -> list[int]:
     return [int(i) for i in getattr(decoder.config, "cross_attention_layers", None) or ()]
 
 
+def _layer(decoder: torch.nn.Module, index: int) -> Any:
+    layers: Any = decoder.layers
+    return layers[index]
+
+
 @torch.inference_mode()
 def vision_states(base: Any, model_inputs: dict[str, Any], device: torch.device, dtype: torch.dtype
                   ) -> list[torch.Tensor]:
-    """The prompt's vision states as the model's forward makes them, one (tiles × patches, hidden) piece per
+    """The prompt's vision states as the model's forward makes them, one (tiles x patches, hidden) piece per
     image."""
     pixels = model_inputs["pixel_values"].to(device, dtype)
     output = base.vision_model(pixel_values=pixels, aspect_ratio_ids=model_inputs["aspect_ratio_ids"].to(device),
@@ -81,7 +86,7 @@ def build_cross_kv(decoder: torch.nn.Module, states: list[torch.Tensor], cross_a
     flat = torch.cat(states).unsqueeze(0)
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for index in cross_attention_layers(decoder):
-        module = decoder.layers[index].cross_attn
+        module: Any = _layer(decoder, index).cross_attn
         shape = (1, -1, module.num_key_value_heads, module.head_dim)
         keys = module.k_norm(module.k_proj(flat).view(shape).transpose(1, 2))
         values = module.v_proj(flat).view(shape).transpose(1, 2)
@@ -126,7 +131,7 @@ def install(decoder: torch.nn.Module, current: Any) -> None:
     """Route the decoder's cross-attention layers through the per-sequence loop while an engine step is active
     (`current()` returns its `AttentionBatch`, or None outside a step: the model's own forward runs)."""
     for index in cross_attention_layers(decoder):
-        layer = decoder.layers[index]
+        layer = _layer(decoder, index)
         layer.cross_attn.__dict__[CROSS_ATTENTION_MARK] = True
         original = layer.__dict__.get("_vlmserve_original_forward", layer.forward)
         layer.__dict__["_vlmserve_original_forward"] = original
