@@ -16,11 +16,13 @@ a Llama 3.2 11B request with one 4-tile image holds 8 layers x 2 x 6,404 x 8 x 1
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
+
+from vlmserve.models.cross_attention import CrossKV, CrossSegment
 
 if TYPE_CHECKING:
     from vlmserve.engine.request import Sequence
-    from vlmserve.models.cross_attention import CrossKV
 
 
 class CrossKVStore:
@@ -44,3 +46,13 @@ class CrossKVStore:
     @property
     def nbytes(self) -> int:
         return sum(kv.nbytes for kv in self._entries.values())
+
+    def segments(self, sequences: list[Sequence], starts: list[int], cu_seqlens: list[int]) -> list[CrossSegment]:
+        """A packed step's view: sequence i owns rows cu_seqlens[i]..cu_seqlens[i + 1], from token `starts[i]`."""
+        segments = []
+        for sequence, start, (first, last) in zip(sequences, starts, itertools.pairwise(cu_seqlens), strict=True):
+            kv = self.get(sequence)
+            if kv is None and sequence.request.prompt.image_hashes:  # never skip an image request's layers
+                raise RuntimeError(f"sequence {sequence.request_id} has images but no cross-attention K/V")
+            segments.append(CrossSegment(first, last, start, kv))
+        return segments

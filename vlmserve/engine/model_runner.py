@@ -33,7 +33,6 @@ from vlmserve.engine.scheduler import ScheduledChunk
 from vlmserve.engine.vision_timing import share_by_images, timed
 from vlmserve.models import cross_attention
 from vlmserve.models.base import ModelAdapter
-from vlmserve.models.cross_attention import CrossSegment
 from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
@@ -288,8 +287,7 @@ class ModelRunner:
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
         extras = rows.decoder_extras(device)
         if self.cross_kv is not None:
-            batch.cross = [CrossSegment(lo, hi, c.start, self.cross_kv.get(c.sequence))
-                           for c, (lo, hi) in zip(chunks, itertools.pairwise(cu_seqlens), strict=True)]
+            batch.cross = self.cross_kv.segments([c.sequence for c in chunks], [c.start for c in chunks], cu_seqlens)
             if any(segment.kv is not None for segment in batch.cross):
                 # the decoder skips its cross-attention layers without cross_attention_states; the layers
                 # themselves read each sequence's K/V from the step (models.cross_attention), not this placeholder
