@@ -297,7 +297,10 @@ class HFAdapter(ModelAdapter):
     def _layer_features(self, output: Any) -> torch.Tensor:
         """Granite 4 Vision: one row per image token, [zeros | features before layer l1 | l2 …] side by side (the
         layout of Qwen3-VL's deepstack rows): the model zeroes its image tokens' embeddings and adds each layer's
-        features before that layer."""
+        features before that layer.
+
+        NOTE: the zero block costs the image-embedding cache one hidden-wide row per image token; it keeps one
+        layout (and one packing path in the runner) for both families."""
         by_layer = hf_compat.features_by_layer(output)
         layers = [by_layer[layer] for layer in hf_compat.injection_layers(self.model.config)]
         return torch.cat([torch.zeros_like(layers[0]), *layers], dim=-1)
