@@ -45,6 +45,8 @@ class HFAdapter(ModelAdapter):
 
     #: loaded from code shipped in the checkpoint (--trust-remote-code): served by the generate engine only
     is_remote_code = False
+    #: whether the decoder carries the hook that hands it Granite 4 Vision's layer features (see the spec setter)
+    _hooked = False
 
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:
@@ -100,7 +102,7 @@ class HFAdapter(ModelAdapter):
         self._spec = spec
         self._head = None  # built from the spec on first use
         self._decoder = getattr(self._base, spec.decoder, None) if spec is not None else None
-        if self._decoder is not None and self._has_layer_features and not getattr(self, "_hooked", False):
+        if self._decoder is not None and self._has_layer_features and not self._hooked:
             # The runner packs every deepstack-like extra under Qwen3-VL's argument names; Granite 4 Vision's
             # decoder takes them under its own, keyed by layer (the one translation, on every rank alike).
             self._decoder.register_forward_pre_hook(self._layer_feature_arguments, with_kwargs=True)
