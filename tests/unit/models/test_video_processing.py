@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -70,3 +71,50 @@ def test_settings_survive_the_processors_own_save(tmp_path: Path) -> None:
                                    image_std=[0.5] * 3, min_pixels=1024, max_pixels=4096)
     (tmp_path / "processor_config.json").write_text(json.dumps({"video_processor": processor.to_dict()}))
     assert GridVideoProcessor.for_checkpoint(tmp_path, image_processor=None).__dict__ == processor.__dict__
+
+
+# The families' own video processors need torchvision: where it imports (the CI's torchvision stage), ours must
+# give what theirs give from the same saved settings. The published checkpoints' keys, at a tiny scale.
+_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_SAVED = {
+    "qwen2_vl": {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                 "size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}},
+    # whole-video bounds: 4 frames of 64x96 are 24,576 pixels, over 16,384 though each frame fits
+    "qwen3_vl": {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+                 "size": {"shortest_edge": 4096, "longest_edge": 16384}},
+    "glm4v": {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+              "size": {"shortest_edge": 112 * 112 * 4, "longest_edge": 28 * 28 * 2 * 64}},  # 4 frames: grown
+    "llava_onevision": {"size": {"height": 32, "width": 32}, "do_center_crop": False},
+    "llava_next_video": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
+                         "do_center_crop": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SAVED))
+def test_matches_the_familys_own_video_processor(name: str, tmp_path: Path) -> None:
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("the families' own video processors need torchvision")
+    from transformers import AutoVideoProcessor
+
+    from tests.fixtures.tiny.registry import FAMILIES
+    from vlmserve.models.hf_processor import load_processor
+
+    path = FAMILIES[name].build(tmp_path / name)
+    config = path / "video_preprocessor_config.json"
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**saved, **_CLIP, **_SAVED[name]}))
+    theirs = AutoVideoProcessor.from_pretrained(path)
+    ours = load_processor(path).video_processor
+    frames = [_frame(seed, (84, 56)) for seed in range(4)]
+    expected = theirs(videos=[frames], return_tensors="pt", do_sample_frames=False)
+    got = ours([frames])
+    for key in ("video_grid_thw",):
+        if key in expected:
+            assert got[key].tolist() == expected[key].tolist()
+    assert got["pixel_values_videos"].shape == expected["pixel_values_videos"].shape
+    # Pillow's bicubic resize against torchvision's: a few pixels differ by one 8-bit level (seen: mean 6e-5)
+    difference = (got["pixel_values_videos"] - expected["pixel_values_videos"]).abs()
+    one_level = 1 / 255 / min(_CLIP["image_std"])
+    assert float(difference.max()) <= one_level * 1.001 and float(difference.mean()) < 1e-3
