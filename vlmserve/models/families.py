@@ -156,8 +156,7 @@ _SPECS: tuple[FamilySpec, ...] = (
                recurrent="gated_delta_net", experts="grouped"),
     # indicator tokens (<IMG_START> …) between each image's tiles take visual-vocabulary embeddings
     FamilySpec(("ovis2",), packable_image_keys=_PIXELS, image_layout="tiles", extras=("visual_indicators",)),
-    # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
-    # self-check is what stands behind it.
+    # Pixtral's layout: each image's rows of [IMG] tokens closed by [IMG_BREAK], the last by [IMG_END]
     FamilySpec(("mistral3",), image_layout="tiles"),
     FamilySpec(("gemma3",), packable_image_keys=_PIXELS, bidirectional="image_runs"),
     # the processor writes every image's tokens first, side by side, then <bos> and the prompt

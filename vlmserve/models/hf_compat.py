@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -227,7 +228,36 @@ def transformers_class(name: str) -> Any:
     module_name = getattr(transformers, "_class_to_module", {}).get(name)
     if module_name is None:
         raise ImportError(f"transformers has no class {name}")
-    return getattr(importlib.import_module(f"transformers.{module_name}"), name)
+    return getattr(_import_beside_pil_twin(f"transformers.{module_name}"), name)
+
+
+def _import_beside_pil_twin(module_name: str) -> Any:
+    """Import `module_name`; where that fails only because it imports helpers from its family's torchvision image
+    processor module, import it against that module's Pil twin instead.
+
+    NOTE: Pixtral's processor module (Mistral 3's processor) takes `get_resize_output_image_size` from
+    `image_processing_pixtral`, which imports torchvision; `image_processing_pil_pixtral` defines the same
+    function (tests/unit/models/test_hf_compat.py holds that where torchvision imports). The twin stands in only
+    while the module imports: later imports of the torchvision module fail as they would without us.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("torchvision"):
+            raise
+        missing = exc
+    package = module_name.rpartition(".")[0]
+    family = package.rpartition(".")[2]
+    torchvision_module = f"{package}.image_processing_{family}"
+    try:
+        twin = importlib.import_module(f"{package}.image_processing_pil_{family}")
+    except ImportError:
+        raise missing from None
+    sys.modules[torchvision_module] = twin
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        del sys.modules[torchvision_module]
 
 
 def processor_class_name(model_type: str) -> str | None:

@@ -52,14 +52,11 @@ def _load_processor(family: TinyFamily, path: Path) -> Any:
     """The processor through vlmserve's loader; skipped only where transformers 5.17 needs torchvision for it."""
     if family.name in _PROCESSORS:
         return _PROCESSORS[family.name]
-    from transformers.utils import is_torchvision_available
-
     from vlmserve.models.hf_processor import load_processor
 
-    if family.needs_torchvision and not is_torchvision_available():
-        pytest.skip(f"{family.name}'s processor needs torchvision in transformers 5.17")
-    for package in family.requires:
-        pytest.importorskip(package)
+    missing = family.missing()
+    if missing:
+        pytest.skip(missing)
     processor = load_processor(path)
     _check_processor_kwargs(processor, path)
     _PROCESSORS[family.name] = processor

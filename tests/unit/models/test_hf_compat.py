@@ -208,6 +208,28 @@ def test_processor_internals() -> None:
     assert type(video).__name__ == "BaseVideoProcessor"
 
 
+def test_pixtral_processor_imports_without_torchvision_beside_its_pil_twin() -> None:
+    """Mistral 3's processor module takes a helper from the torchvision image processor module; the Pil module's
+    function of the same name must be the same code (checked where torchvision imports) and stand in otherwise."""
+    import sys
+
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+    from transformers.utils import is_torchvision_available
+
+    processor_cls = hf_compat.transformers_class("PixtralProcessor")
+    module = sys.modules[processor_cls.__module__]
+    helper = module.get_resize_output_image_size
+    if is_torchvision_available():
+        from transformers.models.pixtral import image_processing_pixtral as torchvision_module
+
+        assert helper is torchvision_module.get_resize_output_image_size
+        assert inspect.getsource(helper) == inspect.getsource(pil.get_resize_output_image_size)
+        assert inspect.getsource(torchvision_module._num_image_tokens) == inspect.getsource(pil._num_image_tokens)
+    else:
+        assert helper is pil.get_resize_output_image_size
+        assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules  # only while importing
+
+
 # --- hybrid decoders ------------------------------------------------------------------------------------------
 
 def _tiny_qwen3_5_text() -> Any:
