@@ -95,6 +95,10 @@ class FamilySpec:
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
     #: "visual_indicators": Ovis2's indicator tokens (<IMG_START> …) take rows of the visual vocabulary as their
     #: embeddings in prompts with images (a per-prompt embedding rule, applied by the adapter's embed_prompt)
+    #: "layer_features": Granite 4 Vision's projected features of several tower layers, each added to the image
+    #: rows' hidden states *before* the decoder layer its config maps it to (`vision_mask`, `deepstack_features`;
+    #: the image rows' own embeddings are zeros). Packed per step exactly as "deepstack" (one feature tensor per
+    #: target layer, in layer order); the adapter hands them to the decoder under its own argument names
     extras: tuple[str, ...] = ()
     #: "gated_delta_net": a hybrid decoder whose "linear_attention" layers (Qwen3.5's gated delta-net) keep a
     #: per-sequence recurrent state instead of KV; `vlmserve.models.gated_delta_net` runs them on the packed step,
@@ -117,7 +121,7 @@ class FamilySpec:
 
 
 #: extras the model runner packs per step
-IMPLEMENTED_EXTRAS = frozenset({"deepstack", "visual_indicators"})
+IMPLEMENTED_EXTRAS = frozenset({"deepstack", "layer_features", "visual_indicators"})
 
 _GRID = frozenset({"pixel_values", "image_grid_thw"})
 _PIXELS = frozenset({"pixel_values"})
@@ -141,6 +145,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("deepseek_vl",), packable_image_keys=_PIXELS, image_layout="touching"),
     FamilySpec(("aya_vision",), packable_image_keys=_PIXELS, image_layout="tiles"),
     FamilySpec(("llava_next", "llava_next_video", "video_llava")),
+    # LLaVA-NeXT tiling; its vision features reach the decoder only through layer_features (before chosen layers)
+    FamilySpec(("granite4_vision",), extras=("layer_features",)),
     FamilySpec(("deepseek_vl_hybrid",), image_layout="touching"),
     FamilySpec(("llava_onevision",), image_layout="touching"),
     FamilySpec(("idefics2",), decoder="text_model"),
@@ -162,8 +168,6 @@ FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.
 
 #: families known not to run on the paged engine, and why (logged when they fall back)
 REFUSED: dict[str, str] = {
-    "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
-                       "step yet); its head also divides the logits by logits_scaling",
     # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
     # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
     # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows

@@ -45,6 +45,8 @@ class HFAdapter(ModelAdapter):
 
     #: loaded from code shipped in the checkpoint (--trust-remote-code): served by the generate engine only
     is_remote_code = False
+    #: whether the decoder carries the hook that hands it Granite 4 Vision's layer features (see the spec setter)
+    _hooked = False
 
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:
@@ -100,6 +102,19 @@ class HFAdapter(ModelAdapter):
         self._spec = spec
         self._head = None  # built from the spec on first use
         self._decoder = getattr(self._base, spec.decoder, None) if spec is not None else None
+        if self._decoder is not None and self._has_layer_features and not self._hooked:
+            # The runner packs every deepstack-like extra under Qwen3-VL's argument names; Granite 4 Vision's
+            # decoder takes them under its own, keyed by layer (the one translation, on every rank alike).
+            self._decoder.register_forward_pre_hook(self._layer_feature_arguments, with_kwargs=True)
+            self._hooked = True
+
+    def _layer_feature_arguments(self, module: torch.nn.Module, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if "visual_pos_masks" not in kwargs or not self._has_layer_features:
+            return None
+        mask, features = kwargs.pop("visual_pos_masks"), kwargs.pop("deepstack_visual_embeds")
+        kwargs.update(hf_compat.layer_feature_kwargs(hf_compat.injection_layers(self.model.config), mask, features))
+        return args, kwargs
 
     def paged_support(self) -> str | None:
         if self.is_remote_code:
@@ -266,6 +281,8 @@ class HFAdapter(ModelAdapter):
         deepstack features beside them."""
         kwargs = _matching_kwargs(tower, model_inputs, self.device, self.dtype)
         output = tower(**kwargs)
+        if self._has_layer_features:
+            return self._layer_features(output)
         deepstack = hf_compat.deepstack_features(output) if self._has_deepstack else None
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
@@ -279,9 +296,25 @@ class HFAdapter(ModelAdapter):
             features = torch.cat([features, *(d.reshape(features.shape[0], -1) for d in deepstack)], dim=-1)
         return features
 
+    def _layer_features(self, output: Any) -> torch.Tensor:
+        """Granite 4 Vision: one row per image token, [zeros | features before layer l1 | l2 …] side by side (the
+        layout of Qwen3-VL's deepstack rows): the model zeroes its image tokens' embeddings and adds each layer's
+        features before that layer.
+
+        NOTE: the zero block costs the image-embedding cache one hidden-wide row per image token; it keeps one
+        layout (and one packing path in the runner) for both families."""
+        by_layer = hf_compat.features_by_layer(output)
+        layers = [by_layer[layer] for layer in hf_compat.injection_layers(self.model.config)]
+        return torch.cat([torch.zeros_like(layers[0]), *layers], dim=-1)
+
     @property
     def _has_deepstack(self) -> bool:
-        return self.spec is not None and "deepstack" in self.spec.extras
+        """Whether prompts carry deepstack-like extras ("visual_mask", "deepstack"), packed per step by the runner."""
+        return self.spec is not None and ("deepstack" in self.spec.extras or self._has_layer_features)
+
+    @property
+    def _has_layer_features(self) -> bool:
+        return self.spec is not None and "layer_features" in self.spec.extras
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],

@@ -157,6 +157,32 @@ def deepstack_features(output: Any) -> list[torch.Tensor] | None:
     return [torch.cat(list(layer)) if isinstance(layer, (list, tuple)) else layer for layer in layers]
 
 
+def injection_layers(config: Any) -> tuple[int, ...]:
+    """Granite 4 Vision: the decoder layers its vision features are added before, in increasing order — every
+    target of `deepstack_layer_map` and `spatial_target_layers` its decoder reaches (the forward's loop only
+    matches indices 0..num_hidden_layers-1)."""
+    num_layers = config.get_text_config().num_hidden_layers
+    targets = [int(layer) for _, layer in config.deepstack_layer_map or ()]
+    targets += [int(layer) for layer in config.spatial_target_layers or ()]
+    return tuple(sorted({layer for layer in targets if 0 <= layer < num_layers}))
+
+
+def features_by_layer(output: Any) -> dict[int, torch.Tensor]:
+    """Granite 4 Vision's `get_image_features` output as {decoder layer: (image tokens, hidden)}, all images
+    concatenated. A later (layer, features) pair for a layer replaces an earlier one, as in the model's forward,
+    which collects them into a dict."""
+    return {int(layer): torch.cat(list(per_image)) for layer, per_image in output.deepstack_features}
+
+
+def layer_feature_kwargs(layers: tuple[int, ...], visual_mask: torch.Tensor,
+                         features: list[torch.Tensor]) -> dict[str, Any]:
+    """Granite 4 Vision's decoder arguments for features packed per step: `visual_mask` (1, tokens) bool and one
+    (image rows, hidden) tensor per layer of `layers`. Its decoder adds them before each layer, at `vision_mask`."""
+    if len(features) != len(layers):
+        raise RuntimeError(f"{len(features)} packed feature layers for {len(layers)} injection layers")
+    return {"vision_mask": visual_mask.unsqueeze(-1), "deepstack_features": dict(zip(layers, features, strict=True))}
+
+
 def video_features_inputs(get_video_features: Callable[..., Any], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`pixels` (one video's frames) under the name this version's `get_video_features` takes them by."""
     accepted = inspect.signature(get_video_features).parameters
