@@ -10,7 +10,6 @@ families without one are served by the generate engine.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from vlmserve.models import gated_delta_net, hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
+from vlmserve.models.hf_inputs import collate_prompts, matching_kwargs, packed_image_inputs, to_device
 from vlmserve.models.video_processing import (
     SHARED_TOKEN_VIDEO_FAMILIES,
     FrameVideoProcessor,
@@ -35,10 +35,6 @@ from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
-#: keys of the processor output that run along the token axis (left-padded when batching)
-_PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
-#: keys of the processor output that belong to videos (encoded by `encode_videos`, never with the images)
-_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 class HFAdapter(ModelAdapter):
     """A transformers VLM served through its own processor, vision tower and decoder."""
@@ -74,21 +70,7 @@ class HFAdapter(ModelAdapter):
     # --- generate engine -------------------------------------------------------------------------------------
 
     def collate(self, prompts: list[PreparedPrompt]) -> dict[str, Any]:
-        width = max(p.num_tokens for p in prompts)
-        device = self.device
-        batch: dict[str, Any] = {
-            "input_ids": torch.tensor([[self.pad_token_id] * (width - p.num_tokens) + p.token_ids for p in prompts]),
-            "attention_mask": torch.tensor([[0] * (width - p.num_tokens) + [1] * p.num_tokens for p in prompts]),
-        }
-        keys = {k for p in prompts for k in p.model_inputs}
-        for key in sorted(keys - {"input_ids", "attention_mask"}):
-            values = [p.model_inputs.get(key) for p in prompts]
-            if key in _PER_TOKEN_KEYS:
-                batch[key] = torch.cat([_left_pad(v, p.num_tokens, width) for v, p in zip(values, prompts, strict=True)])
-            else:
-                present = [v for v in values if v is not None]
-                batch[key] = torch.cat(present) if isinstance(present[0], torch.Tensor) else _flatten(present)
-        return {k: _to_device(v, device, self.dtype) for k, v in batch.items()}
+        return collate_prompts(prompts, self.pad_token_id, self.device, self.dtype)
 
     # --- paged engine ----------------------------------------------------------------------------------------
 
@@ -193,7 +175,7 @@ class HFAdapter(ModelAdapter):
         """One vision-tower call for the images of all `prompts` where their inputs pack along the first axis
         (patch-packed towers: Qwen2-VL, Qwen2.5-VL, GLM-4.1V; fixed-size towers: LLaVA); else one call each."""
         packable = self.spec.packable_image_keys if self.spec is not None else frozenset()
-        merged = _packed_image_inputs([p.model_inputs for p in prompts], packable) if len(prompts) > 1 else None
+        merged = packed_image_inputs([p.model_inputs for p in prompts], packable) if len(prompts) > 1 else None
         sizes = [[span.end - span.start for span in p.image_spans] for p in prompts]
         if merged is None or any(len(s) != len(p.image_hashes) for s, p in zip(sizes, prompts, strict=True)):
             return super().encode_image_batch(prompts)
@@ -279,7 +261,7 @@ class HFAdapter(ModelAdapter):
     def _features(self, tower: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
         """`tower` (get_image_features or get_video_features) on `model_inputs`, as (tokens, hidden) rows with any
         deepstack features beside them."""
-        kwargs = _matching_kwargs(tower, model_inputs, self.device, self.dtype)
+        kwargs = matching_kwargs(tower, model_inputs, self.device, self.dtype)
         output = tower(**kwargs)
         if self._has_layer_features:
             return self._layer_features(output)
@@ -383,7 +365,7 @@ class HFAdapter(ModelAdapter):
             # a prompt built without the processor (token ids sent to /v1/completions) is all text: type 0
             inputs.setdefault("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         positions, delta = hf_compat.rope_index(
-            self._base, {k: _to_device(v, self.device, self.dtype) for k, v in inputs.items()})
+            self._base, {k: to_device(v, self.device, self.dtype) for k, v in inputs.items()})
         if positions.shape[0] != self.num_position_rows:
             raise RuntimeError(f"get_rope_index gave {positions.shape[0]} position rows; the {self.family} spec "
                                f"says {self.num_position_rows}")
@@ -402,52 +384,3 @@ class HFAdapter(ModelAdapter):
             assert self.spec is not None, self.paged_support()
             self._head = self.spec.head(self.model)
         return self._head(hidden)
-
-
-def _left_pad(value: torch.Tensor | None, length: int, width: int) -> torch.Tensor:
-    if value is None:
-        value = torch.zeros(1, length, dtype=torch.long)
-    return torch.nn.functional.pad(value, (width - value.shape[-1], 0))
-
-
-def _flatten(values: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        out.extend(v if isinstance(v, list) else [v])
-    return out
-
-
-def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.is_floating_point():
-        return value.to(device=device, dtype=dtype)
-    return value.to(device)
-
-
-def _packed_image_inputs(inputs: list[dict[str, Any]], packable: frozenset[str]) -> dict[str, Any] | None:
-    """The image inputs of several prompts as one, concatenated along the first axis, or None where that would
-    not mean "these images, one after another": keys beyond the family's packable ones (sizes, masks, patch
-    counts), pixels of different shapes without a grid to tell them apart, or prompts without images."""
-    keys = {k for model_inputs in inputs for k in model_inputs
-            if k not in {*_PER_TOKEN_KEYS, *_VIDEO_KEYS, "input_ids"}}
-    if not keys or not keys <= packable or "pixel_values" not in keys:
-        return None
-    merged: dict[str, Any] = {}
-    for key in keys:
-        values = [model_inputs.get(key) for model_inputs in inputs]
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if len(tensors) != len(values):
-            return None
-        if len({tuple(v.shape[1:]) for v in tensors}) != 1:
-            return None
-        merged[key] = torch.cat(tensors)
-    if "image_grid_thw" not in keys and merged["pixel_values"].dim() != 4:
-        return None  # without a grid, only (images, channels, height, width) pixels are plainly image after image
-    return merged
-
-
-def _matching_kwargs(fn: Any, inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The subset of `inputs` that `fn` accepts by name, moved to the model's device."""
-    names = inspect.signature(fn).parameters
-    return {k: _to_device(v, device, dtype) for k, v in inputs.items() if k in names}
