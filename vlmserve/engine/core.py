@@ -302,7 +302,8 @@ class PagedEngineCore:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_kv_blocks_total=pool.num_blocks, num_kv_blocks_free=pool.num_free, num_kv_blocks_cached=pool.num_cached,
             prefix_cache_queries=pool.num_queries, prefix_cache_hits=pool.num_hits,
-            image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses,
+            image_cache_hits=self.image_cache.hits["image"], image_cache_misses=self.image_cache.misses["image"],
+            video_cache_hits=self.image_cache.hits["video"], video_cache_misses=self.image_cache.misses["video"],
             num_preemptions=self.scheduler.num_preemptions, num_steps=c["steps"], num_generated_tokens=c["generated"],
             num_prompt_tokens=c["prompt"], generation_tokens_per_s=rate, num_aborted=c["aborted"],
             num_finished=c["finished"], engine=self.name)

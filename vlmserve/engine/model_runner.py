@@ -358,7 +358,7 @@ class ModelRunner:
         """The sequence's video features, from the embedding cache (keyed by video hash) or the vision tower (its
         time counted in the sequence's vision-encoder time)."""
         prompt = sequence.request.prompt
-        cached = self.image_cache.get_all(prompt.video_hashes)
+        cached = self.image_cache.get_all(prompt.video_hashes, kind="video")
         if cached is not None:
             return cached
         with timed(self.device) as elapsed:

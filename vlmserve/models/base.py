@@ -86,8 +86,9 @@ class PromptEmbedding:
     #: dynamic-NTK factor of the sequence's rotary base, chosen by its prompt and kept for all its tokens
     #: (Qwen-VL-Chat past seq_length); 1.0: the model's own base
     ntk_alpha: float = 1.0
-    #: per-token tensors some families inject after early layers; None for most. Qwen3-VL deepstack:
-    #: "visual_mask" (tokens,) bool, the image tokens; "deepstack" (layers, image tokens, hidden)
+    #: per-token tensors some families inject into decoder layers; None for most. Qwen3-VL deepstack (and Granite 4
+    #: Vision's layer features, in the same layout): "visual_mask" (tokens,) bool, the image tokens; "deepstack"
+    #: (layers, image tokens, hidden)
     extras: dict[str, Any] | None = None
 
 

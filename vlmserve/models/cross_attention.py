@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from vlmserve.types import PreparedPrompt
+
 #: set on cross-attention modules by `install`: the attention function sends them to `cross_attention_forward`
 CROSS_ATTENTION_MARK = "_vlmserve_cross_attention"
 
@@ -59,6 +61,27 @@ class CrossKV:
 
 def cross_attention_layers(decoder: torch.nn.Module) -> list[int]:
     return [int(i) for i in getattr(decoder.config, "cross_attention_layers", None) or ()]
+
+
+def missing_parts(base: Any) -> str | None:
+    """Why the model cannot take this path (None: it can)."""
+    if hasattr(base, "vision_model") and hasattr(base, "multi_modal_projector"):
+        return None
+    return "the spec names cross-attention but the model has no vision_model or multi_modal_projector"
+
+
+def prefix_scope(prompt: PreparedPrompt) -> str | None:
+    """The prefix-cache scope of a prompt: every row attends the vision states (a row that sees no tile attends all
+    of them evenly), so every block of a prompt with images depends on all of them, the blocks before its first
+    <|image|> included; text-only prompts share blocks as usual."""
+    return "images:" + ",".join(prompt.image_hashes) if prompt.image_hashes else None
+
+
+def prompt_kv(decoder: torch.nn.Module, prompt: PreparedPrompt, states: list[torch.Tensor]) -> CrossKV | None:
+    """`build_cross_kv` for a prompt from its images' `vision_states`; None for a prompt without images."""
+    if not states:
+        return None
+    return build_cross_kv(decoder, states, prompt.model_inputs["cross_attention_mask"])
 
 
 def _layer(decoder: torch.nn.Module, index: int) -> Any:

@@ -147,7 +147,7 @@ def _paged_families() -> list[str]:
     from tests.fixtures.tiny.registry import FAMILIES
     from vlmserve.models.families import FAMILY_SPECS
 
-    return sorted(name for name, f in FAMILIES.items() if f.paged_blocker is None and not f.needs_torchvision
+    return sorted(name for name, f in FAMILIES.items() if f.paged_blocker is None and f.missing() is None
                   and name not in ENGINE_FAMILIES and name in FAMILY_SPECS)
 
 

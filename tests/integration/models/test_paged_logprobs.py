@@ -62,9 +62,8 @@ def _cases() -> list[Any]:
     for name, family in sorted(FAMILIES.items()):
         if name not in FAMILY_SPECS:
             continue
-        marks = []
-        if family.needs_torchvision:
-            marks.append(pytest.mark.skip(reason=f"{name}'s processor needs torchvision in transformers 5.17"))
+        missing = family.missing()
+        marks = [pytest.mark.skip(reason=missing)] if missing else []
         cases.append(pytest.param(name, lambda out, f=family: f.build(out), family.requires, id=name, marks=marks))
     cases.append(pytest.param("glm4v_9b", _native("glm4v_9b", "build_glm4v_9b"), (), id="glm4v_9b(native)"))
     cases.append(pytest.param("qwen_vl_chat", _native("qwen_vl_chat", "build_qwen_vl_chat"), (),
