@@ -203,6 +203,17 @@ class ModelAdapter(ABC):
         dynamic-NTK rotary base chosen by the prompt's length); prompts of different scopes share no block."""
         return None
 
+    # --- cross-attention decoders (Mllama) --------------------------------------------------------------------
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention layers read per-request vision K/V (`models.cross_attention`)."""
+        return False
+
+    def cross_attention_kv(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> Any:
+        """The prompt's `CrossKV` from its images' `encode_images` output; None for a prompt without images."""
+        return None
+
     # --- hybrid decoders (recurrent layers beside attention) ------------------------------------------------
 
     @property

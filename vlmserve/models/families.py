@@ -114,6 +114,10 @@ class FamilySpec:
     #: layers still cut the run by their window); "prefix", all type-0 tokens as one block (PaliGemma's prefix-LM:
     #: image and prompt, whose sliding layers OR the block onto their windowed causal mask, so the window spares it)
     bidirectional: BidirectionalRule = "none"
+    #: Mllama: image features are not merged into the embeddings; the decoder's cross-attention layers read each
+    #: request's vision states, whose K/V the engine keeps per sequence (`vlmserve.models.cross_attention`,
+    #: `vlmserve.engine.cross_state`); every block of a prompt with images is keyed by all its images
+    cross_attention: bool = False
 
     @property
     def blocks_spare_window(self) -> bool:
@@ -159,6 +163,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     # Pixtral's layout: each image's rows of [IMG] tokens closed by [IMG_BREAK], the last by [IMG_END]
     FamilySpec(("mistral3",), image_layout="tiles"),
     FamilySpec(("gemma3",), packable_image_keys=_PIXELS, bidirectional="image_runs"),
+    # one <|image|> per image; the vision states reach the decoder through its cross-attention layers only
+    FamilySpec(("mllama",), image_layout="touching", cross_attention=True),
     # the processor writes every image's tokens first, side by side, then <bos> and the prompt
     FamilySpec(("paligemma",), packable_image_keys=_PIXELS, image_layout="touching", position_offset=1,
                bidirectional="prefix"),
@@ -167,16 +173,7 @@ _SPECS: tuple[FamilySpec, ...] = (
 FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
 
 #: families known not to run on the paged engine, and why (logged when they fall back)
-REFUSED: dict[str, str] = {
-    # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
-    # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
-    # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
-    # before any image (full_text_row_masked_out_mask); and a second attention path, because the cross-attention
-    # modules call the same attention function as the self-attention ones (ours would write image K/V into the
-    # paged self-attention cache).
-    "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
-              "per-request cross-attention K/V beside the paged cache yet",
-}
+REFUSED: dict[str, str] = {}
 
 
 #: families whose vision tower runs vlmserve.models.vision_attention's segmented varlen attention

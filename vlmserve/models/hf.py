@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vlmserve.models import gated_delta_net, hf_compat
+from vlmserve.models import cross_attention, gated_delta_net, hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
 from vlmserve.models.hf_inputs import collate_prompts, matching_kwargs, packed_image_inputs, to_device
@@ -108,7 +108,9 @@ class HFAdapter(ModelAdapter):
             return f"the model has no decoder at .model.{self.spec.decoder} or no lm_head"
         if self.spec.positions == "rope_index" and not hasattr(self._base, "get_rope_index"):
             return "the spec asks for get_rope_index positions but the model has no get_rope_index"
-        if not hasattr(self._base, "get_image_features"):
+        if self.has_cross_attention and (missing := cross_attention.missing_parts(self._base)):
+            return missing
+        if not self.has_cross_attention and not hasattr(self._base, "get_image_features"):
             return "the model has no get_image_features"
         if getattr(self._text_config, "is_encoder_decoder", False):
             return "encoder-decoder architecture"
@@ -149,6 +151,16 @@ class HFAdapter(ModelAdapter):
         return gated_delta_net.packed_forward(module, hidden, segments, conv, state)
 
     @property
+    def has_cross_attention(self) -> bool:
+        return self.spec is not None and self.spec.cross_attention
+
+    def cross_attention_kv(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> Any:
+        return cross_attention.prompt_kv(self.text_model, prompt, image_embeds) if self.has_cross_attention else None
+
+    def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
+        return cross_attention.prefix_scope(prompt) if self.has_cross_attention else None
+
+    @property
     def num_position_rows(self) -> int:
         return self.spec.num_position_rows if self.spec is not None else 1
 
@@ -163,6 +175,8 @@ class HFAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        if self.has_cross_attention:  # Mllama: vision states per image, for the cross-attention layers
+            return cross_attention.vision_states(self._base, prompt.model_inputs, self.device, self.dtype)
         flat = self._image_features(prompt.model_inputs)
         sizes = [span.end - span.start for span in prompt.image_spans]
         if len(sizes) == len(prompt.image_hashes) and sum(sizes) == flat.shape[0]:
@@ -304,6 +318,8 @@ class HFAdapter(ModelAdapter):
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         visual: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token mask, feature rows) per modality
+        if self.has_cross_attention:  # the images reach the decoder through cross_attention_kv, not embeddings
+            image_embeds = []
         in_video = self._shared_token_video_mask(prompt, ids)
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"

@@ -152,6 +152,7 @@ def _paged_families() -> list[str]:
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`hidden_state` is deprecated:FutureWarning")  # Mllama's own vision layers
 @pytest.mark.parametrize("name", _paged_families())
 def test_every_paged_family_equals_generate(name: str, tmp_path: Path) -> None:
     """Beyond the four families above: three concurrent requests, token for token equal to generate alone."""

@@ -45,6 +45,7 @@ from vlmserve.types import (
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`hidden_state` is deprecated:FutureWarning"),  # Mllama's own vision layers
 ]
 
 MAX_TOKENS = 8

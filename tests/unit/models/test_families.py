@@ -20,7 +20,7 @@ from vlmserve.types import PreparedPrompt
 
 def test_every_tiny_family_with_a_blocker_or_extras_is_off_the_allow_list() -> None:
     for name, family in FAMILIES.items():
-        if family.paged_blocker or (family.recipe_extras and name not in BIDIRECTIONAL):
+        if family.paged_blocker or (family.recipe_extras and name not in {*BIDIRECTIONAL, *CROSS_ATTENTION}):
             assert name not in FAMILY_SPECS, name
             assert refusal(name) is not None
     assert not FAMILY_SPECS.keys() & REFUSED.keys()
@@ -28,6 +28,14 @@ def test_every_tiny_family_with_a_blocker_or_extras_is_off_the_allow_list() -> N
 
 #: families whose recipe extras are their bidirectional blocks, which the paged attention implements
 BIDIRECTIONAL = {"gemma3": "image_runs", "paligemma": "prefix"}
+#: families whose recipe extras are cross-attention layers over per-request K/V (models/cross_attention.py)
+CROSS_ATTENTION = {"mllama"}
+
+
+def test_cross_attention_families_carry_their_flag() -> None:
+    for name in CROSS_ATTENTION:
+        assert FAMILY_SPECS[name].cross_attention and refusal(name) is None
+    assert not any(spec.cross_attention for name, spec in FAMILY_SPECS.items() if name not in CROSS_ATTENTION)
 
 
 def test_bidirectional_families_carry_their_rule() -> None:
