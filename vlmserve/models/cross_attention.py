@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlmserve.models import hf_compat
 from vlmserve.types import PreparedPrompt
 
 #: set on cross-attention modules by `install`: the attention function sends them to `cross_attention_forward`
@@ -177,8 +178,8 @@ def _forward(index: int, original: Any, current: Any, hidden_states: torch.Tenso
         rows = hidden_states[:, segment.start:segment.end]
         out[:, segment.start:segment.end] = original(
             rows, cross_attention_states=None, cross_attention_mask=mask, attention_mask=None,
-            full_text_row_masked_out_mask=row_mask, past_key_values=_OneLayerCache(index, keys, values),
-            use_cache=False)
+            full_text_row_masked_out_mask=row_mask, use_cache=False,
+            **{hf_compat.cache_name(): _OneLayerCache(index, keys, values)})
     return out
 
 
