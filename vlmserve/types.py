@@ -263,6 +263,8 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens found
     image_cache_hits: int = 0
     image_cache_misses: int = 0
+    video_cache_hits: int = 0  # videos' embeddings share the image cache; counted apart
+    video_cache_misses: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
     num_generated_tokens: int = 0

@@ -8,7 +8,9 @@ token text and bytes, not ids.
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -22,12 +24,17 @@ TOO_LONG = 10**6
 
 
 @pytest.fixture(scope="module")
-def litellm() -> Any:
+def litellm() -> Iterator[Any]:
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no download of the price list (tests stay offline)
     import litellm
 
     litellm.telemetry = False
-    return litellm
+    yield litellm
+    # litellm caches the HTTP clients it creates; closed here, their sockets do not outlive the test server
+    for client in list(litellm.in_memory_llm_clients_cache.cache_dict.values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not inspect.iscoroutinefunction(close):
+            close()
 
 
 def lenient_messages() -> list[dict[str, Any]]:

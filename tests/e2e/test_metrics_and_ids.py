@@ -36,7 +36,8 @@ def test_metrics_move_as_requests_run(demo_server: ServerProcess, demo_client: o
     before = scrape(demo_server)
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
-                 "vlmserve:image_embedding_cache_queries_total", "vlmserve:image_embedding_cache_hits_total"):
+                 "vlmserve:image_embedding_cache_queries_total", "vlmserve:image_embedding_cache_hits_total",
+                 "vlmserve:video_embedding_cache_queries_total", "vlmserve:video_embedding_cache_hits_total"):
         assert name in before, name
     completion = demo_client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0, messages=[
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_input()[0]["content"][0]

@@ -131,6 +131,10 @@ class _EngineCollector(Collector):
                       stats.image_cache_hits + stats.image_cache_misses)
         yield counter("vlmserve:image_embedding_cache_hits", "Image embeddings found in the image cache.",
                       stats.image_cache_hits)
+        yield counter("vlmserve:video_embedding_cache_queries", "Video embeddings looked up in the embedding cache.",
+                      stats.video_cache_hits + stats.video_cache_misses)
+        yield counter("vlmserve:video_embedding_cache_hits", "Video embeddings found in the embedding cache.",
+                      stats.video_cache_hits)
         yield counter("vlmserve:grammar_compiles", "Structured-output grammars compiled (cache misses).",
                       stats.num_grammars_compiled)
         yield counter("vlmserve:grammar_compile_seconds", "Seconds spent compiling structured-output grammars.",

@@ -24,6 +24,7 @@ import torch
 from vlmserve.engine.kv_cache import KVCache
 from vlmserve.engine.paged_attention import paged_attention, write_kv
 from vlmserve.engine.recurrent_state import RecurrentStep
+from vlmserve.models.cross_attention import CROSS_ATTENTION_MARK, CrossSegment, cross_attention_forward
 from vlmserve.models.hf_compat import register_attention, use_attention
 
 ATTENTION_NAME = "vlmserve_paged"
@@ -47,6 +48,8 @@ class AttentionBatch:
     block_bounds: tuple[torch.Tensor, torch.Tensor] | None = None
     #: sliding-window layers leave those blocks whole (PaliGemma 2) rather than cut them (Gemma 3)
     blocks_spare_window: bool = False
+    #: per sequence of the step, its rows and cross-attention K/V (Mllama only; see `models.cross_attention`)
+    cross: list[CrossSegment] | None = None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -74,6 +77,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     batch = _current
     if batch is None:
         raise RuntimeError("paged attention called outside an engine step")
+    if module.__dict__.get(CROSS_ATTENTION_MARK):  # Mllama's cross-attention: the request's vision K/V, not the cache
+        return cross_attention_forward(module, query, key, value, attention_mask, scaling)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)

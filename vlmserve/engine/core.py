@@ -15,6 +15,7 @@ from collections import deque
 import torch
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine.cross_state import CrossKVStore
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.inbox import Inbox
 from vlmserve.engine.kv_cache import KVCache
@@ -68,10 +69,14 @@ class PagedEngineCore:
             # sharded: a hybrid decoder runs on one device
             raise RuntimeError(f"--tensor-parallel-size > 1 does not support {adapter.family}: its linear-attention "
                                "layers' per-sequence state is not sharded across ranks")
+        if tp_group is not None and adapter.has_cross_attention:
+            raise RuntimeError(f"--tensor-parallel-size > 1 does not support {adapter.family}: its cross-attention "
+                               "layers' per-request K/V are not sharded across ranks")
         states, slots = self._recurrent_states(adapter, config)
+        cross_kv = CrossKVStore() if adapter.has_cross_attention else None
         self.kv = KVCacheManager(num_blocks, block_size=config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching, state_slots=slots,
-                                 scope=adapter.prefix_cache_scope)
+                                 cross_kv=cross_kv, scope=adapter.prefix_cache_scope)
         cache = KVCache.allocate(adapter.kv_layout, num_blocks, config.block_size, dtype=adapter.dtype,
                                  device=adapter.device)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
@@ -82,7 +87,7 @@ class PagedEngineCore:
                                   compile_decoder=config.compile_decoder,
                                   enable_vision_graphs=config.enable_vision_graphs,
                                   channel=StepChannel(tp_group) if tp_group is not None else None,
-                                  states=states)
+                                  states=states, cross_kv=cross_kv)
         self.structured = StructuredOutputs(adapter.tokenizer, eos_token_ids=adapter.eos_token_ids)
         self._text_policy = TextPolicy.from_tokenizer(adapter.tokenizer)  # for stop strings (engine.stopping)
         self._inbox = Inbox()
@@ -297,7 +302,8 @@ class PagedEngineCore:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_kv_blocks_total=pool.num_blocks, num_kv_blocks_free=pool.num_free, num_kv_blocks_cached=pool.num_cached,
             prefix_cache_queries=pool.num_queries, prefix_cache_hits=pool.num_hits,
-            image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses,
+            image_cache_hits=self.image_cache.hits["image"], image_cache_misses=self.image_cache.misses["image"],
+            video_cache_hits=self.image_cache.hits["video"], video_cache_misses=self.image_cache.misses["video"],
             num_preemptions=self.scheduler.num_preemptions, num_steps=c["steps"], num_generated_tokens=c["generated"],
             num_prompt_tokens=c["prompt"], generation_tokens_per_s=rate, num_aborted=c["aborted"],
             num_finished=c["finished"], engine=self.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vlmserve.engine.cross_state import CrossKVStore
 from vlmserve.engine.kv_cache import BlockHash, BlockPool, extend_block_hashes
 from vlmserve.engine.recurrent_state import StateSlots
 from vlmserve.engine.request import Sequence
@@ -31,7 +32,7 @@ class KVCacheManager:
     """Owns the block pool; the scheduler asks it for slots, the core tells it when a step's KV is written."""
 
     def __init__(self, num_blocks: int, *, block_size: int, enable_prefix_caching: bool,
-                 state_slots: StateSlots | None = None,
+                 state_slots: StateSlots | None = None, cross_kv: CrossKVStore | None = None,
                  scope: Callable[[PreparedPrompt], str | None] | None = None) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
@@ -39,6 +40,8 @@ class KVCacheManager:
         self.scope = scope
         #: a hybrid decoder's recurrent-state slots, held with the blocks (one per sequence holding blocks)
         self.state_slots = state_slots
+        #: cross-attention K/V of the sequences holding blocks (Mllama; see engine.cross_state), freed with them
+        self.cross_kv = cross_kv
         # NOTE: a recurrent state cannot resume from a cached block, so hybrid decoders never look blocks up
         self.enable_prefix_caching = enable_prefix_caching and state_slots is None
 
@@ -99,6 +102,8 @@ class KVCacheManager:
         """Give back every block of the sequence; its progress restarts from nothing (its hashes stay valid)."""
         self.pool.release(sequence.block_ids)
         self._release_state_slot(sequence)
+        if self.cross_kv is not None:
+            self.cross_kv.release(sequence)
         sequence.block_ids = []
         sequence.num_cached_blocks = 0
         sequence.num_computed_tokens = 0

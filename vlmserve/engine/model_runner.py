@@ -21,6 +21,7 @@ import torch
 
 from vlmserve.engine import attention, recurrent_state
 from vlmserve.engine.attention import AttentionBatch
+from vlmserve.engine.cross_state import CrossKVStore
 from vlmserve.engine.cuda_graphs import DecodeGraphs
 from vlmserve.engine.image_cache import ImageEmbeddingCache
 from vlmserve.engine.kv_cache import KVCache
@@ -30,6 +31,7 @@ from vlmserve.engine.request import Sequence
 from vlmserve.engine.sampler import Sampler, SamplerOutput
 from vlmserve.engine.scheduler import ScheduledChunk
 from vlmserve.engine.vision_timing import share_by_images, timed
+from vlmserve.models import cross_attention
 from vlmserve.models.base import ModelAdapter
 from vlmserve.types import PreparedPrompt
 
@@ -127,10 +129,11 @@ class ModelRunner:
                  max_num_seqs: int, max_model_len: int, enable_cuda_graphs: bool,
                  compile_decoder: bool = False, enable_vision_graphs: bool = False,
                  channel: StepChannel | None = None, computes_logits: bool = True,
-                 states: RecurrentStates | None = None) -> None:
+                 states: RecurrentStates | None = None, cross_kv: CrossKVStore | None = None) -> None:
         """`channel`: with tensor parallelism, rank 0's runner sends each forward's inputs through it first (the
         workers run the same forward on their shards); `computes_logits` is False on the workers. `states`: a
-        hybrid decoder's recurrent-state pool (`engine.recurrent_state`)."""
+        hybrid decoder's recurrent-state pool (`engine.recurrent_state`). `cross_kv`: the per-sequence cross-attention
+        K/V of a cross-attention decoder (Mllama; `engine.cross_state`)."""
         self.adapter = adapter
         self._channel = channel
         self.cache = cache
@@ -142,10 +145,17 @@ class ModelRunner:
         attention.install(adapter.text_model)
         if states is not None:
             recurrent_state.install(adapter, attention.current_batch)
+        self.cross_kv = cross_kv
+        if cross_kv is not None:
+            cross_attention.install(adapter.text_model, attention.current_batch)
         self._graphs: DecodeGraphs | None = None
         if enable_cuda_graphs and self.device.type == "cuda" and states is not None:
             # NOTE: the recurrent layers gather and scatter per-sequence state on the host side of each step
             logger.info("CUDA graphs off for %s: its recurrent layers' state is not captured", adapter.family)
+        elif enable_cuda_graphs and self.device.type == "cuda" and cross_kv is not None:
+            # NOTE: each request's cross-attention K/V differ in size and are attended in a per-sequence loop
+            logger.info("CUDA graphs off for %s: its cross-attention layers read per-request K/V of varying size",
+                        adapter.family)
         elif enable_cuda_graphs and self.device.type == "cuda":
             try:
                 self._graphs = DecodeGraphs(adapter, cache, max_batch=max_num_seqs, max_model_len=max_model_len,
@@ -275,9 +285,16 @@ class ModelRunner:
         batch.recurrent = self._recurrent_step(chunks, cu_seqlens)
         embeds, position_ids = rows.build(self.adapter, self._rows, device)
         position_ids = position_ids.unsqueeze(1) if self._rows > 1 else position_ids
+        extras = rows.decoder_extras(device)
+        if self.cross_kv is not None:
+            batch.cross = self.cross_kv.segments([c.sequence for c in chunks], [c.start for c in chunks], cu_seqlens)
+            if any(segment.kv is not None for segment in batch.cross):
+                # the decoder skips its cross-attention layers without cross_attention_states; the layers
+                # themselves read each sequence's K/V from the step (models.cross_attention), not this placeholder
+                extras["cross_attention_states"] = embeds.new_zeros(1, 1, embeds.shape[-1])
         return StepInputs(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids,
                           attention=batch, sample_rows=sample_rows, sample_sequences=sample_sequences,
-                          decoder_extras=rows.decoder_extras(device))
+                          decoder_extras=extras)
 
     def _recurrent_step(self, chunks: list[ScheduledChunk], cu_seqlens: list[int]) -> RecurrentStep | None:
         if self.states is None:
@@ -332,12 +349,16 @@ class ModelRunner:
             sequence.rope_delta = embedding.rope_delta
             sequence.ntk_alpha = embedding.ntk_alpha
             sequence.prompt_extras = embedding.extras
+            if self.cross_kv is not None:
+                kv = self.adapter.cross_attention_kv(prompt, features[id(prompt)])
+                if kv is not None:
+                    self.cross_kv.put(sequence, kv)
 
     def _video_features(self, sequence: Sequence) -> list[torch.Tensor]:
         """The sequence's video features, from the embedding cache (keyed by video hash) or the vision tower (its
         time counted in the sequence's vision-encoder time)."""
         prompt = sequence.request.prompt
-        cached = self.image_cache.get_all(prompt.video_hashes)
+        cached = self.image_cache.get_all(prompt.video_hashes, kind="video")
         if cached is not None:
             return cached
         with timed(self.device) as elapsed:

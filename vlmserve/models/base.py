@@ -86,8 +86,9 @@ class PromptEmbedding:
     #: dynamic-NTK factor of the sequence's rotary base, chosen by its prompt and kept for all its tokens
     #: (Qwen-VL-Chat past seq_length); 1.0: the model's own base
     ntk_alpha: float = 1.0
-    #: per-token tensors some families inject after early layers; None for most. Qwen3-VL deepstack:
-    #: "visual_mask" (tokens,) bool, the image tokens; "deepstack" (layers, image tokens, hidden)
+    #: per-token tensors some families inject into decoder layers; None for most. Qwen3-VL deepstack (and Granite 4
+    #: Vision's layer features, in the same layout): "visual_mask" (tokens,) bool, the image tokens; "deepstack"
+    #: (layers, image tokens, hidden)
     extras: dict[str, Any] | None = None
 
 
@@ -200,6 +201,17 @@ class ModelAdapter(ABC):
     def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
         """What besides tokens and images makes this prompt's KV differ from another's with the same prefix (a
         dynamic-NTK rotary base chosen by the prompt's length); prompts of different scopes share no block."""
+        return None
+
+    # --- cross-attention decoders (Mllama) --------------------------------------------------------------------
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention layers read per-request vision K/V (`models.cross_attention`)."""
+        return False
+
+    def cross_attention_kv(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> Any:
+        """The prompt's `CrossKV` from its images' `encode_images` output; None for a prompt without images."""
         return None
 
     # --- hybrid decoders (recurrent layers beside attention) ------------------------------------------------

@@ -95,6 +95,10 @@ class FamilySpec:
     #: the first decoder layers (`visual_pos_masks`, `deepstack_visual_embeds`), packed per step by the runner
     #: "visual_indicators": Ovis2's indicator tokens (<IMG_START> …) take rows of the visual vocabulary as their
     #: embeddings in prompts with images (a per-prompt embedding rule, applied by the adapter's embed_prompt)
+    #: "layer_features": Granite 4 Vision's projected features of several tower layers, each added to the image
+    #: rows' hidden states *before* the decoder layer its config maps it to (`vision_mask`, `deepstack_features`;
+    #: the image rows' own embeddings are zeros). Packed per step exactly as "deepstack" (one feature tensor per
+    #: target layer, in layer order); the adapter hands them to the decoder under its own argument names
     extras: tuple[str, ...] = ()
     #: "gated_delta_net": a hybrid decoder whose "linear_attention" layers (Qwen3.5's gated delta-net) keep a
     #: per-sequence recurrent state instead of KV; `vlmserve.models.gated_delta_net` runs them on the packed step,
@@ -110,6 +114,10 @@ class FamilySpec:
     #: layers still cut the run by their window); "prefix", all type-0 tokens as one block (PaliGemma's prefix-LM:
     #: image and prompt, whose sliding layers OR the block onto their windowed causal mask, so the window spares it)
     bidirectional: BidirectionalRule = "none"
+    #: Mllama: image features are not merged into the embeddings; the decoder's cross-attention layers read each
+    #: request's vision states, whose K/V the engine keeps per sequence (`vlmserve.models.cross_attention`,
+    #: `vlmserve.engine.cross_state`); every block of a prompt with images is keyed by all its images
+    cross_attention: bool = False
 
     @property
     def blocks_spare_window(self) -> bool:
@@ -117,7 +125,7 @@ class FamilySpec:
 
 
 #: extras the model runner packs per step
-IMPLEMENTED_EXTRAS = frozenset({"deepstack", "visual_indicators"})
+IMPLEMENTED_EXTRAS = frozenset({"deepstack", "layer_features", "visual_indicators"})
 
 _GRID = frozenset({"pixel_values", "image_grid_thw"})
 _PIXELS = frozenset({"pixel_values"})
@@ -141,6 +149,8 @@ _SPECS: tuple[FamilySpec, ...] = (
     FamilySpec(("deepseek_vl",), packable_image_keys=_PIXELS, image_layout="touching"),
     FamilySpec(("aya_vision",), packable_image_keys=_PIXELS, image_layout="tiles"),
     FamilySpec(("llava_next", "llava_next_video", "video_llava")),
+    # LLaVA-NeXT tiling; its vision features reach the decoder only through layer_features (before chosen layers)
+    FamilySpec(("granite4_vision",), extras=("layer_features",)),
     FamilySpec(("deepseek_vl_hybrid",), image_layout="touching"),
     FamilySpec(("llava_onevision",), image_layout="touching"),
     FamilySpec(("idefics2",), decoder="text_model"),
@@ -150,10 +160,11 @@ _SPECS: tuple[FamilySpec, ...] = (
                recurrent="gated_delta_net", experts="grouped"),
     # indicator tokens (<IMG_START> …) between each image's tiles take visual-vocabulary embeddings
     FamilySpec(("ovis2",), packable_image_keys=_PIXELS, image_layout="tiles", extras=("visual_indicators",)),
-    # NOTE: no tiny checkpoint here (its processor needs torchvision in transformers 5.17); the load-time
-    # self-check is what stands behind it.
+    # Pixtral's layout: each image's rows of [IMG] tokens closed by [IMG_BREAK], the last by [IMG_END]
     FamilySpec(("mistral3",), image_layout="tiles"),
     FamilySpec(("gemma3",), packable_image_keys=_PIXELS, bidirectional="image_runs"),
+    # one <|image|> per image; the vision states reach the decoder through its cross-attention layers only
+    FamilySpec(("mllama",), image_layout="touching", cross_attention=True),
     # the processor writes every image's tokens first, side by side, then <bos> and the prompt
     FamilySpec(("paligemma",), packable_image_keys=_PIXELS, image_layout="touching", position_offset=1,
                bidirectional="prefix"),
@@ -162,18 +173,7 @@ _SPECS: tuple[FamilySpec, ...] = (
 FAMILY_SPECS: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
 
 #: families known not to run on the paged engine, and why (logged when they fall back)
-REFUSED: dict[str, str] = {
-    "granite4_vision": "deepstack visual features are injected before several decoder layers (not packed per "
-                       "step yet); its head also divides the logits by logits_scaling",
-    # NOTE: what the paged engine would need (not built): per request, the K/V of its vision states for each
-    # cross-attention layer, computed once and kept beside the paged cache (freed and recomputed with the
-    # sequence); per packed row, the image tiles its cross_attention_mask lets it see, and the zeroing of rows
-    # before any image (full_text_row_masked_out_mask); and a second attention path, because the cross-attention
-    # modules call the same attention function as the self-attention ones (ours would write image K/V into the
-    # paged self-attention cache).
-    "mllama": "cross-attention layers read each request's own vision states under a per-token image mask: no "
-              "per-request cross-attention K/V beside the paged cache yet",
-}
+REFUSED: dict[str, str] = {}
 
 
 #: families whose vision tower runs vlmserve.models.vision_attention's segmented varlen attention

@@ -10,15 +10,15 @@ families without one are served by the generate engine.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
 import torch
 
-from vlmserve.models import gated_delta_net, hf_compat
+from vlmserve.models import cross_attention, gated_delta_net, hf_compat
 from vlmserve.models.base import KVLayout, ModelAdapter, PromptEmbedding, RecurrentLayout
 from vlmserve.models.families import FamilySpec, bidirectional_blocks, family_spec, refusal
+from vlmserve.models.hf_inputs import collate_prompts, matching_kwargs, packed_image_inputs, to_device
 from vlmserve.models.video_processing import (
     SHARED_TOKEN_VIDEO_FAMILIES,
     FrameVideoProcessor,
@@ -35,16 +35,14 @@ from vlmserve.types import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 
-#: keys of the processor output that run along the token axis (left-padded when batching)
-_PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
-#: keys of the processor output that belong to videos (encoded by `encode_videos`, never with the images)
-_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 class HFAdapter(ModelAdapter):
     """A transformers VLM served through its own processor, vision tower and decoder."""
 
     #: loaded from code shipped in the checkpoint (--trust-remote-code): served by the generate engine only
     is_remote_code = False
+    #: whether the decoder carries the hook that hands it Granite 4 Vision's layer features (see the spec setter)
+    _hooked = False
 
     def __init__(self, model: Any, processor: Any, *, max_model_len: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None) -> None:
@@ -72,21 +70,7 @@ class HFAdapter(ModelAdapter):
     # --- generate engine -------------------------------------------------------------------------------------
 
     def collate(self, prompts: list[PreparedPrompt]) -> dict[str, Any]:
-        width = max(p.num_tokens for p in prompts)
-        device = self.device
-        batch: dict[str, Any] = {
-            "input_ids": torch.tensor([[self.pad_token_id] * (width - p.num_tokens) + p.token_ids for p in prompts]),
-            "attention_mask": torch.tensor([[0] * (width - p.num_tokens) + [1] * p.num_tokens for p in prompts]),
-        }
-        keys = {k for p in prompts for k in p.model_inputs}
-        for key in sorted(keys - {"input_ids", "attention_mask"}):
-            values = [p.model_inputs.get(key) for p in prompts]
-            if key in _PER_TOKEN_KEYS:
-                batch[key] = torch.cat([_left_pad(v, p.num_tokens, width) for v, p in zip(values, prompts, strict=True)])
-            else:
-                present = [v for v in values if v is not None]
-                batch[key] = torch.cat(present) if isinstance(present[0], torch.Tensor) else _flatten(present)
-        return {k: _to_device(v, device, self.dtype) for k, v in batch.items()}
+        return collate_prompts(prompts, self.pad_token_id, self.device, self.dtype)
 
     # --- paged engine ----------------------------------------------------------------------------------------
 
@@ -100,6 +84,19 @@ class HFAdapter(ModelAdapter):
         self._spec = spec
         self._head = None  # built from the spec on first use
         self._decoder = getattr(self._base, spec.decoder, None) if spec is not None else None
+        if self._decoder is not None and self._has_layer_features and not self._hooked:
+            # The runner packs every deepstack-like extra under Qwen3-VL's argument names; Granite 4 Vision's
+            # decoder takes them under its own, keyed by layer (the one translation, on every rank alike).
+            self._decoder.register_forward_pre_hook(self._layer_feature_arguments, with_kwargs=True)
+            self._hooked = True
+
+    def _layer_feature_arguments(self, module: torch.nn.Module, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if "visual_pos_masks" not in kwargs or not self._has_layer_features:
+            return None
+        mask, features = kwargs.pop("visual_pos_masks"), kwargs.pop("deepstack_visual_embeds")
+        kwargs.update(hf_compat.layer_feature_kwargs(hf_compat.injection_layers(self.model.config), mask, features))
+        return args, kwargs
 
     def paged_support(self) -> str | None:
         if self.is_remote_code:
@@ -111,7 +108,9 @@ class HFAdapter(ModelAdapter):
             return f"the model has no decoder at .model.{self.spec.decoder} or no lm_head"
         if self.spec.positions == "rope_index" and not hasattr(self._base, "get_rope_index"):
             return "the spec asks for get_rope_index positions but the model has no get_rope_index"
-        if not hasattr(self._base, "get_image_features"):
+        if self.has_cross_attention and (missing := cross_attention.missing_parts(self._base)):
+            return missing
+        if not self.has_cross_attention and not hasattr(self._base, "get_image_features"):
             return "the model has no get_image_features"
         if getattr(self._text_config, "is_encoder_decoder", False):
             return "encoder-decoder architecture"
@@ -152,6 +151,16 @@ class HFAdapter(ModelAdapter):
         return gated_delta_net.packed_forward(module, hidden, segments, conv, state)
 
     @property
+    def has_cross_attention(self) -> bool:
+        return self.spec is not None and self.spec.cross_attention
+
+    def cross_attention_kv(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor]) -> Any:
+        return cross_attention.prompt_kv(self.text_model, prompt, image_embeds) if self.has_cross_attention else None
+
+    def prefix_cache_scope(self, prompt: PreparedPrompt) -> str | None:
+        return cross_attention.prefix_scope(prompt) if self.has_cross_attention else None
+
+    @property
     def num_position_rows(self) -> int:
         return self.spec.num_position_rows if self.spec is not None else 1
 
@@ -166,6 +175,8 @@ class HFAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def encode_images(self, prompt: PreparedPrompt) -> list[torch.Tensor]:
+        if self.has_cross_attention:  # Mllama: vision states per image, for the cross-attention layers
+            return cross_attention.vision_states(self._base, prompt.model_inputs, self.device, self.dtype)
         flat = self._image_features(prompt.model_inputs)
         sizes = [span.end - span.start for span in prompt.image_spans]
         if len(sizes) == len(prompt.image_hashes) and sum(sizes) == flat.shape[0]:
@@ -178,7 +189,7 @@ class HFAdapter(ModelAdapter):
         """One vision-tower call for the images of all `prompts` where their inputs pack along the first axis
         (patch-packed towers: Qwen2-VL, Qwen2.5-VL, GLM-4.1V; fixed-size towers: LLaVA); else one call each."""
         packable = self.spec.packable_image_keys if self.spec is not None else frozenset()
-        merged = _packed_image_inputs([p.model_inputs for p in prompts], packable) if len(prompts) > 1 else None
+        merged = packed_image_inputs([p.model_inputs for p in prompts], packable) if len(prompts) > 1 else None
         sizes = [[span.end - span.start for span in p.image_spans] for p in prompts]
         if merged is None or any(len(s) != len(p.image_hashes) for s, p in zip(sizes, prompts, strict=True)):
             return super().encode_image_batch(prompts)
@@ -264,8 +275,10 @@ class HFAdapter(ModelAdapter):
     def _features(self, tower: Any, model_inputs: dict[str, Any]) -> torch.Tensor:
         """`tower` (get_image_features or get_video_features) on `model_inputs`, as (tokens, hidden) rows with any
         deepstack features beside them."""
-        kwargs = _matching_kwargs(tower, model_inputs, self.device, self.dtype)
+        kwargs = matching_kwargs(tower, model_inputs, self.device, self.dtype)
         output = tower(**kwargs)
+        if self._has_layer_features:
+            return self._layer_features(output)
         deepstack = hf_compat.deepstack_features(output) if self._has_deepstack else None
         if hasattr(output, "pooler_output") and output.pooler_output is not None:
             output = output.pooler_output
@@ -279,9 +292,25 @@ class HFAdapter(ModelAdapter):
             features = torch.cat([features, *(d.reshape(features.shape[0], -1) for d in deepstack)], dim=-1)
         return features
 
+    def _layer_features(self, output: Any) -> torch.Tensor:
+        """Granite 4 Vision: one row per image token, [zeros | features before layer l1 | l2 …] side by side (the
+        layout of Qwen3-VL's deepstack rows): the model zeroes its image tokens' embeddings and adds each layer's
+        features before that layer.
+
+        NOTE: the zero block costs the image-embedding cache one hidden-wide row per image token; it keeps one
+        layout (and one packing path in the runner) for both families."""
+        by_layer = hf_compat.features_by_layer(output)
+        layers = [by_layer[layer] for layer in hf_compat.injection_layers(self.model.config)]
+        return torch.cat([torch.zeros_like(layers[0]), *layers], dim=-1)
+
     @property
     def _has_deepstack(self) -> bool:
-        return self.spec is not None and "deepstack" in self.spec.extras
+        """Whether prompts carry deepstack-like extras ("visual_mask", "deepstack"), packed per step by the runner."""
+        return self.spec is not None and ("deepstack" in self.spec.extras or self._has_layer_features)
+
+    @property
+    def _has_layer_features(self) -> bool:
+        return self.spec is not None and "layer_features" in self.spec.extras
 
     @torch.inference_mode()
     def embed_prompt(self, prompt: PreparedPrompt, image_embeds: list[torch.Tensor],
@@ -289,6 +318,8 @@ class HFAdapter(ModelAdapter):
         ids = torch.tensor(prompt.token_ids, device=self.device)
         embeds = self.embed_tokens(ids)
         visual: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token mask, feature rows) per modality
+        if self.has_cross_attention:  # the images reach the decoder through cross_attention_kv, not embeddings
+            image_embeds = []
         in_video = self._shared_token_video_mask(prompt, ids)
         if image_embeds:
             assert self.image_token_id is not None, "images reach only models with an image token"
@@ -350,7 +381,7 @@ class HFAdapter(ModelAdapter):
             # a prompt built without the processor (token ids sent to /v1/completions) is all text: type 0
             inputs.setdefault("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         positions, delta = hf_compat.rope_index(
-            self._base, {k: _to_device(v, self.device, self.dtype) for k, v in inputs.items()})
+            self._base, {k: to_device(v, self.device, self.dtype) for k, v in inputs.items()})
         if positions.shape[0] != self.num_position_rows:
             raise RuntimeError(f"get_rope_index gave {positions.shape[0]} position rows; the {self.family} spec "
                                f"says {self.num_position_rows}")
@@ -369,52 +400,3 @@ class HFAdapter(ModelAdapter):
             assert self.spec is not None, self.paged_support()
             self._head = self.spec.head(self.model)
         return self._head(hidden)
-
-
-def _left_pad(value: torch.Tensor | None, length: int, width: int) -> torch.Tensor:
-    if value is None:
-        value = torch.zeros(1, length, dtype=torch.long)
-    return torch.nn.functional.pad(value, (width - value.shape[-1], 0))
-
-
-def _flatten(values: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        out.extend(v if isinstance(v, list) else [v])
-    return out
-
-
-def _to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    if value.is_floating_point():
-        return value.to(device=device, dtype=dtype)
-    return value.to(device)
-
-
-def _packed_image_inputs(inputs: list[dict[str, Any]], packable: frozenset[str]) -> dict[str, Any] | None:
-    """The image inputs of several prompts as one, concatenated along the first axis, or None where that would
-    not mean "these images, one after another": keys beyond the family's packable ones (sizes, masks, patch
-    counts), pixels of different shapes without a grid to tell them apart, or prompts without images."""
-    keys = {k for model_inputs in inputs for k in model_inputs
-            if k not in {*_PER_TOKEN_KEYS, *_VIDEO_KEYS, "input_ids"}}
-    if not keys or not keys <= packable or "pixel_values" not in keys:
-        return None
-    merged: dict[str, Any] = {}
-    for key in keys:
-        values = [model_inputs.get(key) for model_inputs in inputs]
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if len(tensors) != len(values):
-            return None
-        if len({tuple(v.shape[1:]) for v in tensors}) != 1:
-            return None
-        merged[key] = torch.cat(tensors)
-    if "image_grid_thw" not in keys and merged["pixel_values"].dim() != 4:
-        return None  # without a grid, only (images, channels, height, width) pixels are plainly image after image
-    return merged
-
-
-def _matching_kwargs(fn: Any, inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The subset of `inputs` that `fn` accepts by name, moved to the model's device."""
-    names = inspect.signature(fn).parameters
-    return {k: _to_device(v, device, dtype) for k, v in inputs.items() if k in names}

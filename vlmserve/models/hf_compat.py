@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -156,6 +157,32 @@ def deepstack_features(output: Any) -> list[torch.Tensor] | None:
     return [torch.cat(list(layer)) if isinstance(layer, (list, tuple)) else layer for layer in layers]
 
 
+def injection_layers(config: Any) -> tuple[int, ...]:
+    """Granite 4 Vision: the decoder layers its vision features are added before, in increasing order — every
+    target of `deepstack_layer_map` and `spatial_target_layers` its decoder reaches (the forward's loop only
+    matches indices 0..num_hidden_layers-1)."""
+    num_layers = config.get_text_config().num_hidden_layers
+    targets = [int(layer) for _, layer in config.deepstack_layer_map or ()]
+    targets += [int(layer) for layer in config.spatial_target_layers or ()]
+    return tuple(sorted({layer for layer in targets if 0 <= layer < num_layers}))
+
+
+def features_by_layer(output: Any) -> dict[int, torch.Tensor]:
+    """Granite 4 Vision's `get_image_features` output as {decoder layer: (image tokens, hidden)}, all images
+    concatenated. A later (layer, features) pair for a layer replaces an earlier one, as in the model's forward,
+    which collects them into a dict."""
+    return {int(layer): torch.cat(list(per_image)) for layer, per_image in output.deepstack_features}
+
+
+def layer_feature_kwargs(layers: tuple[int, ...], visual_mask: torch.Tensor,
+                         features: list[torch.Tensor]) -> dict[str, Any]:
+    """Granite 4 Vision's decoder arguments for features packed per step: `visual_mask` (1, tokens) bool and one
+    (image rows, hidden) tensor per layer of `layers`. Its decoder adds them before each layer, at `vision_mask`."""
+    if len(features) != len(layers):
+        raise RuntimeError(f"{len(features)} packed feature layers for {len(layers)} injection layers")
+    return {"vision_mask": visual_mask.unsqueeze(-1), "deepstack_features": dict(zip(layers, features, strict=True))}
+
+
 def video_features_inputs(get_video_features: Callable[..., Any], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`pixels` (one video's frames) under the name this version's `get_video_features` takes them by."""
     accepted = inspect.signature(get_video_features).parameters
@@ -201,7 +228,36 @@ def transformers_class(name: str) -> Any:
     module_name = getattr(transformers, "_class_to_module", {}).get(name)
     if module_name is None:
         raise ImportError(f"transformers has no class {name}")
-    return getattr(importlib.import_module(f"transformers.{module_name}"), name)
+    return getattr(_import_beside_pil_twin(f"transformers.{module_name}"), name)
+
+
+def _import_beside_pil_twin(module_name: str) -> Any:
+    """Import `module_name`; where that fails only because it imports helpers from its family's torchvision image
+    processor module, import it against that module's Pil twin instead.
+
+    NOTE: Pixtral's processor module (Mistral 3's processor) takes `get_resize_output_image_size` from
+    `image_processing_pixtral`, which imports torchvision; `image_processing_pil_pixtral` defines the same
+    function (tests/unit/models/test_hf_compat.py holds that where torchvision imports). The twin stands in only
+    while the module imports: later imports of the torchvision module fail as they would without us.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("torchvision"):
+            raise
+        missing = exc
+    package = module_name.rpartition(".")[0]
+    family = package.rpartition(".")[2]
+    torchvision_module = f"{package}.image_processing_{family}"
+    try:
+        twin = importlib.import_module(f"{package}.image_processing_pil_{family}")
+    except ImportError:
+        raise missing from None
+    sys.modules[torchvision_module] = twin
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        del sys.modules[torchvision_module]
 
 
 def processor_class_name(model_type: str) -> str | None:

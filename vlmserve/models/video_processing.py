@@ -11,14 +11,18 @@ timestamps from `video_metadata`), `mm_token_type_ids`, Qwen2.5-VL's `second_per
 LLaVA-OneVision and LLaVA-NeXT-Video take `FrameVideoProcessor`: frames resized (and centre-cropped) to the
 checkpoint's fixed size, as their own video processors do, stacked as (videos, frames, channels, height, width).
 
+The checkpoint's video `size` bounds pixels per frame for Qwen2/2.5-VL and the whole video (sampled frames,
+rounded up to the temporal patch, times the frame's pixels) for Qwen3-VL and GLM-4.1V/4.5V, as their own video
+processors bound them; our own budget (`--max-video-pixels`) applies before either.
+
 NOTE: frames are resized with Pillow's bicubic filter, as the Pil image processors resize images; torchvision's
-resize (what transformers' video processors use) differs in the last bits of some pixels. And the resize bounds
-are the checkpoint's video `size` (min/max pixels per frame) under our own total budget (`--max-video-pixels`),
-not Qwen3-VL's own whole-video `smart_resize`.
+resize (what transformers' video processors use) differs in the last bits of some pixels. Newer transformers'
+opt-in `cap_pixels_per_frame` (a per-frame share of `max_video_tokens`) is not applied.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ GRID_VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl
 #: families whose video frames are written with the image token (told apart by `mm_token_type_ids` == 2); their
 #: own forward cannot take images and videos in one prompt, so neither do we
 SHARED_TOKEN_VIDEO_FAMILIES = frozenset({"glm4v", "glm4v_moe"})
+#: of those, the families whose video processors bound the whole video's pixels, not each frame's
+WHOLE_VIDEO_BOUND_FAMILIES = frozenset({"qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"})
 #: model types whose processors take videos through `FrameVideoProcessor` (frames resized like their images)
 FRAME_VIDEO_FAMILIES = frozenset({"llava_next_video", "llava_onevision"})
 VIDEO_FAMILIES = GRID_VIDEO_FAMILIES | FRAME_VIDEO_FAMILIES
@@ -60,7 +66,8 @@ class GridVideoProcessor(_SavedWithTheProcessor):
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
     def __init__(self, *, patch_size: int, temporal_patch_size: int, merge_size: int, image_mean: list[float],
-                 image_std: list[float], min_pixels: int, max_pixels: int, rescale_factor: float = 1 / 255) -> None:
+                 image_std: list[float], min_pixels: int, max_pixels: int, rescale_factor: float = 1 / 255,
+                 whole_video_bound: bool = False) -> None:
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
@@ -69,6 +76,8 @@ class GridVideoProcessor(_SavedWithTheProcessor):
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.rescale_factor = rescale_factor
+        #: min/max pixels bound frames x pixels per frame (Qwen3-VL, GLM-4.1V), not each frame (Qwen2-VL)
+        self.whole_video_bound = whole_video_bound
 
     def _settings(self) -> dict[str, Any]:
         return {"patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
@@ -77,7 +86,8 @@ class GridVideoProcessor(_SavedWithTheProcessor):
                 "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
     @classmethod
-    def for_checkpoint(cls, path: Path, image_processor: Any) -> GridVideoProcessor:
+    def for_checkpoint(cls, path: Path, image_processor: Any, *, whole_video_bound: bool = False
+                       ) -> GridVideoProcessor:
         """Settings from the checkpoint's video processor config (either layout), else its image processor's."""
         saved = _video_settings(path)
         found: dict[str, Any] = {name: saved.get(name, getattr(image_processor, name, None)) for name in _SETTINGS}
@@ -85,7 +95,8 @@ class GridVideoProcessor(_SavedWithTheProcessor):
         size = saved.get("size") or getattr(image_processor, "size", None) or {}
         min_pixels = saved.get("min_pixels") or size.get("shortest_edge") or 56 * 56
         max_pixels = saved.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 768
-        return cls(min_pixels=int(min_pixels), max_pixels=int(max_pixels), **settings)
+        return cls(min_pixels=int(min_pixels), max_pixels=int(max_pixels), whole_video_bound=whole_video_bound,
+                   **settings)
 
     def __call__(self, videos: Any, *, video_metadata: Any = None, return_metadata: bool = False,
                  return_tensors: Any = None, **ignored: Any) -> Any:
@@ -109,8 +120,12 @@ class GridVideoProcessor(_SavedWithTheProcessor):
 
         factor = self.patch_size * self.merge_size
         width, height = frames[0].size
-        new_height, new_width = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels,
-                                             max_pixels=self.max_pixels)
+        if self.whole_video_bound:
+            new_height, new_width = fit_video(len(frames), height, width, temporal=self.temporal_patch_size,
+                                              factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        else:
+            new_height, new_width = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels,
+                                                 max_pixels=self.max_pixels)
         size = (new_width, new_height)
         stacked = np.stack([np.asarray(frame.convert("RGB").resize(size, Image.Resampling.BICUBIC))
                             for frame in frames]).astype(np.float32)
@@ -124,6 +139,28 @@ class GridVideoProcessor(_SavedWithTheProcessor):
         patches = video.reshape(grid_t, t, 3, grid_h // m, m, p, grid_w // m, m, p)
         patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return patches.reshape(grid_t * grid_h * grid_w, 3 * t * p * p), [grid_t, grid_h, grid_w]
+
+
+def fit_video(num_frames: int, height: int, width: int, *, temporal: int, factor: int, min_pixels: int,
+              max_pixels: int) -> tuple[int, int]:
+    """(height, width) in multiples of `factor`, near the frame's aspect ratio, such that the video's pixels —
+    frames rounded to a multiple of `temporal`, times the frame's pixels — lie within [min_pixels, max_pixels]:
+    the rule of Qwen3-VL's and GLM-4.1V's video processors (a frame thinner than `factor` first scaled up to it)."""
+    if min(height, width) < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"a video frame's aspect ratio must be below 200, got {max(height, width) / min(height, width)}")
+    frames = max(temporal, round(num_frames / temporal) * temporal)
+    new_height, new_width = round(height / factor) * factor, round(width / factor) * factor
+    if frames * new_height * new_width > max_pixels:
+        shrink = math.sqrt(num_frames * height * width / max_pixels)
+        new_height = max(factor, math.floor(height / shrink / factor) * factor)
+        new_width = max(factor, math.floor(width / shrink / factor) * factor)
+    elif frames * new_height * new_width < min_pixels:
+        grow = math.sqrt(min_pixels / (num_frames * height * width))
+        new_height, new_width = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
+    return new_height, new_width
 
 
 class FrameVideoProcessor(_SavedWithTheProcessor):
@@ -207,5 +244,9 @@ def install_video_processor(processor: Any, path: Path, model_type: str) -> bool
     if model_type not in VIDEO_FAMILIES or image_processor is None or not hasattr(processor, "video_token"):
         return False
     kind = GridVideoProcessor if model_type in GRID_VIDEO_FAMILIES else FrameVideoProcessor
-    processor.video_processor = kind.for_checkpoint(path, image_processor)
+    if kind is GridVideoProcessor:
+        processor.video_processor = GridVideoProcessor.for_checkpoint(
+            path, image_processor, whole_video_bound=model_type in WHOLE_VIDEO_BOUND_FAMILIES)
+    else:
+        processor.video_processor = FrameVideoProcessor.for_checkpoint(path, image_processor)
     return True

@@ -46,19 +46,19 @@ class AddressRefused(Exception):
 
 def is_public_address(address: IPAddress) -> bool:
     """True when `address` is a globally routable unicast address that embeds no non-public IPv4 address."""
-    if address.is_multicast or address.is_unspecified or not address.is_global:
-        return False
-    if any(address in net for net in _BLOCKED_NETWORKS if net.version == address.version):
-        return False
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id:
             return False
         embedded = address.sixtofour
         if address in _NAT64:
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and not is_public_address(embedded):
-            return False
-    return True
+        if embedded is not None:
+            # 6to4 and NAT64 addresses reach exactly the IPv4 address they carry; decided by it alone, because
+            # `is_global` differs across Python versions here (3.11.2 calls all of 2002::/16 private)
+            return is_public_address(embedded)
+    if address.is_multicast or address.is_unspecified or not address.is_global:
+        return False
+    return not any(address in net for net in _BLOCKED_NETWORKS if net.version == address.version)
 
 
 def parse_ip(text: str) -> IPAddress | None:

@@ -1,8 +1,9 @@
 """`--tensor-parallel-size 2` on the CPU (gloo, a second process spawned by the engine): the sharded engine gives
-the same greedy tokens as the unsharded one, and logprobs within float32 noise, for four families — Qwen2-VL
+the same greedy tokens as the unsharded one, and logprobs within float32 noise, for five families — Qwen2-VL
 (M-RoPE), LLaVA (Llama decoder), GLM-4.1V (one KV head for two ranks: replicated; fused gate_up_proj) and the
-native GLM-4V-9B port (fused query_key_value and dense_h_to_4h) — through the paged engine, prompts with images,
-chunked prefill mixed with decode."""
+native GLM-4V-9B port (fused query_key_value and dense_h_to_4h) — and Granite 4 Vision (its layer features reach
+the workers' decoders through the forward plan) through the paged engine, prompts with images, chunked prefill
+mixed with decode."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from vlmserve.models.loader import load_model
 from vlmserve.multimodal.prompt import PromptRenderer
 from vlmserve.types import GenerationRequest
 
-FAMILIES = ("qwen2_vl", "llava", "glm4v", "glm4v_9b")
+FAMILIES = ("qwen2_vl", "llava", "glm4v", "glm4v_9b", "granite4_vision")
 #: float32 logprobs of the same model, summed in another order by the all-reduce
 TOLERANCE = 1e-4
 

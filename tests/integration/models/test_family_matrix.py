@@ -56,14 +56,8 @@ def _native(module: str, function: str, multi: bool) -> Case:
 def _cases() -> list[Any]:
     cases: list[Any] = []
     for family in FAMILIES.values():
-        marks = []
-        if family.needs_torchvision:
-            marks.append(pytest.mark.skip(reason=f"{family.name}'s processor needs torchvision in transformers 5.17"))
-        for package in family.requires:
-            try:
-                __import__(package)
-            except ImportError:
-                marks.append(pytest.mark.skip(reason=f"{family.name} needs the {package} package"))
+        missing = family.missing()
+        marks = [pytest.mark.skip(reason=missing)] if missing else []
         case = Case(family.name, lambda out, f=family: f.build(out), family.is_multi_image)
         cases.append(pytest.param(case, id=family.name, marks=marks))
     cases.append(pytest.param(_native("glm4v_9b", "build_glm4v_9b", multi=False), id="glm4v_9b(native)"))

@@ -84,6 +84,9 @@ def test_video_logprobs_equal_generate(name: str, tmp_path: Path) -> None:
         assert core.stats().prefix_cache_hits > 0  # "c" reused the blocks before its video, and only those
     again = _run(core, {"d": prompts[0]})  # the same video again: its blocks come from the prefix cache
     assert _largest_difference(again["d"], *expected[0]) <= TOLERANCE
+    stats = core.stats()  # videos share the embedding cache with images but are counted apart
+    assert stats.video_cache_hits + stats.video_cache_misses >= 3 and stats.video_cache_misses >= 2
+    assert stats.image_cache_hits + stats.image_cache_misses <= sum(len(p.image_hashes) for p in prompts)
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "glm4v"])

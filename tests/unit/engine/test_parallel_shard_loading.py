@@ -3,6 +3,7 @@ right rows/columns of the full weights (heads, replicated KV heads, fused QKV an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from vlmserve.config import ModelConfig
 from vlmserve.engine.parallel.group import TensorParallelGroup
 from vlmserve.engine.parallel.layers import RowParallelLinear
-from vlmserve.engine.parallel.shard_loader import load_shard
+from vlmserve.engine.parallel.shard_loader import check_supported, load_shard
 from vlmserve.engine.parallel.sharding import HeadSplit
 from vlmserve.errors import TensorParallelError
 from vlmserve.models.loader import load_model
@@ -99,3 +100,9 @@ def test_dummy_load_format_fills_every_shard_without_reading_weights(llava: Path
     assert not any(p.is_meta for p in params.values())
     assert params["model.language_model.layers.0.self_attn.q_proj.weight"].shape == (32, 64)
     assert torch.equal(params["model.language_model.norm.weight"], torch.ones(64))
+
+
+def test_cross_attention_families_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}), encoding="utf-8")
+    with pytest.raises(TensorParallelError, match="mllama cannot be sharded by --tensor-parallel-size: its cross"):
+        check_supported(tmp_path, 2, trust_remote_code=False)

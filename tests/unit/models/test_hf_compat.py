@@ -140,6 +140,25 @@ def test_deepstack_features_are_one_tensor_per_layer() -> None:
     assert hf_compat.deepstack_features(SimpleNamespace(pooler_output=a)) is None
 
 
+def test_granite4_vision_layer_features_follow_its_config_and_decoder() -> None:
+    from transformers import Granite4VisionConfig
+    from transformers.models.granite4_vision.modeling_granite4_vision import Granite4VisionTextModel
+
+    config = Granite4VisionConfig(text_config={"num_hidden_layers": 6}, deepstack_layer_map=[[-1, 4], [0, 9]],
+                                  spatial_target_layers=[2, 4, -1, 0])
+    assert hf_compat.injection_layers(config) == (0, 2, 4)  # sorted, once each, only layers the decoder has
+    a, b, c = torch.ones(2, 4), torch.zeros(1, 4), torch.full((3, 4), 2.0)
+    output = SimpleNamespace(deepstack_features=[(4, [a, b]), (2, [c]), (4, [c])])  # (layer, one per image)
+    by_layer = hf_compat.features_by_layer(output)
+    assert set(by_layer) == {2, 4} and torch.equal(by_layer[4], c)  # the last pair for a layer wins, as in forward
+    mask = torch.tensor([[False, True, True, True]])
+    kwargs = hf_compat.layer_feature_kwargs((2, 4), mask, [c, c])
+    assert kwargs["vision_mask"].shape == (1, 4, 1) and list(kwargs["deepstack_features"]) == [2, 4]
+    assert {"vision_mask", "deepstack_features"} <= inspect.signature(Granite4VisionTextModel.forward).parameters.keys()
+    with pytest.raises(RuntimeError, match="injection layers"):
+        hf_compat.layer_feature_kwargs((2, 4), mask, [c])
+
+
 def test_logit_scale_follows_the_installed_forward() -> None:
     class Scaled:
         config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(logit_scale=0.5))
@@ -187,6 +206,28 @@ def test_processor_internals() -> None:
     assert hf_compat.pil_image_processor_class("no_such_model", "X") is None
     video = hf_compat.placeholder_video_processor()
     assert type(video).__name__ == "BaseVideoProcessor"
+
+
+def test_pixtral_processor_imports_without_torchvision_beside_its_pil_twin() -> None:
+    """Mistral 3's processor module takes a helper from the torchvision image processor module; the Pil module's
+    function of the same name must be the same code (checked where torchvision imports) and stand in otherwise."""
+    import sys
+
+    from transformers.models.pixtral import image_processing_pil_pixtral as pil
+    from transformers.utils import is_torchvision_available
+
+    processor_cls = hf_compat.transformers_class("PixtralProcessor")
+    module = sys.modules[processor_cls.__module__]
+    helper = module.get_resize_output_image_size
+    if is_torchvision_available():
+        from transformers.models.pixtral import image_processing_pixtral as torchvision_module
+
+        assert helper is torchvision_module.get_resize_output_image_size
+        assert inspect.getsource(helper) == inspect.getsource(pil.get_resize_output_image_size)
+        assert inspect.getsource(torchvision_module._num_image_tokens) == inspect.getsource(pil._num_image_tokens)
+    else:
+        assert helper is pil.get_resize_output_image_size
+        assert "transformers.models.pixtral.image_processing_pixtral" not in sys.modules  # only while importing
 
 
 # --- hybrid decoders ------------------------------------------------------------------------------------------

@@ -66,10 +66,14 @@ def check_supported(path: Path, size: int, *, trust_remote_code: bool) -> str:
     if trust_remote_code and raw.get("auto_map"):
         raise TensorParallelError(f"{family}: models that run their repository's own code cannot be sharded by "
                                   f"{FLAG}")
-    if family_spec(family) is None:
+    spec = family_spec(family)
+    if spec is None:
         why = refusal(family) or "the family is not on the paged engine's allow-list"
         raise TensorParallelError(f"{family} cannot be sharded by {FLAG}: it runs on the generate engine only "
                                   f"({why}), and tensor parallelism is a paged-engine feature")
+    if spec.cross_attention:
+        raise TensorParallelError(f"{family} cannot be sharded by {FLAG}: its cross-attention layers and their "
+                                  "per-request K/V have no sharding plan; serve it on one device")
     return family
 
 
