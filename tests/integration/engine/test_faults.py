@@ -316,10 +316,13 @@ def test_a_poisoned_request_in_a_batch_fails_alone(adapter: ModelAdapter, prompt
         results = drive(core, [request("ok1", prompts[1], max_tokens=MAX_TOKENS),
                                request("poison", prompts[0], max_tokens=MAX_TOKENS),
                                request("ok2", prompts[2], max_tokens=MAX_TOKENS)])
-    assert not probes  # some of the step's sequences ran alone: the engine works, no probe needed
     logged = {(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in caplog.records}
     assert logged == {("engine step of 3 sequences failed (ValueError); retrying them one by one", "ValueError"),
                       ("request failed in the engine: ValueError", "ValueError")}
+    # a step of two where one fails alone: the other ran, so the engine works and needs no probe
+    pair = drive(core, [request("ok3", prompts[1], max_tokens=2), request("poison", prompts[0], max_tokens=2)])
+    assert pair["poison"][1].error == "ValueError" and pair["ok3"][1].error is None
+    assert not probes  # some of the steps' sequences ran alone: the engine works, no probe needed
     assert results["poison"][1].finish_reason is FinishReason.ERROR and results["poison"][1].error == "ValueError"
     for name in ("ok1", "ok2"):
         assert results[name][1].finish_reason is FinishReason.LENGTH and results[name][0] == expected[name]
