@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import textwrap
 import threading
@@ -296,7 +297,8 @@ def test_server_process_exits_nonzero_when_its_engine_dies(dying_server: ServerP
 
 
 def test_a_poisoned_request_in_a_batch_fails_alone(adapter: ModelAdapter, prompts: list[PreparedPrompt],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Whenever the poisoned request is in a step, the step fails; the engine isolates it and serves the rest."""
     core = PagedEngineCore(adapter, engine_config())
     expected = {f"ok{i}": drive(core, [request(f"ok{i}", prompts[i], max_tokens=MAX_TOKENS)])[f"ok{i}"][0]
@@ -309,9 +311,18 @@ def test_a_poisoned_request_in_a_batch_fails_alone(adapter: ModelAdapter, prompt
         return original(chunks)
 
     monkeypatch.setattr(core.runner, "execute", execute)
-    results = drive(core, [request("ok1", prompts[1], max_tokens=MAX_TOKENS),
-                           request("poison", prompts[0], max_tokens=MAX_TOKENS),
-                           request("ok2", prompts[2], max_tokens=MAX_TOKENS)])
+    probes = fail_next_calls(monkeypatch, core, "_probe_succeeds", AssertionError("never raised"), times=0)
+    with caplog.at_level(logging.WARNING, logger="vlmserve.engine.core"):
+        results = drive(core, [request("ok1", prompts[1], max_tokens=MAX_TOKENS),
+                               request("poison", prompts[0], max_tokens=MAX_TOKENS),
+                               request("ok2", prompts[2], max_tokens=MAX_TOKENS)])
+    logged = {(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in caplog.records}
+    assert logged == {("engine step of 3 sequences failed (ValueError); retrying them one by one", "ValueError"),
+                      ("request failed in the engine: ValueError", "ValueError")}
+    # a step of two where one fails alone: the other ran, so the engine works and needs no probe
+    pair = drive(core, [request("ok3", prompts[1], max_tokens=2), request("poison", prompts[0], max_tokens=2)])
+    assert pair["poison"][1].error == "ValueError" and pair["ok3"][1].error is None
+    assert not probes  # some of the steps' sequences ran alone: the engine works, no probe needed
     assert results["poison"][1].finish_reason is FinishReason.ERROR and results["poison"][1].error == "ValueError"
     for name in ("ok1", "ok2"):
         assert results[name][1].finish_reason is FinishReason.LENGTH and results[name][0] == expected[name]
@@ -360,3 +371,34 @@ def test_an_engine_whose_probe_fails_too_gives_up_after_three_steps(
         for attempt in range(3):
             drive(core, [request(f"r{attempt}", prompts[0], max_tokens=2)])
     assert len(calls) == 6  # each of the three steps: the request, then the probe
+
+
+def test_only_consecutive_steps_where_the_engine_itself_failed_count(
+        adapter: ModelAdapter, prompts: list[PreparedPrompt], monkeypatch: pytest.MonkeyPatch) -> None:
+    core = PagedEngineCore(adapter, engine_config())
+    original = core.runner.execute
+    broken = {"device": False}
+
+    def execute(chunks: list[Any]) -> Any:
+        if broken["device"] or any(c.sequence.request_id.startswith("bad") for c in chunks):
+            raise RuntimeError("injected")
+        return original(chunks)
+
+    monkeypatch.setattr(core.runner, "execute", execute)
+
+    def run(name: str, *, device: bool) -> CoreOutput:
+        broken["device"] = device
+        return drive(core, [request(name, prompts[0], max_tokens=1)])[name][1]
+
+    for round_ in range(2):  # two engine failures, then a success of either kind restarts the count
+        assert run(f"dead-{round_}-a", device=True).finish_reason is FinishReason.ERROR
+        assert run(f"dead-{round_}-b", device=True).finish_reason is FinishReason.ERROR
+        if round_ == 0:
+            assert run("fine", device=False).error is None  # a good step
+        else:
+            assert run("bad-alone", device=False).error == "RuntimeError"  # a request's own failure, probe passes
+    run("dead-2-a", device=True)
+    run("dead-2-b", device=True)
+    with pytest.raises(RuntimeError, match=r"^every sequence and the health probe failed in several consecutive "
+                                           r"steps$"):
+        run("dead-2-c", device=True)

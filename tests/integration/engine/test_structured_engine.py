@@ -5,6 +5,7 @@ A random-weight model writes noise; every output below is valid only because the
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 
@@ -146,13 +147,21 @@ def test_generate_engine_enforces_the_grammar(family: Loaded) -> None:
     assert outputs["g1"][-1].finish_reason is FinishReason.STOP
 
 
-def test_a_spec_that_does_not_compile_fails_only_its_request(family: Loaded) -> None:
+def test_a_spec_that_does_not_compile_fails_only_its_request(family: Loaded,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     prompt = prompts_with_images(family.renderer, 1)[0]
-    outputs = run_all(PagedEngineCore(family.adapter, engine_config()), [
-        constrained("bad", prompt, StructuredOutputSpec("regex", "a(b")),
-        constrained("good", prompt, StructuredOutputSpec("choice", ("ok",)))])
-    assert outputs["bad"][-1].finish_reason is FinishReason.ERROR and not outputs["bad"][-1].new_token_ids
+    core = PagedEngineCore(family.adapter, engine_config())
+    with caplog.at_level(logging.WARNING, logger="vlmserve.engine.core"):
+        outputs = run_all(core, [constrained("bad", prompt, StructuredOutputSpec("regex", "a(b")),
+                                 constrained("good", prompt, StructuredOutputSpec("choice", ("ok",)))])
+    (refused,) = outputs["bad"]
+    assert (refused.request_id, refused.new_token_ids, refused.finish_reason) == ("bad", [], FinishReason.ERROR)
+    assert refused.error and "regex" in refused.error
+    assert [r.getMessage() for r in caplog.records] == [f"request bad refused by the engine: {refused.error}"]
     assert text_of(family, outputs["good"]) == "ok"
+    # the core keeps refusing such requests in later steps
+    again = run_all(core, [constrained("bad-again", prompt, StructuredOutputSpec("regex", "a(b"))])
+    assert again["bad-again"][-1].finish_reason is FinishReason.ERROR
 
 
 def test_a_tool_call_grammar_with_an_embedded_schema(family: Loaded) -> None:

@@ -247,6 +247,17 @@ def test_reset_forgets_cached_blocks_but_not_blocks_in_use() -> None:
     assert sorted(kv.pool.allocate(8) or []) == list(range(8))  # every block is usable again, each once
 
 
+def test_after_a_reset_only_blocks_completed_later_are_cached_again() -> None:
+    kv = manager(8)
+    sequence = make_sequence(list(range(9)))
+    compute(kv, sequence, 5)  # block 0 cached
+    kv.reset_prefix_cache()
+    assert kv.allocate_slots(sequence, 4)
+    sequence.num_computed_tokens = 9
+    kv.cache_full_blocks(sequence)  # block 1 completes now; block 0 was forgotten and stays so
+    assert [kv.pool.is_cached(b) for b in sequence.block_ids] == [False, True, False]
+
+
 def test_first_writer_wins_when_two_blocks_hold_the_same_content() -> None:
     kv = manager()
     one, two = make_sequence(list(range(9)), request_id="one"), make_sequence(list(range(9)), request_id="two")

@@ -58,3 +58,10 @@ def test_positions_after_the_first_different_choice_are_not_compared() -> None:
     got = positions({(2, 2): 5.0}, tokens=tokens)
     error, compared, ok = _compare(got, EXPECTED, TOKENS, atol=1e-4, rtol=0.0)
     assert (error, compared, ok) == (0.0, 2, True)
+
+
+def test_a_difference_exactly_at_the_tolerance_passes_and_a_failure_is_a_bool() -> None:
+    # -0.5 + 0.25 and the difference 0.25 are exact in binary floating point
+    assert _compare(positions({(0, 0): 0.25}), EXPECTED, TOKENS, atol=0.25, rtol=0.0) == (0.25, 3, True)
+    assert _compare(positions({(0, 0): 0.5}), EXPECTED, TOKENS, atol=0.25, rtol=0.0) == (0.5, 3, False)
+    assert _compare(positions({(0, 0): 0.5}), EXPECTED, TOKENS, atol=0.25, rtol=0.0)[2] is False
