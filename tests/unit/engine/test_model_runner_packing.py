@@ -104,7 +104,6 @@ def test_rotary_factors_cover_exactly_their_sequences_rows() -> None:
     rows.scale_rotary(5, 0.5)
     extras = rows.decoder_extras(CPU)
     assert set(extras) == {"ntk_alphas"}
-    assert extras["ntk_alphas"].dtype == torch.float64
     assert extras["ntk_alphas"].tolist() == [1.0, 1.0, 2.5, 2.5, 2.5, 0.5]
 
 
@@ -113,6 +112,7 @@ def test_no_extras_without_factors_or_image_rows() -> None:
     visual = torch.zeros(2, dtype=torch.bool)
     rows.add_prompt(*_prompt(2, 0.0), deepstack=(visual, torch.zeros(2, 0, HIDDEN)))
     rows.scale_rotary(0, 1.0)
+    rows.scale_rotary(rows.count, 2.0)  # a scaled sequence with no rows in this step
     assert rows.decoder_extras(CPU) == {}
 
 
