@@ -102,9 +102,11 @@ def test_rotary_factors_cover_exactly_their_sequences_rows() -> None:
     rows.scale_rotary(rows.count, 4.0)  # no rows of its own yet: nothing recorded
     rows.add_generated([6], 0)
     rows.scale_rotary(5, 0.5)
+    rows.add_generated([7, 8], 0)  # a plain sequence after the scaled ones keeps factor 1
+    rows.scale_rotary(6, 1.0)
     extras = rows.decoder_extras(CPU)
     assert set(extras) == {"ntk_alphas"}
-    assert extras["ntk_alphas"].tolist() == [1.0, 1.0, 2.5, 2.5, 2.5, 0.5]
+    assert extras["ntk_alphas"].tolist() == [1.0, 1.0, 2.5, 2.5, 2.5, 0.5, 1.0, 1.0]
 
 
 def test_no_extras_without_factors_or_image_rows() -> None:
