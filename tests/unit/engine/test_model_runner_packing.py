@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlmserve.engine.model_runner import (
+    ModelRunner,
     _block_bounds,
     _deepstack_slice,
     _in_attention_block,
@@ -190,3 +191,25 @@ def test_deepstack_slice_takes_the_image_rows_of_its_tokens() -> None:
     mask, features = sliced
     assert mask.tolist() == [True, False, True, True]
     assert torch.equal(features, deepstack[:, 1:4])
+
+
+def test_commit_keeps_the_recurrent_states_only_of_a_step_that_has_them() -> None:
+    committed: list[bool] = []
+    recurrent = SimpleNamespace(commit=lambda: committed.append(True))
+    ModelRunner._commit(None)
+    ModelRunner._commit(SimpleNamespace(attention=SimpleNamespace(recurrent=None)))  # type: ignore[arg-type]
+    assert committed == []
+    ModelRunner._commit(SimpleNamespace(attention=SimpleNamespace(recurrent=recurrent)))  # type: ignore[arg-type]
+    assert committed == [True]
+
+
+def test_a_hybrid_step_refuses_a_sequence_without_a_state_slot() -> None:
+    runner: Any = SimpleNamespace(states=object())
+    sequence = SimpleNamespace(request_id="r7", state_slot=None, num_tokens=3)
+    with pytest.raises(RuntimeError, match=r"^sequence r7 holds no recurrent-state slot$"):
+        ModelRunner._recurrent_step(runner, [ScheduledChunk(sequence, 0, 3)], [0, 3])  # type: ignore[arg-type]
+
+
+def test_a_step_without_recurrent_layers_has_no_recurrent_step() -> None:
+    runner: Any = SimpleNamespace(states=None)
+    assert ModelRunner._recurrent_step(runner, [_chunk(0, 3, 3)], [0, 3]) is None
