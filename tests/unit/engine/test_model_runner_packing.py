@@ -31,6 +31,9 @@ class _Adapter:
         return (ids.to(torch.float32) + 100).unsqueeze(-1).expand(-1, HIDDEN).clone()
 
 
+ADAPTER: Any = _Adapter()
+
+
 def _prompt(rows: int, first: float, position_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     embeds = torch.arange(rows * HIDDEN, dtype=torch.float32).reshape(rows, HIDDEN) + first
     positions = torch.arange(rows).expand(position_rows, -1) * 10 + first
@@ -51,7 +54,7 @@ def test_generated_rows_only_are_embedded_in_one_call_with_expanded_positions() 
     rows.add_generated([5, 6], 40)
     rows.add_generated([7], 9)
     assert rows.count == 3
-    embeds, positions = rows.build(_Adapter(), 3, CPU)
+    embeds, positions = rows.build(ADAPTER, 3, CPU)
     assert embeds[:, 0].tolist() == [105.0, 106.0, 107.0]
     assert positions.shape == (3, 3)
     assert positions.tolist() == [[40, 41, 9]] * 3
@@ -62,7 +65,7 @@ def test_one_prompt_slice_is_returned_as_it_is() -> None:
     embeds, positions = _prompt(4, 0.0)
     rows.add_prompt(embeds, positions)
     assert rows.count == 4
-    built = rows.build(_Adapter(), 1, CPU)
+    built = rows.build(ADAPTER, 1, CPU)
     assert built[0] is embeds and built[1] is positions
 
 
@@ -75,7 +78,7 @@ def test_prompts_and_generated_tokens_are_packed_in_order() -> None:
     rows.add_prompt(second_embeds, second_positions)
     rows.add_generated([3], 20)
     assert rows.count == 8
-    embeds, positions = rows.build(_Adapter(), 3, CPU)
+    embeds, positions = rows.build(ADAPTER, 3, CPU)
     assert embeds.shape == (8, HIDDEN) and positions.shape == (3, 8)
     assert torch.equal(embeds[0:2], first_embeds)
     assert embeds[2:4, 0].tolist() == [101.0, 102.0]
@@ -89,7 +92,7 @@ def test_two_prompt_slices_without_generated_tokens() -> None:
     rows = _Rows()
     rows.add_prompt(*_prompt(1, 0.0))
     rows.add_prompt(*_prompt(2, 30.0))
-    embeds, positions = rows.build(_Adapter(), 1, CPU)
+    embeds, positions = rows.build(ADAPTER, 1, CPU)
     assert embeds[:, 0].tolist() == [0.0, 30.0, 33.0]
     assert positions.tolist() == [[0, 30, 40]]
 
