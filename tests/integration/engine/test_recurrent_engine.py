@@ -77,6 +77,16 @@ def test_batched_chunked_sequences_equal_generate(adapter: ModelAdapter, expecte
     _assert_everything_returned(core)
 
 
+def test_a_reused_state_slot_starts_from_zeros(adapter: ModelAdapter, expected: tuple) -> None:
+    """Two running sequences for five prompts: later prompts take slots that finished ones left with a state and a
+    token count; a fresh prefill must ignore both (not resume, not refuse)."""
+    prompts, reference = expected
+    core = PagedEngineCore(adapter, engine_config(max_num_seqs=2))
+    got = run_core(core, _requests(prompts))
+    assert [got[f"r{i}"] for i in range(len(prompts))] == reference
+    _assert_everything_returned(core)
+
+
 def test_preemption_under_a_tiny_kv_budget_recomputes_the_state(adapter: ModelAdapter, expected: tuple) -> None:
     prompts, reference = expected
     longest = max(p.num_tokens for p in prompts) + MAX_TOKENS
