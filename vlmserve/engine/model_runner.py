@@ -341,6 +341,7 @@ class ModelRunner:
         for sequence in sequences:
             if sequence.request.prompt.video_hashes and id(sequence.request.prompt) not in videos:
                 videos[id(sequence.request.prompt)] = self._video_features(sequence)
+        cross: dict[int, Any] = {}  # by id of the prompt: n > 1 siblings read one CrossKV (never written)
         for sequence in sequences:
             prompt = sequence.request.prompt
             embedding = self.adapter.embed_prompt(prompt, features[id(prompt)], video_embeds=videos.get(id(prompt)))
@@ -350,9 +351,10 @@ class ModelRunner:
             sequence.ntk_alpha = embedding.ntk_alpha
             sequence.prompt_extras = embedding.extras
             if self.cross_kv is not None:
-                kv = self.adapter.cross_attention_kv(prompt, features[id(prompt)])
-                if kv is not None:
-                    self.cross_kv.put(sequence, kv)
+                if id(prompt) not in cross:
+                    cross[id(prompt)] = self.adapter.cross_attention_kv(prompt, features[id(prompt)])
+                if cross[id(prompt)] is not None:
+                    self.cross_kv.put(sequence, cross[id(prompt)])
 
     def _video_features(self, sequence: Sequence) -> list[torch.Tensor]:
         """The sequence's video features, from the embedding cache (keyed by video hash) or the vision tower (its
