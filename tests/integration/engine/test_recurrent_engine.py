@@ -69,19 +69,15 @@ def test_the_hybrid_decoder_keeps_kv_only_for_its_attention_layers(adapter: Mode
     assert not core.kv.enable_prefix_caching
 
 
-def test_batched_chunked_sequences_equal_generate(adapter: ModelAdapter, expected: tuple) -> None:
+@pytest.mark.parametrize("config", [
+    pytest.param({"max_num_batched_tokens": 13}, id="batched-chunked"),
+    # two running sequences for five prompts: later prompts take slots that finished ones left with a state and a
+    # token count; a fresh prefill must ignore both (not resume, not refuse)
+    pytest.param({"max_num_seqs": 2}, id="reused-state-slots"),
+])
+def test_sequences_equal_generate(adapter: ModelAdapter, expected: tuple, config: dict[str, int]) -> None:
     prompts, reference = expected
-    core = PagedEngineCore(adapter, engine_config(max_num_batched_tokens=13))
-    got = run_core(core, _requests(prompts))
-    assert [got[f"r{i}"] for i in range(len(prompts))] == reference
-    _assert_everything_returned(core)
-
-
-def test_a_reused_state_slot_starts_from_zeros(adapter: ModelAdapter, expected: tuple) -> None:
-    """Two running sequences for five prompts: later prompts take slots that finished ones left with a state and a
-    token count; a fresh prefill must ignore both (not resume, not refuse)."""
-    prompts, reference = expected
-    core = PagedEngineCore(adapter, engine_config(max_num_seqs=2))
+    core = PagedEngineCore(adapter, engine_config(**config))
     got = run_core(core, _requests(prompts))
     assert [got[f"r{i}"] for i in range(len(prompts))] == reference
     _assert_everything_returned(core)
