@@ -239,12 +239,11 @@ def _video_settings(path: Path) -> dict[str, Any]:
 
 
 def install_video_processor(processor: Any, path: Path, model_type: str) -> bool:
-    """Put a `GridVideoProcessor` in `processor`'s video slot when the family takes videos that way."""
+    """Put our video processor in `processor`'s video slot when the family takes videos (see VIDEO_FAMILIES)."""
     image_processor = getattr(processor, "image_processor", None)
     if model_type not in VIDEO_FAMILIES or image_processor is None or not hasattr(processor, "video_token"):
         return False
-    kind = GridVideoProcessor if model_type in GRID_VIDEO_FAMILIES else FrameVideoProcessor
-    if kind is GridVideoProcessor:
+    if model_type in GRID_VIDEO_FAMILIES:
         processor.video_processor = GridVideoProcessor.for_checkpoint(
             path, image_processor, whole_video_bound=model_type in WHOLE_VIDEO_BOUND_FAMILIES)
     else:
